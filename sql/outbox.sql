@@ -1,0 +1,224 @@
+-- pg_new_user_hook: the capture side (trigger → outbox) and the SQL interface.
+-- Everything lives in schema new_user_hook; names below are the public interface.
+
+-- The outbox: one row per new user, written in the signup's own transaction.
+-- A logged table: a committed event survives a crash.
+CREATE TABLE new_user_hook.outbox (
+    id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(), -- sent as webhook-id
+    user_id          uuid        NOT NULL,
+    source           text        NOT NULL,          -- table the user was inserted into
+    record           jsonb       NOT NULL,          -- allow-listed snapshot of the user at commit
+    status           text        NOT NULL DEFAULT 'pending'
+                                 CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts         integer     NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz DEFAULT now(),     -- when a pending event is due
+    claimed_at       timestamptz,                   -- set while an attempt is in flight
+    last_attempt_at  timestamptz,
+    last_status_code integer,
+    last_error       text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    delivered_at     timestamptz
+);
+CREATE INDEX outbox_due ON new_user_hook.outbox (next_attempt_at) WHERE status = 'pending';
+COMMENT ON TABLE new_user_hook.outbox IS
+    'Events for new users, delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
+-- Queued events are data: pg_dump keeps them.
+SELECT pg_catalog.pg_extension_config_dump('new_user_hook.outbox', '');
+
+-- The trigger function. install() attaches it as a deferred constraint trigger,
+-- so it runs at commit time, after GoTrue's UPDATEs of the same transaction, and
+-- re-reads the row: the event holds the user as committed. A user deleted before
+-- commit produces no event. SECURITY DEFINER with a pinned search_path: it works
+-- for supabase_auth_admin (search_path = auth) and cannot be hijacked by objects
+-- in other schemas.
+CREATE FUNCTION new_user_hook.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    snapshot jsonb;
+BEGIN
+    IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'ROW' OR TG_OP <> 'INSERT' THEN
+        RAISE EXCEPTION 'new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not % % ... FOR EACH %',
+            TG_WHEN, TG_OP, TG_LEVEL
+            USING HINT = 'Use SELECT new_user_hook.install(''schema.table''), which creates the right trigger.';
+    END IF;
+    IF TG_TABLE_SCHEMA = 'auth' AND TG_TABLE_NAME = 'users' THEN
+        -- Allow-list: never the password hash, tokens or app metadata secrets.
+        SELECT jsonb_build_object(
+                   'id', u.id, 'email', u.email, 'phone', u.phone, 'aud', u.aud, 'role', u.role,
+                   'created_at', u.created_at, 'confirmed_at', u.confirmed_at,
+                   'email_confirmed_at', u.email_confirmed_at, 'phone_confirmed_at', u.phone_confirmed_at,
+                   'is_anonymous', u.is_anonymous, 'is_sso_user', u.is_sso_user,
+                   'raw_user_meta_data', u.raw_user_meta_data,
+                   'provider', u.raw_app_meta_data -> 'provider',
+                   'providers', u.raw_app_meta_data -> 'providers')
+          INTO snapshot
+          FROM auth.users AS u WHERE u.id = NEW.id;
+    ELSE
+        EXECUTE format('SELECT jsonb_build_object(''id'', t.id, ''email'', t.email) FROM %I.%I AS t WHERE t.id = $1',
+                       TG_TABLE_SCHEMA, TG_TABLE_NAME)
+           INTO snapshot USING NEW.id;
+    END IF;
+    IF snapshot IS NULL THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO new_user_hook.outbox (user_id, source, record)
+    VALUES (NEW.id, format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), snapshot);
+    PERFORM new_user_hook.wake_on_commit();
+    RETURN NULL;
+END
+$$;
+
+-- Attaches the hook to a users table (default auth.users). Idempotent.
+-- Runs with the caller's rights: the caller needs the TRIGGER privilege on the table.
+CREATE FUNCTION new_user_hook.install(target text DEFAULT 'auth.users') RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := to_regclass(target);
+    id_type regtype;
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'table "%" does not exist', target
+            USING HINT = CASE WHEN target = 'auth.users'
+                THEN 'auth.users is created by Supabase Auth (GoTrue) migrations: start Supabase Auth first, then install.'
+                ELSE 'Pass the schema-qualified name of the users table, e.g. new_user_hook.install(''public.users'').' END;
+    END IF;
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '"%" is not a table', rel USING HINT = 'The hook attaches to the table users are inserted into.';
+    END IF;
+    SELECT atttypid::regtype INTO id_type FROM pg_attribute
+     WHERE attrelid = rel AND attname = 'id' AND attnum > 0 AND NOT attisdropped;
+    IF id_type IS DISTINCT FROM 'uuid'::regtype THEN
+        RAISE EXCEPTION 'table % needs a column "id" of type uuid (found: %)', rel, coalesce(id_type::text, 'no such column')
+            USING HINT = 'The id is sent to the backend as the user''s id.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = 'email' AND attnum > 0 AND NOT attisdropped) THEN
+        RAISE EXCEPTION 'table % needs a column "email"', rel USING HINT = 'The email is sent to the backend with the id.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook') THEN
+        RETURN format('pg_new_user_hook is already installed on %s', rel);
+    END IF;
+    EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook AFTER INSERT ON %s '
+                   'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
+    IF new_user_hook.config_problem() IS NOT NULL THEN
+        RAISE WARNING 'new users of % will be queued but not delivered yet: %', rel, new_user_hook.config_problem();
+    END IF;
+    RETURN format('pg_new_user_hook installed on %s', rel);
+END
+$$;
+
+-- Detaches the hook. Events already queued are still delivered.
+CREATE FUNCTION new_user_hook.uninstall(target text DEFAULT 'auth.users') RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := to_regclass(target);
+BEGIN
+    IF rel IS NULL OR NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook') THEN
+        RETURN format('pg_new_user_hook is not installed on %s', target);
+    END IF;
+    EXECUTE format('DROP TRIGGER new_user_hook ON %s', rel);
+    RETURN format('pg_new_user_hook removed from %s', rel);
+END
+$$;
+
+-- Every event and its delivery state.
+CREATE VIEW new_user_hook.deliveries AS
+SELECT id,
+       user_id,
+       source,
+       status,
+       attempts,
+       CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at,
+       claimed_at IS NOT NULL AS in_flight,
+       last_status_code,
+       last_error,
+       last_attempt_at,
+       created_at,
+       delivered_at
+  FROM new_user_hook.outbox;
+
+-- One row: is delivery working, and if not, why.
+CREATE VIEW new_user_hook.status AS
+WITH worker AS (
+    SELECT pid, datname FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_new_user_hook' LIMIT 1
+), counts AS (
+    SELECT count(*) FILTER (WHERE status = 'pending')                          AS pending,
+           count(*) FILTER (WHERE status = 'pending' AND claimed_at IS NOT NULL) AS in_flight,
+           count(*) FILTER (WHERE status = 'delivered')                        AS delivered,
+           count(*) FILTER (WHERE status = 'failed')                           AS failed,
+           min(created_at) FILTER (WHERE status = 'pending')                   AS oldest_pending
+      FROM new_user_hook.outbox
+), last_error AS (
+    SELECT last_error, last_attempt_at FROM new_user_hook.outbox
+     WHERE last_error IS NOT NULL ORDER BY last_attempt_at DESC NULLS LAST LIMIT 1
+)
+SELECT w.pid                      AS worker_pid,
+       w.datname                  AS worker_database,
+       new_user_hook.preloaded()  AS preloaded,
+       c.pending,
+       c.in_flight,
+       c.delivered,
+       c.failed,
+       now() - c.oldest_pending   AS oldest_pending_age,
+       coalesce(new_user_hook.config_problem(), e.last_error) AS last_error,
+       e.last_attempt_at          AS last_error_at,
+       CASE
+           WHEN new_user_hook.config_problem() IS NOT NULL THEN new_user_hook.config_problem()
+           WHEN w.pid IS NULL THEN 'the delivery worker is not running (it restarts by itself within seconds; '
+                                   'if it does not, see the server log)'
+           WHEN w.datname <> current_database() THEN format(
+                'the worker delivers from database %I (pg_new_user_hook.database), not this one', w.datname)
+       END                        AS problem
+  FROM counts c
+  LEFT JOIN worker w ON true
+  LEFT JOIN last_error e ON true;
+
+-- Puts one event back in the queue, to be sent again now (attempts start over).
+CREATE FUNCTION new_user_hook.redeliver(event_id uuid) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM new_user_hook.outbox WHERE id = event_id) THEN
+        RAISE EXCEPTION 'no event with id %', event_id
+            USING HINT = 'Event ids are in new_user_hook.deliveries (column id); delivered events are deleted after pg_new_user_hook.retention.';
+    END IF;
+    UPDATE new_user_hook.outbox
+       SET status = 'pending', attempts = 0, next_attempt_at = now(), delivered_at = NULL
+     WHERE id = event_id AND status <> 'pending';
+    IF NOT FOUND THEN
+        RETURN false; -- already pending
+    END IF;
+    PERFORM new_user_hook.wake_on_commit();
+    RETURN true;
+END
+$$;
+
+-- Puts every failed event back in the queue; returns how many.
+CREATE FUNCTION new_user_hook.redeliver_failed() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    UPDATE new_user_hook.outbox
+       SET status = 'pending', attempts = 0, next_attempt_at = now()
+     WHERE status = 'failed';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM new_user_hook.wake_on_commit();
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Nothing here is for PUBLIC: a superuser grants what an operator needs (see README).
+-- The status helpers reveal no secret and are needed by whoever may read the status view.
+REVOKE ALL ON ALL TABLES IN SCHEMA new_user_hook FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA new_user_hook FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION new_user_hook.preloaded(), new_user_hook.config_problem() TO PUBLIC;
+
+DO $$
+BEGIN
+    IF NOT new_user_hook.preloaded() THEN
+        RAISE WARNING 'pg_new_user_hook is not loaded through shared_preload_libraries: new users will be queued but not delivered'
+            USING HINT = 'Add pg_new_user_hook to shared_preload_libraries in postgresql.conf (or ALTER SYSTEM) and restart PostgreSQL.';
+    END IF;
+END
+$$;

@@ -1,0 +1,381 @@
+//! Sends events over HTTP on a pool of threads, outside any transaction.
+//!
+//! Nothing here touches Postgres: the worker's main thread hands in jobs and
+//! collects outcomes. Each finished job writes one byte to a socket pair whose
+//! read end the main thread waits on together with its latch, so it wakes as
+//! soon as a result is ready without polling.
+
+use crate::classify::{excerpt, Attempt};
+use crate::request::{self, Target};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// One event to send.
+pub struct Job {
+    pub id: String,
+    pub attempt: u32,
+    pub record: String,
+}
+
+/// What happened to a job. `sent` is false when the pool stopped before sending it.
+pub struct Outcome {
+    pub id: String,
+    pub attempt: u32,
+    pub sent: bool,
+    pub result: Attempt,
+}
+
+/// An HTTP agent for one configuration: keep-alive connections are shared by all threads.
+pub struct Channel {
+    pub target: Target,
+    agent: ureq::Agent,
+    timeout: Duration,
+}
+
+impl Channel {
+    pub fn new(target: Target, timeout: Duration, concurrency: usize) -> Channel {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .user_agent(request::USER_AGENT)
+            .max_idle_connections(concurrency.max(1) * 2)
+            .max_idle_connections_per_host(concurrency.max(1) * 2)
+            .build()
+            .new_agent();
+        Channel { target, agent, timeout }
+    }
+
+    /// One POST; never panics, never blocks longer than the timeout.
+    pub fn send(&self, job: &Job) -> Attempt {
+        let body = match request::body(&job.record) {
+            Ok(body) => body,
+            Err(why) => return Attempt::Unsendable(why),
+        };
+        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut req = self.agent.post(&self.target.url);
+        for (name, value) in request::headers(&self.target, &job.id, timestamp) {
+            req = req.header(name, value);
+        }
+        match req.send(body.as_bytes()) {
+            Ok(mut response) => {
+                let status = response.status();
+                let header = |name: &str| {
+                    response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+                };
+                let retry_after = header("retry-after");
+                let location = header("location");
+                // Reading the body to the end lets the connection be reused.
+                let text = response
+                    .body_mut()
+                    .with_config()
+                    .limit(64 * 1024)
+                    .read_to_string()
+                    .unwrap_or_default();
+                Attempt::Response {
+                    status: status.as_u16(),
+                    reason: status.canonical_reason().unwrap_or("").to_string(),
+                    retry_after,
+                    location,
+                    body_excerpt: if status.is_success() { String::new() } else { excerpt(text.trim(), 300) },
+                }
+            }
+            Err(e) => Attempt::Transport(self.describe(e)),
+        }
+    }
+
+    fn describe(&self, error: ureq::Error) -> String {
+        let url = request::redact_userinfo(&self.target.url);
+        match error {
+            ureq::Error::Timeout(_) => format!(
+                "no answer from {url} within {} ms (pg_new_user_hook.timeout_ms)",
+                self.timeout.as_millis()
+            ),
+            ureq::Error::HostNotFound => format!("host not found: {url}"),
+            ureq::Error::ConnectionFailed => format!("could not connect to {url}"),
+            ureq::Error::Io(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                format!("connection refused by {url}: is the backend running?")
+            }
+            ureq::Error::Io(e) => format!("network error talking to {url}: {e}"),
+            ureq::Error::Tls(e) => format!("TLS error talking to {url}: {e}"),
+            other => format!("request to {url} failed: {other}"),
+        }
+    }
+}
+
+enum Message {
+    Send(Job, Arc<Channel>),
+    Exit,
+}
+
+/// Threads that send jobs, and the queue of their outcomes.
+pub struct Pool {
+    jobs: Sender<Message>,
+    job_queue: Arc<Mutex<Receiver<Message>>>,
+    outcomes: Receiver<Outcome>,
+    outcome_sender: Sender<Outcome>,
+    wake_read: UnixStream,
+    wake_write: UnixStream,
+    stopping: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    in_flight: usize,
+}
+
+impl Pool {
+    pub fn new(threads: usize) -> std::io::Result<Pool> {
+        let (wake_read, wake_write) = UnixStream::pair()?;
+        wake_read.set_nonblocking(true)?;
+        wake_write.set_nonblocking(true)?;
+        let (jobs, job_queue) = mpsc::channel();
+        let (outcome_sender, outcomes) = mpsc::channel();
+        let mut pool = Pool {
+            jobs,
+            job_queue: Arc::new(Mutex::new(job_queue)),
+            outcomes,
+            outcome_sender,
+            wake_read,
+            wake_write,
+            stopping: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            in_flight: 0,
+        };
+        pool.resize(threads)?;
+        Ok(pool)
+    }
+
+    /// The descriptor to wait on: readable when outcomes are ready.
+    pub fn wake_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.wake_read.as_raw_fd()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    #[cfg(test)]
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Grows or shrinks the number of sending threads; jobs already queued are kept.
+    pub fn resize(&mut self, wanted: usize) -> std::io::Result<()> {
+        let wanted = wanted.max(1);
+        self.threads.retain(|t| !t.is_finished());
+        while self.threads.len() > wanted {
+            // Whichever thread takes it exits; the count is what matters.
+            let _ = self.jobs.send(Message::Exit);
+            self.threads.pop();
+        }
+        while self.threads.len() < wanted {
+            let queue = Arc::clone(&self.job_queue);
+            let outcomes = self.outcome_sender.clone();
+            let wake = self.wake_write.try_clone()?;
+            let stopping = Arc::clone(&self.stopping);
+            let handle = std::thread::Builder::new()
+                .name("pg_new_user_hook sender".into())
+                .spawn(move || sender_loop(queue, outcomes, wake, stopping))?;
+            self.threads.push(handle);
+        }
+        Ok(())
+    }
+
+    pub fn submit(&mut self, job: Job, channel: &Arc<Channel>) {
+        self.in_flight += 1;
+        if let Err(mpsc::SendError(Message::Send(job, _))) = self.jobs.send(Message::Send(job, Arc::clone(channel))) {
+            // Cannot happen while the pool owns its queue; report it as unsent rather than lose it.
+            let _ = self.outcome_sender.send(Outcome {
+                id: job.id,
+                attempt: job.attempt,
+                sent: false,
+                result: Attempt::Transport("delivery thread pool is gone".into()),
+            });
+        }
+    }
+
+    /// Outcomes ready now, without blocking.
+    pub fn take_outcomes(&mut self) -> Vec<Outcome> {
+        let mut buf = [0u8; 256];
+        while matches!(self.wake_read.read(&mut buf), Ok(n) if n > 0) {}
+        let outcomes: Vec<Outcome> = self.outcomes.try_iter().collect();
+        self.in_flight -= outcomes.len();
+        outcomes
+    }
+
+    /// Stops sending: queued jobs come back unsent, requests in progress finish
+    /// (each within the timeout). Returns every outstanding outcome.
+    pub fn stop(&mut self, wait: Duration) -> Vec<Outcome> {
+        self.stopping.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + wait;
+        let mut outcomes = Vec::new();
+        while self.in_flight > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.outcomes.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(outcome) => {
+                    self.in_flight -= 1;
+                    outcomes.push(outcome);
+                }
+                Err(_) => break,
+            }
+        }
+        outcomes
+    }
+}
+
+fn sender_loop(
+    queue: Arc<Mutex<Receiver<Message>>>,
+    outcomes: Sender<Outcome>,
+    mut wake: UnixStream,
+    stopping: Arc<AtomicBool>,
+) {
+    loop {
+        let message = match queue.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let (job, channel) = match message {
+            Ok(Message::Send(job, channel)) => (job, channel),
+            Ok(Message::Exit) | Err(_) => return,
+        };
+        let (sent, result) = if stopping.load(Ordering::SeqCst) {
+            (false, Attempt::Transport("not sent: the worker is shutting down".into()))
+        } else {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| channel.send(&job)))
+                .unwrap_or_else(|_| Attempt::Transport("internal error while sending (panic)".into()));
+            (true, result)
+        };
+        let outcome = Outcome { id: job.id, attempt: job.attempt, sent, result };
+        if outcomes.send(outcome).is_err() {
+            return;
+        }
+        // A full socket buffer already means "wake up"; nothing to do then.
+        let _ = wake.write(&[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A one-shot HTTP responder on loopback, enough to exercise the client side.
+    fn serve(responses: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/users", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut requests = Vec::new();
+            for response in responses {
+                let (mut stream, _) = listener.accept().unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                loop {
+                    let n = stream.read(&mut buf).unwrap();
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len = text[..head_end]
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                            .unwrap_or(0);
+                        if got.len() >= head_end + 4 + len {
+                            requests.push(text);
+                            break;
+                        }
+                    }
+                }
+                stream.write_all(response.as_bytes()).unwrap();
+            }
+            requests
+        });
+        (url, handle)
+    }
+
+    fn job() -> Job {
+        Job { id: "evt-1".into(), attempt: 1, record: r#"{"id":"u-1","email":"a@example.com"}"#.into() }
+    }
+
+    #[test]
+    fn posts_json_with_headers_and_reads_status() {
+        let (url, server) = serve(vec!["HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"]);
+        let target = request::target(&url, "k", "X-API-Key").unwrap();
+        let channel = Channel::new(target, Duration::from_secs(5), 1);
+        let result = channel.send(&job());
+        assert!(matches!(result, Attempt::Response { status: 201, .. }), "{result:?}");
+        let raw = server.join().unwrap().remove(0);
+        assert!(raw.starts_with("POST /users HTTP/1.1\r\n"), "{raw}");
+        let lower = raw.to_ascii_lowercase();
+        assert!(lower.contains("\r\nx-api-key: k\r\n"), "{raw}");
+        assert!(lower.contains("\r\nwebhook-id: evt-1\r\n"), "{raw}");
+        assert!(lower.contains("\r\ncontent-type: application/json\r\n"), "{raw}");
+        assert!(raw.ends_with(r#"{"email":"a@example.com","id":"u-1"}"#), "{raw}");
+    }
+
+    #[test]
+    fn redirects_are_returned_not_followed() {
+        let (url, server) = serve(vec![
+            "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ]);
+        let channel = Channel::new(request::target(&url, "", "X").unwrap(), Duration::from_secs(5), 1);
+        match channel.send(&job()) {
+            Attempt::Response { status: 302, location: Some(l), .. } => assert_eq!(l, "http://127.0.0.1:1/elsewhere"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(server.join().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn refused_connection_is_a_transport_error() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}/users");
+        let channel = Channel::new(request::target(&url, "", "X").unwrap(), Duration::from_secs(5), 1);
+        match channel.send(&job()) {
+            Attempt::Transport(e) => assert!(e.contains("127.0.0.1"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn silent_server_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/users", listener.local_addr().unwrap());
+        let channel = Channel::new(request::target(&url, "", "X").unwrap(), Duration::from_millis(300), 1);
+        let started = std::time::Instant::now();
+        match channel.send(&job()) {
+            Attempt::Transport(e) => assert!(e.contains("within 300 ms"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(listener);
+    }
+
+    #[test]
+    fn pool_returns_every_outcome_and_wakes_the_reader() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}/users");
+        let channel = Arc::new(Channel::new(request::target(&url, "", "X").unwrap(), Duration::from_secs(2), 4));
+        let mut pool = Pool::new(4).unwrap();
+        for i in 0..20 {
+            pool.submit(Job { id: format!("e{i}"), attempt: 1, record: "{}".into() }, &channel);
+        }
+        assert_eq!(pool.in_flight(), 20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.len() < 20 && std::time::Instant::now() < deadline {
+            got.extend(pool.take_outcomes());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(got.len(), 20);
+        assert_eq!(pool.in_flight(), 0);
+        // Records without an id can never be sent.
+        assert!(got.iter().all(|o| matches!(o.result, Attempt::Unsendable(_))));
+        pool.resize(1).unwrap();
+        assert_eq!(pool.threads(), 1);
+        assert!(pool.stop(Duration::from_secs(1)).is_empty());
+    }
+}

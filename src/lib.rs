@@ -1,0 +1,232 @@
+//! pg_new_user_hook: tells an application backend about every new Supabase Auth user.
+//!
+//! The pipeline, one module each:
+//! trigger and outbox (`sql/outbox.sql`) → wake on commit (`wake`) → worker loop
+//! (`worker`) → delivery over HTTP (`delivery`, built by `request`) → outcome
+//! (`classify`, `backoff`) → recording (`outbox`). Settings live in `guc`.
+
+use pgrx::prelude::*;
+
+mod backoff;
+mod classify;
+mod delivery;
+mod guc;
+mod outbox;
+mod request;
+mod wake;
+mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/outbox.sql", name = "outbox", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::define();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        wake::init_shared_memory();
+        worker::register();
+    }
+}
+
+/// Whether the library was loaded through shared_preload_libraries (required for delivery).
+#[pg_extern(stable, parallel_safe)]
+fn preloaded() -> bool {
+    wake::preloaded()
+}
+
+/// Why delivery is paused by configuration, or NULL when the settings are usable.
+/// Checks the same way the worker does; never reveals the API key.
+#[pg_extern(stable, parallel_safe)]
+fn config_problem() -> Option<String> {
+    if !wake::preloaded() {
+        return Some(
+            "pg_new_user_hook is not in shared_preload_libraries, so no worker delivers events: \
+             add it (ALTER SYSTEM SET shared_preload_libraries = '...,pg_new_user_hook') and restart PostgreSQL; \
+             new users are queued meanwhile"
+                .to_string(),
+        );
+    }
+    guc::Settings::read().target().err()
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    //! The SQL surface. These run inside a transaction that is rolled back, so the
+    //! deferred trigger is fired with SET CONSTRAINTS ALL IMMEDIATE; delivery itself
+    //! is covered by the end-to-end tests in tests/.
+    use pgrx::prelude::*;
+
+    fn users_table() {
+        Spi::run("CREATE SCHEMA app; CREATE TABLE app.users (id uuid PRIMARY KEY, email text, secret text)").unwrap();
+    }
+
+    fn count(sql: &str) -> i64 {
+        Spi::get_one::<i64>(sql).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn install_captures_the_row_as_committed() {
+        users_table();
+        let msg = Spi::get_one::<String>("SELECT new_user_hook.install('app.users')").unwrap().unwrap();
+        assert_eq!(msg, "pg_new_user_hook installed on app.users");
+        Spi::run(
+            "INSERT INTO app.users VALUES ('11111111-1111-1111-1111-111111111111', 'first@example.com', 'pw');
+             UPDATE app.users SET email = 'final@example.com';
+             SET CONSTRAINTS ALL IMMEDIATE;",
+        )
+        .unwrap();
+        let (email, status) = Spi::get_two::<String, String>(
+            "SELECT o.record->>'email', d.status FROM new_user_hook.outbox o JOIN new_user_hook.deliveries d USING (id)",
+        )
+        .unwrap();
+        assert_eq!(email.as_deref(), Some("final@example.com"));
+        assert_eq!(status.as_deref(), Some("pending"));
+        // Only id and email are taken from a custom table: never other columns.
+        let keys = Spi::get_one::<String>("SELECT string_agg(k, ',' ORDER BY k) FROM new_user_hook.outbox, jsonb_object_keys(record) k")
+            .unwrap()
+            .unwrap();
+        assert_eq!(keys, "email,id");
+    }
+
+    #[pg_test]
+    fn user_deleted_before_commit_produces_no_event() {
+        users_table();
+        Spi::run("SELECT new_user_hook.install('app.users')").unwrap();
+        Spi::run(
+            "INSERT INTO app.users VALUES (gen_random_uuid(), 'gone@example.com');
+             DELETE FROM app.users;
+             SET CONSTRAINTS ALL IMMEDIATE;",
+        )
+        .unwrap();
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox"), 0);
+    }
+
+    #[pg_test]
+    fn install_is_idempotent_and_uninstall_removes_the_trigger() {
+        users_table();
+        Spi::run("SELECT new_user_hook.install('app.users')").unwrap();
+        let again = Spi::get_one::<String>("SELECT new_user_hook.install('app.users')").unwrap().unwrap();
+        assert_eq!(again, "pg_new_user_hook is already installed on app.users");
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.users'::regclass"), 1);
+        let removed = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')").unwrap().unwrap();
+        assert_eq!(removed, "pg_new_user_hook removed from app.users");
+        Spi::run("INSERT INTO app.users VALUES (gen_random_uuid(), 'x@example.com'); SET CONSTRAINTS ALL IMMEDIATE").unwrap();
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox"), 0);
+        let twice = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')").unwrap().unwrap();
+        assert_eq!(twice, "pg_new_user_hook is not installed on app.users");
+    }
+
+    #[pg_test(error = "table \"app.nope\" does not exist")]
+    fn install_on_a_missing_table_says_so() {
+        Spi::run("CREATE SCHEMA app").unwrap();
+        Spi::run("SELECT new_user_hook.install('app.nope')").unwrap();
+    }
+
+    #[pg_test(error = "table app.people needs a column \"id\" of type uuid (found: integer)")]
+    fn install_rejects_a_non_uuid_id() {
+        Spi::run("CREATE SCHEMA app; CREATE TABLE app.people (id int, email text)").unwrap();
+        Spi::run("SELECT new_user_hook.install('app.people')").unwrap();
+    }
+
+    #[pg_test(error = "table app.people needs a column \"email\"")]
+    fn install_requires_an_email_column() {
+        Spi::run("CREATE SCHEMA app; CREATE TABLE app.people (id uuid)").unwrap();
+        Spi::run("SELECT new_user_hook.install('app.people')").unwrap();
+    }
+
+    #[pg_test(error = "new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not BEFORE INSERT ... FOR EACH ROW")]
+    fn capture_refuses_the_wrong_trigger_kind() {
+        users_table();
+        Spi::run(
+            "CREATE TRIGGER wrong BEFORE INSERT ON app.users FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture();
+             INSERT INTO app.users VALUES (gen_random_uuid(), 'x@example.com');",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn capture_works_in_a_plain_create_trigger_too() {
+        users_table();
+        Spi::run(
+            "CREATE TRIGGER mine AFTER INSERT ON app.users FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture();
+             INSERT INTO app.users VALUES (gen_random_uuid(), 'plain@example.com');",
+        )
+        .unwrap();
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox WHERE record->>'email' = 'plain@example.com'"), 1);
+    }
+
+    #[pg_test]
+    fn redeliver_requeues_failed_events() {
+        Spi::run(
+            "INSERT INTO new_user_hook.outbox (user_id, source, record, status, attempts, last_error)
+             VALUES (gen_random_uuid(), 'app.users', '{}', 'failed', 3, 'HTTP 400'),
+                    (gen_random_uuid(), 'app.users', '{}', 'failed', 1, 'HTTP 401'),
+                    (gen_random_uuid(), 'app.users', '{}', 'delivered', 1, NULL)",
+        )
+        .unwrap();
+        let delivered = Spi::get_one::<pgrx::Uuid>("SELECT id FROM new_user_hook.outbox WHERE status = 'delivered'")
+            .unwrap()
+            .unwrap();
+        let args = [delivered.into()];
+        assert_eq!(Spi::get_one_with_args::<bool>("SELECT new_user_hook.redeliver($1)", &args).unwrap(), Some(true));
+        assert_eq!(Spi::get_one_with_args::<bool>("SELECT new_user_hook.redeliver($1)", &args).unwrap(), Some(false));
+        assert_eq!(Spi::get_one::<i64>("SELECT new_user_hook.redeliver_failed()").unwrap(), Some(2));
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending' AND attempts = 0"), 3);
+    }
+
+    #[pg_test(error = "no event with id 00000000-0000-0000-0000-000000000000")]
+    fn redeliver_of_an_unknown_event_says_so() {
+        Spi::run("SELECT new_user_hook.redeliver('00000000-0000-0000-0000-000000000000')").unwrap();
+    }
+
+    #[pg_test]
+    fn status_reports_the_missing_url() {
+        let (preloaded, problem) =
+            Spi::get_two::<bool, String>("SELECT preloaded, problem FROM new_user_hook.status").unwrap();
+        assert_eq!(preloaded, Some(true));
+        assert!(problem.unwrap().contains("pg_new_user_hook.url is not set"));
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.status"), 1);
+    }
+
+    #[pg_test]
+    fn settings_have_their_documented_defaults() {
+        for (name, value) in [
+            ("pg_new_user_hook.api_key_header", "X-API-Key"),
+            ("pg_new_user_hook.timeout_ms", "5s"),
+            ("pg_new_user_hook.concurrency", "8"),
+            ("pg_new_user_hook.retry_base_ms", "1s"),
+            ("pg_new_user_hook.retry_max_ms", "1h"),
+            ("pg_new_user_hook.max_attempts", "50"),
+            ("pg_new_user_hook.retention", "7d"),
+            ("pg_new_user_hook.database", "pgrx_tests"),
+            ("pg_new_user_hook.url", ""),
+        ] {
+            let shown = Spi::get_one::<String>(&format!("SHOW {name}")).unwrap().unwrap();
+            assert_eq!(shown, value, "{name}");
+        }
+    }
+
+    #[pg_test(error = "must be superuser or have privileges of pg_read_all_settings to examine \"pg_new_user_hook.api_key\"")]
+    fn api_key_is_hidden_from_non_superusers() {
+        Spi::run("CREATE ROLE hook_reader; SET ROLE hook_reader").unwrap();
+        Spi::run("SHOW pg_new_user_hook.api_key").unwrap();
+    }
+
+    #[pg_test(error = "permission denied for view deliveries")]
+    fn deliveries_are_not_public() {
+        Spi::run("CREATE ROLE hook_reader; GRANT USAGE ON SCHEMA new_user_hook TO hook_reader; SET ROLE hook_reader").unwrap();
+        Spi::run("SELECT * FROM new_user_hook.deliveries").unwrap();
+    }
+}
+
+/// Used by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_new_user_hook'", "pg_new_user_hook.database = 'pgrx_tests'"]
+    }
+}

@@ -1,0 +1,150 @@
+//! All of the worker's SQL: claiming due events, recording outcomes, housekeeping.
+//! Each function runs inside a transaction the caller opened.
+
+use crate::classify::Decision;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use std::time::Duration;
+
+/// An event claimed for one delivery attempt.
+pub struct Claimed {
+    pub id: String,
+    pub attempt: u32,
+    pub record: String,
+}
+
+/// Whether the extension's objects exist in this database.
+pub fn installed() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_new_user_hook')")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// Claims held by a previous worker (crashed, killed, or the server died) are
+/// void: those events are delivered again. Returns how many were released.
+pub fn release_stale_claims() -> i64 {
+    Spi::get_one::<i64>(
+        "WITH released AS (
+             UPDATE new_user_hook.outbox SET claimed_at = NULL, next_attempt_at = now()
+             WHERE status = 'pending' AND claimed_at IS NOT NULL
+             RETURNING 1)
+         SELECT count(*) FROM released",
+    )
+    .expect("releasing stale claims")
+    .unwrap_or(0)
+}
+
+/// Claims up to `limit` due events, oldest first, counting the attempt now so a
+/// crash mid-request still shows it.
+pub fn claim(limit: usize) -> Vec<Claimed> {
+    Spi::connect_mut(|client| {
+        let args: [DatumWithOid; 1] = [(limit as i64).into()];
+        client
+            .update(
+                "WITH due AS (
+                     SELECT id FROM new_user_hook.outbox
+                     WHERE status = 'pending' AND claimed_at IS NULL AND next_attempt_at <= now()
+                     ORDER BY next_attempt_at
+                     LIMIT $1
+                     FOR UPDATE SKIP LOCKED)
+                 UPDATE new_user_hook.outbox AS o
+                 SET attempts = o.attempts + 1, claimed_at = now()
+                 FROM due WHERE o.id = due.id
+                 RETURNING o.id::text, o.attempts, o.record::text",
+                None,
+                &args,
+            )
+            .expect("claiming due events")
+            .map(|row| Claimed {
+                id: row.get::<String>(1).ok().flatten().unwrap_or_default(),
+                attempt: row.get::<i32>(2).ok().flatten().unwrap_or(1) as u32,
+                record: row.get::<String>(3).ok().flatten().unwrap_or_default(),
+            })
+            .collect()
+    })
+}
+
+/// Time until the earliest unclaimed pending event is due (zero if overdue).
+pub fn next_due() -> Option<Duration> {
+    Spi::get_one::<f64>(
+        "SELECT greatest(0, extract(epoch FROM min(next_attempt_at) - clock_timestamp()))::float8
+         FROM new_user_hook.outbox WHERE status = 'pending' AND claimed_at IS NULL",
+    )
+    .expect("finding the next due event")
+    .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
+}
+
+/// Records the outcome of many attempts in one statement.
+pub fn record(outcomes: &[(String, Decision)]) {
+    if outcomes.is_empty() {
+        return;
+    }
+    let mut ids = Vec::with_capacity(outcomes.len());
+    let mut statuses = Vec::with_capacity(outcomes.len());
+    let mut codes: Vec<Option<i32>> = Vec::with_capacity(outcomes.len());
+    let mut errors: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
+    let mut delays: Vec<Option<i64>> = Vec::with_capacity(outcomes.len());
+    for (id, decision) in outcomes {
+        ids.push(id.clone());
+        let (status, code, error, delay) = match decision {
+            Decision::Delivered { status } => ("delivered", Some(*status as i32), None, None),
+            Decision::Retry { status, error, delay } => {
+                ("pending", status.map(i32::from), Some(error.clone()), Some(delay.as_millis() as i64))
+            }
+            Decision::Failed { status, error } => ("failed", status.map(i32::from), Some(error.clone()), None),
+        };
+        statuses.push(status.to_string());
+        codes.push(code);
+        errors.push(error);
+        delays.push(delay);
+    }
+    let args: [DatumWithOid; 5] = [ids.into(), statuses.into(), codes.into(), errors.into(), delays.into()];
+    Spi::run_with_args(
+        "UPDATE new_user_hook.outbox AS o SET
+             status = r.status,
+             claimed_at = NULL,
+             last_attempt_at = clock_timestamp(),
+             last_status_code = r.code,
+             last_error = r.error,
+             delivered_at = CASE WHEN r.status = 'delivered' THEN clock_timestamp() END,
+             next_attempt_at = CASE WHEN r.status = 'pending'
+                                    THEN clock_timestamp() + r.delay_ms * interval '1 millisecond' END
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[])
+              AS r(id, status, code, error, delay_ms)
+         WHERE o.id = r.id::uuid AND o.status = 'pending'",
+        &args,
+    )
+    .expect("recording delivery outcomes");
+}
+
+/// Gives claims back without counting an attempt (the request was never sent).
+pub fn unclaim(ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    let args: [DatumWithOid; 1] = [ids.to_vec().into()];
+    Spi::run_with_args(
+        "UPDATE new_user_hook.outbox SET claimed_at = NULL, attempts = greatest(attempts - 1, 0)
+         WHERE id = ANY ($1::text[]::uuid[]) AND status = 'pending'",
+        &args,
+    )
+    .expect("returning unsent events");
+}
+
+/// Deletes delivered events older than the retention, a bounded batch at a time.
+pub fn purge_delivered(retention: Duration) -> i64 {
+    let args: [DatumWithOid; 1] = [(retention.as_secs() as i64).into()];
+    Spi::get_one_with_args::<i64>(
+        "WITH gone AS (
+             DELETE FROM new_user_hook.outbox WHERE id IN (
+                 SELECT id FROM new_user_hook.outbox
+                 WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
+                 LIMIT 10000)
+             RETURNING 1)
+         SELECT count(*) FROM gone",
+        &args,
+    )
+    .expect("purging delivered events")
+    .unwrap_or(0)
+}

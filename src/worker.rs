@@ -1,0 +1,279 @@
+//! The delivery worker: claims due events, hands them to the sending threads,
+//! records what happened, and sleeps on its latch when there is nothing to do.
+
+use crate::backoff::random_jitter;
+use crate::classify::{self, Decision};
+use crate::delivery::{Channel, Job, Outcome, Pool};
+use crate::guc::{self, Settings};
+use crate::{outbox, request, wake};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Fallback poll: catches events committed without a wake-up (e.g. prepared transactions).
+const POLL: Duration = Duration::from_secs(5);
+/// How often delivered events past the retention are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
+/// Delay before the postmaster restarts a worker that died.
+const RESTART_AFTER: Duration = Duration::from_secs(5);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_new_user_hook delivery worker")
+        .set_type("pg_new_user_hook")
+        .set_library("pg_new_user_hook")
+        .set_function("pg_new_user_hook_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(RESTART_AFTER))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    wake::register_worker(Some(unsafe { (*pg_sys::MyProc).pgprocno }));
+    log!("pg_new_user_hook: delivery worker started for database \"{database}\"");
+
+    let mut worker = Worker::new();
+    worker.run();
+
+    wake::register_worker(None);
+    log!("pg_new_user_hook: delivery worker stopped");
+    // Exit code 1 makes the postmaster start the worker again if only the worker
+    // was terminated (pg_terminate_backend); during shutdown it is not restarted.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+struct Worker {
+    settings: Settings,
+    /// Where to send, or why delivery is paused (configuration problem).
+    channel: Result<Arc<Channel>, String>,
+    pool: Pool,
+    installed: bool,
+    /// Something may be due now: woken by a commit, a timer, or a full claim.
+    maybe_due: bool,
+    next_due: Option<Instant>,
+    next_purge: Instant,
+    /// Last problem logged, so each is logged once rather than every cycle.
+    logged_problem: Option<String>,
+    backend_failing: bool,
+}
+
+impl Worker {
+    fn new() -> Worker {
+        let settings = Settings::read();
+        let pool = Pool::new(settings.concurrency).expect("starting delivery threads");
+        let mut worker = Worker {
+            channel: Err(String::new()),
+            settings,
+            pool,
+            installed: false,
+            maybe_due: true,
+            next_due: None,
+            next_purge: Instant::now(),
+            logged_problem: None,
+            backend_failing: false,
+        };
+        worker.configure();
+        worker
+    }
+
+    fn max_in_flight(&self) -> usize {
+        (self.settings.concurrency * 32).clamp(64, 2048)
+    }
+
+    /// Applies the current settings: a new HTTP agent, the thread count.
+    fn configure(&mut self) {
+        let s = &self.settings;
+        self.channel = s.target().map(|target| Arc::new(Channel::new(target, s.timeout, s.concurrency)));
+        if let Err(e) = self.pool.resize(s.concurrency) {
+            warning!("pg_new_user_hook: could not start delivery threads: {e}");
+        }
+        match &self.channel {
+            Ok(channel) => {
+                if self.logged_problem.take().is_some() || !self.installed {
+                    log!(
+                        "pg_new_user_hook: delivering to {}",
+                        request::redact_userinfo(&channel.target.url)
+                    );
+                }
+            }
+            Err(problem) => self.report_problem(problem.clone()),
+        }
+        self.maybe_due = true;
+    }
+
+    fn report_problem(&mut self, problem: String) {
+        if self.logged_problem.as_ref() != Some(&problem) {
+            warning!("pg_new_user_hook: {problem}");
+            self.logged_problem = Some(problem);
+        }
+    }
+
+    fn run(&mut self) {
+        loop {
+            if BackgroundWorker::sigterm_received() {
+                self.shutdown();
+                return;
+            }
+            if BackgroundWorker::sighup_received() {
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                let settings = Settings::read();
+                if settings != self.settings {
+                    self.settings = settings;
+                    self.configure();
+                }
+            }
+            self.cycle();
+            self.wait();
+        }
+    }
+
+    /// One round trip to the database: record finished attempts, claim more.
+    fn cycle(&mut self) {
+        let outcomes = self.pool.take_outcomes();
+        let free = self.max_in_flight().saturating_sub(self.pool.in_flight());
+        let timer_fired = self.next_due.is_some_and(|due| due <= Instant::now());
+        let want = if self.channel.is_ok() && (self.maybe_due || timer_fired) { free } else { 0 };
+        if outcomes.is_empty() && want == 0 && self.installed && Instant::now() < self.next_purge {
+            return;
+        }
+        let (decisions, unsent) = self.decide(outcomes);
+        let purge = Instant::now() >= self.next_purge;
+        let retention = self.settings.retention;
+        let was_installed = self.installed;
+
+        let (installed, claimed, next_due) = BackgroundWorker::transaction(move || {
+            if !was_installed {
+                if !outbox::installed() {
+                    return (false, Vec::new(), None);
+                }
+                let released = outbox::release_stale_claims();
+                if released > 0 {
+                    log!("pg_new_user_hook: {released} events claimed before a restart will be delivered again");
+                }
+            }
+            outbox::record(&decisions);
+            outbox::unclaim(&unsent);
+            let claimed = if want > 0 { outbox::claim(want) } else { Vec::new() };
+            if purge {
+                outbox::purge_delivered(retention);
+            }
+            let next_due = if claimed.len() < want || want == 0 { outbox::next_due() } else { Some(Duration::ZERO) };
+            (true, claimed, next_due)
+        });
+
+        if purge {
+            self.next_purge = Instant::now() + PURGE_EVERY;
+        }
+        if !installed {
+            self.report_problem(format!(
+                "extension pg_new_user_hook is not installed in database \"{}\" (pg_new_user_hook.database): \
+                 run CREATE EXTENSION pg_new_user_hook there, or point pg_new_user_hook.database at the database that has it and restart",
+                guc::database()
+            ));
+            self.maybe_due = false;
+            self.next_due = None;
+            return;
+        }
+        if !was_installed {
+            self.installed = true;
+            if let Ok(channel) = &self.channel {
+                log!("pg_new_user_hook: delivering to {}", request::redact_userinfo(&channel.target.url));
+                self.logged_problem = None;
+            }
+        }
+        if want > 0 {
+            self.maybe_due = claimed.len() == want;
+        }
+        self.next_due = next_due.map(|d| Instant::now() + d);
+        if let Ok(channel) = &self.channel {
+            for event in claimed {
+                self.pool.submit(Job { id: event.id, attempt: event.attempt, record: event.record }, channel);
+            }
+        }
+    }
+
+    /// Turns outcomes into decisions; unsent ones are handed back.
+    fn decide(&mut self, outcomes: Vec<Outcome>) -> (Vec<(String, Decision)>, Vec<String>) {
+        let now = SystemTime::now();
+        let mut decisions = Vec::with_capacity(outcomes.len());
+        let mut unsent = Vec::new();
+        let mut first_error = None;
+        let mut any_delivered = false;
+        for outcome in outcomes {
+            if !outcome.sent {
+                unsent.push(outcome.id);
+                continue;
+            }
+            let decision = classify::decide(&outcome.result, outcome.attempt, &self.settings.retry, random_jitter(), now);
+            match &decision {
+                Decision::Delivered { .. } => any_delivered = true,
+                Decision::Retry { error, .. } | Decision::Failed { error, .. } => {
+                    first_error.get_or_insert_with(|| error.clone());
+                }
+            }
+            decisions.push((outcome.id, decision));
+        }
+        match first_error {
+            Some(error) if !self.backend_failing => {
+                warning!("pg_new_user_hook: delivery failing: {error} (see new_user_hook.deliveries)");
+                self.backend_failing = true;
+            }
+            None if any_delivered && self.backend_failing => {
+                log!("pg_new_user_hook: delivery recovered");
+                self.backend_failing = false;
+            }
+            _ => {}
+        }
+        (decisions, unsent)
+    }
+
+    fn wait(&mut self) {
+        let can_claim = self.channel.is_ok() && self.pool.in_flight() < self.max_in_flight();
+        let mut timeout = POLL;
+        if let Some(due) = self.next_due {
+            timeout = timeout.min(due.saturating_duration_since(Instant::now()));
+        }
+        if self.maybe_due && can_claim {
+            timeout = Duration::ZERO;
+        }
+        let events = pg_sys::WL_LATCH_SET
+            | pg_sys::WL_SOCKET_READABLE
+            | pg_sys::WL_TIMEOUT
+            | pg_sys::WL_EXIT_ON_PM_DEATH;
+        let rc = unsafe {
+            let rc = pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                events as i32,
+                self.pool.wake_fd(),
+                timeout.as_millis().min(i64::MAX as u128) as _,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+            rc
+        };
+        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+            self.maybe_due = true;
+        }
+        pg_sys::check_for_interrupts!();
+    }
+
+    /// SIGTERM: stop claiming, let requests in progress finish (bounded by the
+    /// timeout), record them, and hand back what was never sent.
+    fn shutdown(&mut self) {
+        let outcomes = self.pool.stop(self.settings.timeout + Duration::from_secs(1));
+        if !self.installed {
+            return;
+        }
+        let (decisions, unsent) = self.decide(outcomes);
+        BackgroundWorker::transaction(move || {
+            outbox::record(&decisions);
+            outbox::unclaim(&unsent);
+        });
+    }
+}
