@@ -7,7 +7,6 @@ use std::ffi::CString;
 use std::time::Duration;
 
 pub mod defaults {
-    use super::*;
     pub const DATABASE: &str = "postgres";
     pub const TIMEOUT_MS: i32 = 5_000;
     pub const CONCURRENCY: i32 = 8;
@@ -17,8 +16,9 @@ pub mod defaults {
     pub const RETENTION_S: i32 = 7 * 24 * 3600;
 
     #[cfg(test)]
-    pub fn retry_policy() -> Policy {
-        Policy {
+    pub fn retry_policy() -> super::Policy {
+        use std::time::Duration;
+        super::Policy {
             base: Duration::from_millis(RETRY_BASE_MS as u64),
             max: Duration::from_millis(RETRY_MAX_MS as u64),
             max_attempts: MAX_ATTEMPTS as u32,

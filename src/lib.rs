@@ -53,9 +53,9 @@ fn config_problem() -> Option<String> {
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
-    //! The SQL surface. These run inside a transaction that is rolled back, so the
-    //! deferred trigger is fired with SET CONSTRAINTS ALL IMMEDIATE; delivery itself
-    //! is covered by the end-to-end tests in tests/.
+    // The SQL surface. These run inside a transaction that is rolled back, so the
+    // deferred trigger is fired with SET CONSTRAINTS ALL IMMEDIATE; delivery itself
+    // is covered by the end-to-end tests in tests/.
     use pgrx::prelude::*;
 
     fn users_table() {

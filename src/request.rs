@@ -45,6 +45,9 @@ pub fn target(url: &str, api_key: &str, api_key_header: &str) -> Result<Target, 
 }
 
 fn validate_url(url: &str) -> Result<(), String> {
+    if !url.contains("://") {
+        return Err("it has no scheme, write it as http://host/path or https://host/path".into());
+    }
     let uri: ureq::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}

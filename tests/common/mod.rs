@@ -1,0 +1,427 @@
+//! Test harness for end-to-end tests: a real PostgreSQL 15 cluster with the
+//! extension preloaded and the real Supabase Auth schema, and an HTTP receiver
+//! on 127.0.0.1 in the test process.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Polls `check` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+}
+
+/// Runs a command as the cluster's OS user: `postgres` when we are root (PostgreSQL refuses root).
+fn as_pg_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut cmd: Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn bindir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
+        let mut c = Command::new(pg_config);
+        c.arg("--bindir");
+        PathBuf::from(run(c, "pg_config --bindir").trim())
+    })
+    .clone()
+}
+
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var("SUPABASE_AUTH_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/supabase-auth")
+    });
+    assert!(
+        dir.join("load.sh").exists(),
+        "the Supabase Auth fixtures are not at {} (set SUPABASE_AUTH_FIXTURES)",
+        dir.display()
+    );
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "pg_new_user_hook-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.arg("postgres:postgres").arg(&dir);
+                c
+            },
+            "chown",
+        );
+    }
+    dir
+}
+
+/// A cluster initialised once per test binary with the Supabase roles and the 70
+/// GoTrue migrations; every test copies it.
+fn template() -> PathBuf {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE
+        .get_or_init(|| {
+            let root = scratch_dir("template");
+            let data = root.join("data");
+            let mut initdb = as_pg_user(&bindir().join("initdb"));
+            initdb.arg("-D").arg(&data).args(["-U", "supabase_admin", "--auth=trust", "-E", "UTF8", "--locale=C", "-N"]);
+            run(initdb, "initdb");
+            let conf = "shared_preload_libraries = 'pg_new_user_hook'\n\
+                        pg_new_user_hook.database = 'postgres'\n\
+                        listen_addresses = '127.0.0.1'\n\
+                        fsync = off\n\
+                        max_connections = 100\n\
+                        log_min_messages = log\n";
+            let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+            std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+            let cluster = Cluster::start_at(root.clone(), &[]);
+            let mut load = as_pg_user(Path::new("sh"));
+            load.arg(fixtures().join("load.sh"))
+                .env("PGHOST", &cluster.socket_dir())
+                .env("PGPORT", cluster.port.to_string())
+                .env("PGDATABASE", "postgres")
+                .env("SUPERUSER", "supabase_admin");
+            run(load, "loading the Supabase Auth schema (load.sh)");
+            cluster.stop();
+            std::mem::forget(cluster);
+            root
+        })
+        .clone()
+}
+
+pub struct Cluster {
+    pub root: PathBuf,
+    pub port: u16,
+    running: bool,
+}
+
+impl Cluster {
+    /// A fresh copy of the template cluster, started, with `extra` postgresql.conf lines.
+    pub fn new(extra: &[&str]) -> Cluster {
+        let template = template();
+        let root = scratch_dir("cluster");
+        let mut cp = as_pg_user(Path::new("cp"));
+        cp.arg("-a").arg(template.join("data")).arg(root.join("data"));
+        run(cp, "copying the template cluster");
+        Cluster::start_at(root, extra)
+    }
+
+    /// A cluster with the Supabase schema and the extension created and installed on auth.users.
+    pub fn with_hook(extra: &[&str]) -> Cluster {
+        let cluster = Cluster::new(extra);
+        let mut admin = cluster.connect("supabase_admin");
+        admin.batch_execute("CREATE EXTENSION pg_new_user_hook; SELECT new_user_hook.install();").unwrap();
+        cluster
+    }
+
+    fn start_at(root: PathBuf, extra: &[&str]) -> Cluster {
+        let port = free_port();
+        if !extra.is_empty() {
+            let mut f = std::fs::OpenOptions::new().append(true).open(root.join("data/postgresql.auto.conf")).unwrap();
+            for line in extra {
+                std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()).unwrap();
+            }
+        }
+        let mut cluster = Cluster { root, port, running: false };
+        cluster.start();
+        cluster
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.root.clone()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.root.join("server.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn start(&mut self) {
+        let mut c = as_pg_user(&bindir().join("pg_ctl"));
+        c.arg("-D")
+            .arg(self.root.join("data"))
+            .arg("-l")
+            .arg(self.log_path())
+            .arg("-w")
+            .arg("-o")
+            .arg(format!("-p {} -k {}", self.port, self.socket_dir().display()))
+            .arg("start");
+        run(c, "pg_ctl start");
+        self.running = true;
+    }
+
+    fn pg_ctl_stop(&self, mode: &str) {
+        let mut c = as_pg_user(&bindir().join("pg_ctl"));
+        c.arg("-D").arg(self.root.join("data")).args(["-w", "-m", mode, "stop"]);
+        run(c, "pg_ctl stop");
+    }
+
+    pub fn stop(&self) {
+        self.pg_ctl_stop("fast");
+    }
+
+    /// Simulates a crash: no shutdown checkpoint, WAL replay on the next start.
+    pub fn crash(&mut self) {
+        self.pg_ctl_stop("immediate");
+        self.running = false;
+    }
+
+    pub fn restart(&mut self) {
+        self.pg_ctl_stop("fast");
+        self.start();
+    }
+
+    pub fn connect(&self, user: &str) -> postgres::Client {
+        postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(user)
+            .dbname("postgres")
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connecting as {user}: {e}"))
+    }
+
+    /// Changes settings the way an operator does: ALTER SYSTEM, then a reload.
+    pub fn configure(&self, settings: &[(&str, &str)]) {
+        let mut admin = self.connect("supabase_admin");
+        for (name, value) in settings {
+            admin
+                .batch_execute(&format!("ALTER SYSTEM SET pg_new_user_hook.{name} = '{}'", value.replace('\'', "''")))
+                .unwrap();
+        }
+        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+
+    /// Runs GoTrue's signup statements (example-signup.sql) as supabase_auth_admin
+    /// and returns the new user's id.
+    pub fn signup(&self, email: &str) -> String {
+        let mut gotrue = self.connect("supabase_auth_admin");
+        gotrue.batch_execute(&signup_sql(email)).unwrap();
+        let row = gotrue.query_one("SELECT id::text FROM users WHERE email = $1", &[&email]).unwrap();
+        row.get(0)
+    }
+
+    pub fn worker_pid(&self) -> Option<i32> {
+        self.connect("supabase_admin")
+            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_new_user_hook'", &[])
+            .unwrap()
+            .map(|r| r.get(0))
+    }
+
+    /// Polls new_user_hook.deliveries until `sql_condition` holds for the event of `user_id`.
+    pub fn wait_for_event(&self, user_id: &str, sql_condition: &str, within: Duration) {
+        let mut admin = self.connect("supabase_admin");
+        let sql = format!(
+            "SELECT count(*) FROM new_user_hook.deliveries WHERE user_id = $1::uuid AND ({sql_condition})"
+        );
+        wait_for(&format!("event of {user_id} to satisfy {sql_condition}"), within, || {
+            let n: i64 = admin.query_one(&sql, &[&user_id]).unwrap().get(0);
+            (n > 0).then_some(())
+        });
+    }
+
+    pub fn one_row(&self, sql: &str) -> postgres::Row {
+        self.connect("supabase_admin").query_one(sql, &[]).unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.running {
+            let mut c = as_pg_user(&bindir().join("pg_ctl"));
+            c.arg("-D").arg(self.root.join("data")).args(["-w", "-m", "immediate", "stop"]);
+            let _ = c.output();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        } else {
+            eprintln!("cluster kept for inspection: {} (log: server.log)", self.root.display());
+        }
+    }
+}
+
+/// example-signup.sql with its email replaced, so every test user is distinct.
+pub fn signup_sql(email: &str) -> String {
+    static SQL: OnceLock<String> = OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        let full = std::fs::read_to_string(fixtures().join("example-signup.sql")).unwrap();
+        // Keep the transaction; the final SELECT only displays the result.
+        let end = full.find("COMMIT;").expect("example-signup.sql has a COMMIT") + "COMMIT;".len();
+        full[..end].to_string()
+    });
+    sql.replace("'alice@example.com'", &format!("'{}'", email.replace('\'', "''")))
+}
+
+/// One request as the receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+/// How the receiver answers request number n (0-based).
+pub enum Reply {
+    Status(u16),
+    StatusWith(u16, &'static str, String),
+    /// Accept and never answer (until the receiver is dropped).
+    Hang,
+}
+
+type Behaviour = dyn Fn(usize, &Received) -> Reply + Send + Sync;
+
+pub struct Receiver {
+    pub port: u16,
+    pub url: String,
+    requests: Arc<Mutex<Vec<Received>>>,
+    server: Arc<tiny_http::Server>,
+}
+
+impl Receiver {
+    pub fn start(behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static) -> Receiver {
+        Receiver::start_on(0, behaviour)
+    }
+
+    pub fn ok() -> Receiver {
+        Receiver::start(|_, _| Reply::Status(200))
+    }
+
+    pub fn start_on(port: u16, behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static) -> Receiver {
+        let server = Arc::new(tiny_http::Server::http(("127.0.0.1", port)).unwrap());
+        let port = server.server_addr().to_ip().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let behaviour: Arc<Behaviour> = Arc::new(behaviour);
+        {
+            let server = Arc::clone(&server);
+            let requests = Arc::clone(&requests);
+            std::thread::spawn(move || {
+                for mut request in server.incoming_requests() {
+                    let mut body = String::new();
+                    let _ = request.as_reader().read_to_string(&mut body);
+                    let received = Received {
+                        method: request.method().to_string(),
+                        path: request.url().to_string(),
+                        headers: request
+                            .headers()
+                            .iter()
+                            .map(|h| (h.field.as_str().to_string(), h.value.as_str().to_string()))
+                            .collect(),
+                        body,
+                        at: Instant::now(),
+                    };
+                    let n = {
+                        let mut all = requests.lock().unwrap();
+                        all.push(received.clone());
+                        all.len() - 1
+                    };
+                    let behaviour = Arc::clone(&behaviour);
+                    std::thread::spawn(move || match behaviour(n, &received) {
+                        Reply::Status(code) => {
+                            let _ = request.respond(tiny_http::Response::empty(code));
+                        }
+                        Reply::StatusWith(code, header, value) => {
+                            let h = tiny_http::Header::from_bytes(header.as_bytes(), value.as_bytes()).unwrap();
+                            let body = if code >= 400 { "{\"message\":\"rejected by test receiver\"}" } else { "" };
+                            let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(code).with_header(h));
+                        }
+                        Reply::Hang => {
+                            std::thread::sleep(Duration::from_secs(120));
+                            drop(request);
+                        }
+                    });
+                }
+            });
+        }
+        Receiver { port, url: format!("http://127.0.0.1:{port}/users"), requests, server }
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` requests arrived; returns them all.
+    pub fn wait_for_requests(&self, n: usize, within: Duration) -> Vec<Received> {
+        wait_for(&format!("{n} requests at the receiver"), within, || {
+            let all = self.requests();
+            (all.len() >= n).then_some(all)
+        })
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.unblock();
+    }
+}
+
+/// A port with nothing listening on it (for "backend down" scenarios).
+pub fn closed_port() -> u16 {
+    free_port()
+}
+
+use std::io::Read as _;
