@@ -30,7 +30,9 @@ fn nominal(policy: &Policy, attempt: u32) -> Duration {
     let exp = attempt.saturating_sub(1).min(40);
     let factor = 1u64 << exp;
     let ms = (policy.base.as_millis() as u64).saturating_mul(factor);
-    Duration::from_millis(ms).min(policy.max).max(policy.base.min(policy.max))
+    Duration::from_millis(ms)
+        .min(policy.max)
+        .max(policy.base.min(policy.max))
 }
 
 #[cfg(test)]
@@ -71,7 +73,9 @@ mod tests {
     #[test]
     fn doubles_from_base_until_the_cap() {
         let p = policy(1000, 10_000, 10);
-        let nominal: Vec<u64> = (1..=6).map(|a| delay(&p, a, 0.0).as_millis() as u64).collect();
+        let nominal: Vec<u64> = (1..=6)
+            .map(|a| delay(&p, a, 0.0).as_millis() as u64)
+            .collect();
         assert_eq!(nominal, vec![1000, 2000, 4000, 8000, 10_000, 10_000]);
     }
 

@@ -26,9 +26,18 @@ pub enum Attempt {
 /// The outcome recorded in the outbox.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
-    Delivered { status: u16 },
-    Retry { status: Option<u16>, error: String, delay: Duration },
-    Failed { status: Option<u16>, error: String },
+    Delivered {
+        status: u16,
+    },
+    Retry {
+        status: Option<u16>,
+        error: String,
+        delay: Duration,
+    },
+    Failed {
+        status: Option<u16>,
+        error: String,
+    },
 }
 
 /// Longest `Retry-After` honoured; a larger one is treated as this.
@@ -39,19 +48,33 @@ pub fn is_retryable_status(status: u16) -> bool {
 }
 
 /// Decides the fate of an event after attempt number `attempt` (1-based).
-pub fn decide(result: &Attempt, attempt: u32, policy: &Policy, jitter: f64, now: SystemTime) -> Decision {
+pub fn decide(
+    result: &Attempt,
+    attempt: u32,
+    policy: &Policy,
+    jitter: f64,
+    now: SystemTime,
+) -> Decision {
     let (status, error, retry_after) = match result {
         Attempt::Response { status, .. } if (200..300).contains(status) => {
             return Decision::Delivered { status: *status };
         }
-        Attempt::Response { status, reason, retry_after, location, body_excerpt } => {
+        Attempt::Response {
+            status,
+            reason,
+            retry_after,
+            location,
+            body_excerpt,
+        } => {
             let mut error = format!("HTTP {status}");
             if !reason.is_empty() {
                 error.push(' ');
                 error.push_str(reason);
             }
             if (300..400).contains(status) {
-                error.push_str(": redirects are not followed; set pg_new_user_hook.url to the final address");
+                error.push_str(
+                    ": redirects are not followed; set pg_new_user_hook.url to the final address",
+                );
                 if let Some(location) = location {
                     error.push_str(&format!(" (Location: {})", excerpt(location, 200)));
                 }
@@ -60,18 +83,30 @@ pub fn decide(result: &Attempt, attempt: u32, policy: &Policy, jitter: f64, now:
                 error.push_str(body_excerpt);
             }
             if !is_retryable_status(*status) {
-                return Decision::Failed { status: Some(*status), error };
+                return Decision::Failed {
+                    status: Some(*status),
+                    error,
+                };
             }
-            let wait = retry_after.as_deref().and_then(|v| parse_retry_after(v, now));
+            let wait = retry_after
+                .as_deref()
+                .and_then(|v| parse_retry_after(v, now));
             (Some(*status), error, wait)
         }
         Attempt::Transport(error) => (None, error.clone(), None),
-        Attempt::Unsendable(error) => return Decision::Failed { status: None, error: error.clone() },
+        Attempt::Unsendable(error) => {
+            return Decision::Failed {
+                status: None,
+                error: error.clone(),
+            }
+        }
     };
     if attempt >= policy.max_attempts {
         return Decision::Failed {
             status,
-            error: format!("{error} (gave up after {attempt} attempts: pg_new_user_hook.max_attempts)"),
+            error: format!(
+                "{error} (gave up after {attempt} attempts: pg_new_user_hook.max_attempts)"
+            ),
         };
     }
     let backoff = backoff::delay(policy, attempt, jitter);
@@ -79,7 +114,11 @@ pub fn decide(result: &Attempt, attempt: u32, policy: &Policy, jitter: f64, now:
         Some(wait) => backoff.max(wait.min(MAX_RETRY_AFTER)),
         None => backoff,
     };
-    Decision::Retry { status, error, delay }
+    Decision::Retry {
+        status,
+        error,
+        delay,
+    }
 }
 
 /// `Retry-After` is either delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
@@ -110,7 +149,11 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy { base: Duration::from_secs(1), max: Duration::from_secs(3600), max_attempts: 5 }
+        Policy {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(3600),
+            max_attempts: 5,
+        }
     }
 
     fn response(status: u16) -> Attempt {
@@ -130,7 +173,10 @@ mod tests {
     #[test]
     fn every_2xx_is_delivered() {
         for status in [200, 201, 202, 204, 299] {
-            assert_eq!(decide_now(&response(status), 1), Decision::Delivered { status });
+            assert_eq!(
+                decide_now(&response(status), 1),
+                Decision::Delivered { status }
+            );
         }
     }
 
@@ -138,7 +184,11 @@ mod tests {
     fn transient_statuses_are_retried() {
         for status in [408, 425, 429, 500, 502, 503, 504, 599] {
             match decide_now(&response(status), 1) {
-                Decision::Retry { status: Some(s), delay, .. } => {
+                Decision::Retry {
+                    status: Some(s),
+                    delay,
+                    ..
+                } => {
                     assert_eq!(s, status);
                     assert_eq!(delay, Duration::from_secs(1));
                 }
@@ -151,7 +201,9 @@ mod tests {
     fn client_errors_and_redirects_fail_at_once() {
         for status in [301, 302, 307, 400, 401, 403, 404, 409, 410, 413, 422, 100] {
             match decide_now(&response(status), 1) {
-                Decision::Failed { status: Some(s), .. } => assert_eq!(s, status),
+                Decision::Failed {
+                    status: Some(s), ..
+                } => assert_eq!(s, status),
                 other => panic!("{status}: {other:?}"),
             }
         }
@@ -167,7 +219,9 @@ mod tests {
             body_excerpt: "email must be an email".into(),
         };
         match decide_now(&result, 1) {
-            Decision::Failed { error, .. } => assert_eq!(error, "HTTP 400 Bad Request: email must be an email"),
+            Decision::Failed { error, .. } => {
+                assert_eq!(error, "HTTP 400 Bad Request: email must be an email")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -194,7 +248,11 @@ mod tests {
     fn transport_errors_are_retried_with_backoff() {
         let result = Attempt::Transport("connection refused".into());
         match decide_now(&result, 3) {
-            Decision::Retry { status: None, delay, error } => {
+            Decision::Retry {
+                status: None,
+                delay,
+                error,
+            } => {
                 assert_eq!(delay, Duration::from_secs(4));
                 assert_eq!(error, "connection refused");
             }
@@ -205,7 +263,10 @@ mod tests {
     #[test]
     fn last_attempt_fails_with_the_reason() {
         match decide_now(&response(503), 5) {
-            Decision::Failed { status: Some(503), error } => {
+            Decision::Failed {
+                status: Some(503),
+                error,
+            } => {
                 assert!(error.contains("gave up after 5 attempts"), "{error}")
             }
             other => panic!("{other:?}"),
@@ -215,7 +276,10 @@ mod tests {
     #[test]
     fn unsendable_events_fail_at_once() {
         let result = Attempt::Unsendable("record is not JSON".into());
-        assert!(matches!(decide_now(&result, 1), Decision::Failed { status: None, .. }));
+        assert!(matches!(
+            decide_now(&result, 1),
+            Decision::Failed { status: None, .. }
+        ));
     }
 
     #[test]
@@ -255,7 +319,10 @@ mod tests {
             parse_retry_after("Sun, 06 Nov 1994 08:50:37 GMT", now),
             Some(Duration::from_secs(60))
         );
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:40:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:40:00 GMT", now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 

@@ -48,7 +48,11 @@ impl Channel {
             .max_idle_connections_per_host(concurrency.max(1) * 2)
             .build()
             .new_agent();
-        Channel { target, agent, timeout }
+        Channel {
+            target,
+            agent,
+            timeout,
+        }
     }
 
     /// One POST; never panics, never blocks longer than the timeout.
@@ -57,7 +61,10 @@ impl Channel {
             Ok(body) => body,
             Err(why) => return Attempt::Unsendable(why),
         };
-        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let mut req = self.agent.post(&self.target.url);
         for (name, value) in request::headers(&self.target, &job.id, timestamp) {
             req = req.header(name, value);
@@ -66,7 +73,11 @@ impl Channel {
             Ok(mut response) => {
                 let status = response.status();
                 let header = |name: &str| {
-                    response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
                 };
                 let retry_after = header("retry-after");
                 let location = header("location");
@@ -82,7 +93,11 @@ impl Channel {
                     reason: status.canonical_reason().unwrap_or("").to_string(),
                     retry_after,
                     location,
-                    body_excerpt: if status.is_success() { String::new() } else { excerpt(text.trim(), 300) },
+                    body_excerpt: if status.is_success() {
+                        String::new()
+                    } else {
+                        excerpt(text.trim(), 300)
+                    },
                 }
             }
             Err(e) => Attempt::Transport(self.describe(e)),
@@ -187,7 +202,9 @@ impl Pool {
 
     pub fn submit(&mut self, job: Job, channel: &Arc<Channel>) {
         self.in_flight += 1;
-        if let Err(mpsc::SendError(Message::Send(job, _))) = self.jobs.send(Message::Send(job, Arc::clone(channel))) {
+        if let Err(mpsc::SendError(Message::Send(job, _))) =
+            self.jobs.send(Message::Send(job, Arc::clone(channel)))
+        {
             // Cannot happen while the pool owns its queue; report it as unsent rather than lose it.
             let _ = self.outcome_sender.send(Outcome {
                 id: job.id,
@@ -215,7 +232,10 @@ impl Pool {
         let mut outcomes = Vec::new();
         while self.in_flight > 0 {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.outcomes.recv_timeout(left.max(Duration::from_millis(1))) {
+            match self
+                .outcomes
+                .recv_timeout(left.max(Duration::from_millis(1)))
+            {
                 Ok(outcome) => {
                     self.in_flight -= 1;
                     outcomes.push(outcome);
@@ -243,13 +263,24 @@ fn sender_loop(
             Ok(Message::Exit) | Err(_) => return,
         };
         let (sent, result) = if stopping.load(Ordering::SeqCst) {
-            (false, Attempt::Transport("not sent: the worker is shutting down".into()))
+            (
+                false,
+                Attempt::Transport("not sent: the worker is shutting down".into()),
+            )
         } else {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| channel.send(&job)))
-                .unwrap_or_else(|_| Attempt::Transport("internal error while sending (panic)".into()));
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| channel.send(&job)))
+                    .unwrap_or_else(|_| {
+                        Attempt::Transport("internal error while sending (panic)".into())
+                    });
             (true, result)
         };
-        let outcome = Outcome { id: job.id, attempt: job.attempt, sent, result };
+        let outcome = Outcome {
+            id: job.id,
+            attempt: job.attempt,
+            sent,
+            result,
+        };
         if outcomes.send(outcome).is_err() {
             return;
         }
@@ -271,7 +302,9 @@ mod tests {
             let mut requests = Vec::new();
             for response in responses {
                 let (mut stream, _) = listener.accept().unwrap();
-                stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
                 let mut buf = vec![0u8; 65536];
                 let mut got = Vec::new();
                 loop {
@@ -281,7 +314,11 @@ mod tests {
                     if let Some(head_end) = text.find("\r\n\r\n") {
                         let len = text[..head_end]
                             .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
                             .unwrap_or(0);
                         if got.len() >= head_end + 4 + len {
                             requests.push(text);
@@ -297,23 +334,38 @@ mod tests {
     }
 
     fn job() -> Job {
-        Job { id: "evt-1".into(), attempt: 1, record: r#"{"id":"u-1","email":"a@example.com"}"#.into() }
+        Job {
+            id: "evt-1".into(),
+            attempt: 1,
+            record: r#"{"id":"u-1","email":"a@example.com"}"#.into(),
+        }
     }
 
     #[test]
     fn posts_json_with_headers_and_reads_status() {
-        let (url, server) = serve(vec!["HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"]);
+        let (url, server) = serve(vec![
+            "HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ]);
         let target = request::target(&url, "k", "X-API-Key").unwrap();
         let channel = Channel::new(target, Duration::from_secs(5), 1);
         let result = channel.send(&job());
-        assert!(matches!(result, Attempt::Response { status: 201, .. }), "{result:?}");
+        assert!(
+            matches!(result, Attempt::Response { status: 201, .. }),
+            "{result:?}"
+        );
         let raw = server.join().unwrap().remove(0);
         assert!(raw.starts_with("POST /users HTTP/1.1\r\n"), "{raw}");
         let lower = raw.to_ascii_lowercase();
         assert!(lower.contains("\r\nx-api-key: k\r\n"), "{raw}");
         assert!(lower.contains("\r\nwebhook-id: evt-1\r\n"), "{raw}");
-        assert!(lower.contains("\r\ncontent-type: application/json\r\n"), "{raw}");
-        assert!(raw.ends_with(r#"{"email":"a@example.com","id":"u-1"}"#), "{raw}");
+        assert!(
+            lower.contains("\r\ncontent-type: application/json\r\n"),
+            "{raw}"
+        );
+        assert!(
+            raw.ends_with(r#"{"email":"a@example.com","id":"u-1"}"#),
+            "{raw}"
+        );
     }
 
     #[test]
@@ -321,9 +373,17 @@ mod tests {
         let (url, server) = serve(vec![
             "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         ]);
-        let channel = Channel::new(request::target(&url, "", "X").unwrap(), Duration::from_secs(5), 1);
+        let channel = Channel::new(
+            request::target(&url, "", "X").unwrap(),
+            Duration::from_secs(5),
+            1,
+        );
         match channel.send(&job()) {
-            Attempt::Response { status: 302, location: Some(l), .. } => assert_eq!(l, "http://127.0.0.1:1/elsewhere"),
+            Attempt::Response {
+                status: 302,
+                location: Some(l),
+                ..
+            } => assert_eq!(l, "http://127.0.0.1:1/elsewhere"),
             other => panic!("{other:?}"),
         }
         assert_eq!(server.join().unwrap().len(), 1);
@@ -331,9 +391,17 @@ mod tests {
 
     #[test]
     fn refused_connection_is_a_transport_error() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let url = format!("http://127.0.0.1:{port}/users");
-        let channel = Channel::new(request::target(&url, "", "X").unwrap(), Duration::from_secs(5), 1);
+        let channel = Channel::new(
+            request::target(&url, "", "X").unwrap(),
+            Duration::from_secs(5),
+            1,
+        );
         match channel.send(&job()) {
             Attempt::Transport(e) => assert!(e.contains("127.0.0.1"), "{e}"),
             other => panic!("{other:?}"),
@@ -344,7 +412,11 @@ mod tests {
     fn silent_server_times_out() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/users", listener.local_addr().unwrap());
-        let channel = Channel::new(request::target(&url, "", "X").unwrap(), Duration::from_millis(300), 1);
+        let channel = Channel::new(
+            request::target(&url, "", "X").unwrap(),
+            Duration::from_millis(300),
+            1,
+        );
         let started = std::time::Instant::now();
         match channel.send(&job()) {
             Attempt::Transport(e) => assert!(e.contains("within 300 ms"), "{e}"),
@@ -356,12 +428,27 @@ mod tests {
 
     #[test]
     fn pool_returns_every_outcome_and_wakes_the_reader() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let url = format!("http://127.0.0.1:{port}/users");
-        let channel = Arc::new(Channel::new(request::target(&url, "", "X").unwrap(), Duration::from_secs(2), 4));
+        let channel = Arc::new(Channel::new(
+            request::target(&url, "", "X").unwrap(),
+            Duration::from_secs(2),
+            4,
+        ));
         let mut pool = Pool::new(4).unwrap();
         for i in 0..20 {
-            pool.submit(Job { id: format!("e{i}"), attempt: 1, record: "{}".into() }, &channel);
+            pool.submit(
+                Job {
+                    id: format!("e{i}"),
+                    attempt: 1,
+                    record: "{}".into(),
+                },
+                &channel,
+            );
         }
         assert_eq!(pool.in_flight(), 20);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -373,7 +460,9 @@ mod tests {
         assert_eq!(got.len(), 20);
         assert_eq!(pool.in_flight(), 0);
         // Records without an id can never be sent.
-        assert!(got.iter().all(|o| matches!(o.result, Attempt::Unsendable(_))));
+        assert!(got
+            .iter()
+            .all(|o| matches!(o.result, Attempt::Unsendable(_))));
         pool.resize(1).unwrap();
         assert_eq!(pool.threads(), 1);
         assert!(pool.stop(Duration::from_secs(1)).is_empty());

@@ -28,8 +28,10 @@ pub mod defaults {
 
 static URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-static API_KEY_HEADER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"X-API-Key"));
-static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static API_KEY_HEADER: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"X-API-Key"));
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::TIMEOUT_MS);
 static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(defaults::CONCURRENCY);
 static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETRY_BASE_MS);
@@ -37,7 +39,9 @@ static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETRY_MA
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(defaults::MAX_ATTEMPTS);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETENTION_S);
 
-pub fn define() {
+/// Defines the settings. `database` picks the worker's connection, so it exists
+/// only when the library is preloaded (Postgres refuses postmaster settings later).
+pub fn define(preloading: bool) {
     GucRegistry::define_string_guc(
         c"pg_new_user_hook.url",
         c"URL that receives a POST for every new user.",
@@ -62,7 +66,8 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
+    if preloading {
+        GucRegistry::define_string_guc(
         c"pg_new_user_hook.database",
         c"Database the delivery worker connects to (where CREATE EXTENSION pg_new_user_hook ran).",
         c"",
@@ -70,6 +75,7 @@ pub fn define() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+    }
     GucRegistry::define_int_guc(
         c"pg_new_user_hook.timeout_ms",
         c"Time limit for one delivery request, connection included.",
@@ -133,7 +139,10 @@ pub fn define() {
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {
-    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The settings as they are now in this process. Only on the main thread.
@@ -173,5 +182,9 @@ impl Settings {
 
 pub fn database() -> String {
     let db = string(&DATABASE);
-    if db.is_empty() { defaults::DATABASE.to_string() } else { db }
+    if db.is_empty() {
+        defaults::DATABASE.to_string()
+    } else {
+        db
+    }
 }

@@ -22,8 +22,9 @@ pgrx::extension_sql_file!("../sql/outbox.sql", name = "outbox", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    guc::define();
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    guc::define(preloading);
+    if preloading {
         wake::init_shared_memory();
         worker::register();
     }
@@ -69,7 +70,9 @@ mod tests {
     #[pg_test]
     fn install_captures_the_row_as_committed() {
         users_table();
-        let msg = Spi::get_one::<String>("SELECT new_user_hook.install('app.users')").unwrap().unwrap();
+        let msg = Spi::get_one::<String>("SELECT new_user_hook.install('app.users')")
+            .unwrap()
+            .unwrap();
         assert_eq!(msg, "pg_new_user_hook installed on app.users");
         Spi::run(
             "INSERT INTO app.users VALUES ('11111111-1111-1111-1111-111111111111', 'first@example.com', 'pw');
@@ -107,14 +110,23 @@ mod tests {
     fn install_is_idempotent_and_uninstall_removes_the_trigger() {
         users_table();
         Spi::run("SELECT new_user_hook.install('app.users')").unwrap();
-        let again = Spi::get_one::<String>("SELECT new_user_hook.install('app.users')").unwrap().unwrap();
+        let again = Spi::get_one::<String>("SELECT new_user_hook.install('app.users')")
+            .unwrap()
+            .unwrap();
         assert_eq!(again, "pg_new_user_hook is already installed on app.users");
-        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.users'::regclass"), 1);
-        let removed = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')").unwrap().unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.users'::regclass"),
+            1
+        );
+        let removed = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')")
+            .unwrap()
+            .unwrap();
         assert_eq!(removed, "pg_new_user_hook removed from app.users");
         Spi::run("INSERT INTO app.users VALUES (gen_random_uuid(), 'x@example.com'); SET CONSTRAINTS ALL IMMEDIATE").unwrap();
         assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox"), 0);
-        let twice = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')").unwrap().unwrap();
+        let twice = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')")
+            .unwrap()
+            .unwrap();
         assert_eq!(twice, "pg_new_user_hook is not installed on app.users");
     }
 
@@ -136,7 +148,9 @@ mod tests {
         Spi::run("SELECT new_user_hook.install('app.people')").unwrap();
     }
 
-    #[pg_test(error = "new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not BEFORE INSERT ... FOR EACH ROW")]
+    #[pg_test(
+        error = "new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not BEFORE INSERT ... FOR EACH ROW"
+    )]
     fn capture_refuses_the_wrong_trigger_kind() {
         users_table();
         Spi::run(
@@ -166,13 +180,24 @@ mod tests {
                     (gen_random_uuid(), 'app.users', '{}', 'delivered', 1, NULL)",
         )
         .unwrap();
-        let delivered = Spi::get_one::<pgrx::Uuid>("SELECT id FROM new_user_hook.outbox WHERE status = 'delivered'")
-            .unwrap()
-            .unwrap();
+        let delivered = Spi::get_one::<pgrx::Uuid>(
+            "SELECT id FROM new_user_hook.outbox WHERE status = 'delivered'",
+        )
+        .unwrap()
+        .unwrap();
         let args = [delivered.into()];
-        assert_eq!(Spi::get_one_with_args::<bool>("SELECT new_user_hook.redeliver($1)", &args).unwrap(), Some(true));
-        assert_eq!(Spi::get_one_with_args::<bool>("SELECT new_user_hook.redeliver($1)", &args).unwrap(), Some(false));
-        assert_eq!(Spi::get_one::<i64>("SELECT new_user_hook.redeliver_failed()").unwrap(), Some(2));
+        assert_eq!(
+            Spi::get_one_with_args::<bool>("SELECT new_user_hook.redeliver($1)", &args).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one_with_args::<bool>("SELECT new_user_hook.redeliver($1)", &args).unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT new_user_hook.redeliver_failed()").unwrap(),
+            Some(2)
+        );
         assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending' AND attempts = 0"), 3);
     }
 
@@ -184,7 +209,8 @@ mod tests {
     #[pg_test]
     fn status_reports_the_missing_url() {
         let (preloaded, problem) =
-            Spi::get_two::<bool, String>("SELECT preloaded, problem FROM new_user_hook.status").unwrap();
+            Spi::get_two::<bool, String>("SELECT preloaded, problem FROM new_user_hook.status")
+                .unwrap();
         assert_eq!(preloaded, Some(true));
         assert!(problem.unwrap().contains("pg_new_user_hook.url is not set"));
         assert_eq!(count("SELECT count(*) FROM new_user_hook.status"), 1);
@@ -203,12 +229,16 @@ mod tests {
             ("pg_new_user_hook.database", "pgrx_tests"),
             ("pg_new_user_hook.url", ""),
         ] {
-            let shown = Spi::get_one::<String>(&format!("SHOW {name}")).unwrap().unwrap();
+            let shown = Spi::get_one::<String>(&format!("SHOW {name}"))
+                .unwrap()
+                .unwrap();
             assert_eq!(shown, value, "{name}");
         }
     }
 
-    #[pg_test(error = "must be superuser or have privileges of pg_read_all_settings to examine \"pg_new_user_hook.api_key\"")]
+    #[pg_test(
+        error = "must be superuser or have privileges of pg_read_all_settings to examine \"pg_new_user_hook.api_key\""
+    )]
     fn api_key_is_hidden_from_non_superusers() {
         Spi::run("CREATE ROLE hook_reader; SET ROLE hook_reader").unwrap();
         Spi::run("SHOW pg_new_user_hook.api_key").unwrap();
@@ -227,6 +257,9 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'pg_new_user_hook'", "pg_new_user_hook.database = 'pgrx_tests'"]
+        vec![
+            "shared_preload_libraries = 'pg_new_user_hook'",
+            "pg_new_user_hook.database = 'pgrx_tests'",
+        ]
     }
 }

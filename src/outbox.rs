@@ -15,10 +15,12 @@ pub struct Claimed {
 
 /// Whether the extension's objects exist in this database.
 pub fn installed() -> bool {
-    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_new_user_hook')")
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_new_user_hook')",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// Claims held by a previous worker (crashed, killed, or the server died) are
@@ -89,17 +91,32 @@ pub fn record(outcomes: &[(String, Decision)]) {
         ids.push(id.clone());
         let (status, code, error, delay) = match decision {
             Decision::Delivered { status } => ("delivered", Some(*status as i32), None, None),
-            Decision::Retry { status, error, delay } => {
-                ("pending", status.map(i32::from), Some(error.clone()), Some(delay.as_millis() as i64))
+            Decision::Retry {
+                status,
+                error,
+                delay,
+            } => (
+                "pending",
+                status.map(i32::from),
+                Some(error.clone()),
+                Some(delay.as_millis() as i64),
+            ),
+            Decision::Failed { status, error } => {
+                ("failed", status.map(i32::from), Some(error.clone()), None)
             }
-            Decision::Failed { status, error } => ("failed", status.map(i32::from), Some(error.clone()), None),
         };
         statuses.push(status.to_string());
         codes.push(code);
         errors.push(error);
         delays.push(delay);
     }
-    let args: [DatumWithOid; 5] = [ids.into(), statuses.into(), codes.into(), errors.into(), delays.into()];
+    let args: [DatumWithOid; 5] = [
+        ids.into(),
+        statuses.into(),
+        codes.into(),
+        errors.into(),
+        delays.into(),
+    ];
     Spi::run_with_args(
         "UPDATE new_user_hook.outbox AS o SET
              status = r.status,

@@ -35,13 +35,18 @@ pub fn target(url: &str, api_key: &str, api_key_header: &str) -> Result<Target, 
             ));
         }
         if ureq::http::HeaderValue::from_str(api_key).is_err() {
-            return Err("pg_new_user_hook.api_key contains characters not allowed in an HTTP header \
+            return Err(
+                "pg_new_user_hook.api_key contains characters not allowed in an HTTP header \
                  (control characters or non-ASCII); set it to the plain key"
-                .to_string());
+                    .to_string(),
+            );
         }
         Some((name.to_string(), api_key.to_string()))
     };
-    Ok(Target { url: url.to_string(), api_key })
+    Ok(Target {
+        url: url.to_string(),
+        api_key,
+    })
 }
 
 fn validate_url(url: &str) -> Result<(), String> {
@@ -51,8 +56,16 @@ fn validate_url(url: &str) -> Result<(), String> {
     let uri: ureq::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        Some(other) => return Err(format!("scheme '{other}' is not supported, use http:// or https://")),
-        None => return Err("it has no scheme, write it as http://host/path or https://host/path".into()),
+        Some(other) => {
+            return Err(format!(
+                "scheme '{other}' is not supported, use http:// or https://"
+            ))
+        }
+        None => {
+            return Err(
+                "it has no scheme, write it as http://host/path or https://host/path".into(),
+            )
+        }
     }
     match uri.host() {
         Some(host) if !host.is_empty() => Ok(()),
@@ -73,7 +86,16 @@ pub fn redact_userinfo(url: &str) -> String {
 }
 
 fn excerpt_ascii(s: &str) -> String {
-    s.chars().take(64).map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect()
+    s.chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 /// The JSON body for an event, from the snapshot the trigger stored:
@@ -87,7 +109,10 @@ pub fn body(record: &str) -> Result<String, String> {
     }
     let mut out = Map::new();
     out.insert("id".into(), id);
-    out.insert("email".into(), record.get("email").cloned().unwrap_or(Value::Null));
+    out.insert(
+        "email".into(),
+        record.get("email").cloned().unwrap_or(Value::Null),
+    );
     Ok(Value::Object(out).to_string())
 }
 
@@ -121,7 +146,8 @@ mod tests {
 
     #[test]
     fn phone_users_have_null_email() {
-        let body: Value = serde_json::from_str(&body(r#"{"id":"x","email":null}"#).unwrap()).unwrap();
+        let body: Value =
+            serde_json::from_str(&body(r#"{"id":"x","email":null}"#).unwrap()).unwrap();
         assert_eq!(body["email"], Value::Null);
         let body: Value = serde_json::from_str(&body_of(r#"{"id":"x"}"#)).unwrap();
         assert_eq!(body["email"], Value::Null);
@@ -142,7 +168,9 @@ mod tests {
     #[test]
     fn broken_records_are_reported() {
         assert!(body("not json").unwrap_err().contains("not valid JSON"));
-        assert!(body(r#"{"email":"a@b"}"#).unwrap_err().contains("no user id"));
+        assert!(body(r#"{"email":"a@b"}"#)
+            .unwrap_err()
+            .contains("no user id"));
     }
 
     #[test]
@@ -202,7 +230,13 @@ mod tests {
 
     #[test]
     fn redact_userinfo_keeps_host_and_path() {
-        assert_eq!(redact_userinfo("https://u:p@h.example/x@y"), "https://***@h.example/x@y");
-        assert_eq!(redact_userinfo("https://h.example/x@y"), "https://h.example/x@y");
+        assert_eq!(
+            redact_userinfo("https://u:p@h.example/x@y"),
+            "https://***@h.example/x@y"
+        );
+        assert_eq!(
+            redact_userinfo("https://h.example/x@y"),
+            "https://h.example/x@y"
+        );
     }
 }

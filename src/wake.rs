@@ -7,7 +7,8 @@ use pgrx::{pg_shmem_init, PgAtomic};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// PGPROC number of the running worker, or -1. Lives in shared memory.
-static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_new_user_hook_worker_procno") };
+static WORKER_PROCNO: PgAtomic<AtomicI32> =
+    unsafe { PgAtomic::new(c"pg_new_user_hook_worker_procno") };
 
 /// Set in the postmaster when loaded through shared_preload_libraries; inherited by every backend.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -28,7 +29,9 @@ pub fn preloaded() -> bool {
 
 /// The worker announces itself (Some) at start and withdraws (None) on exit.
 pub fn register_worker(procno: Option<i32>) {
-    WORKER_PROCNO.get().store(procno.unwrap_or(-1), Ordering::SeqCst);
+    WORKER_PROCNO
+        .get()
+        .store(procno.unwrap_or(-1), Ordering::SeqCst);
 }
 
 /// Asks for the worker to be woken when the current transaction commits.
@@ -45,7 +48,10 @@ fn wake_on_commit() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {

@@ -6,7 +6,9 @@ use crate::classify::{self, Decision};
 use crate::delivery::{Channel, Job, Outcome, Pool};
 use crate::guc::{self, Settings};
 use crate::{outbox, request, wake};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::prelude::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -89,13 +91,16 @@ impl Worker {
     /// Applies the current settings: a new HTTP agent, the thread count.
     fn configure(&mut self) {
         let s = &self.settings;
-        self.channel = s.target().map(|target| Arc::new(Channel::new(target, s.timeout, s.concurrency)));
+        self.channel = s
+            .target()
+            .map(|target| Arc::new(Channel::new(target, s.timeout, s.concurrency)));
         if let Err(e) = self.pool.resize(s.concurrency) {
             warning!("pg_new_user_hook: could not start delivery threads: {e}");
         }
         match &self.channel {
             Ok(channel) => {
-                if self.logged_problem.take().is_some() || !self.installed {
+                self.logged_problem = None;
+                if self.installed {
                     log!(
                         "pg_new_user_hook: delivering to {}",
                         request::redact_userinfo(&channel.target.url)
@@ -138,7 +143,11 @@ impl Worker {
         let outcomes = self.pool.take_outcomes();
         let free = self.max_in_flight().saturating_sub(self.pool.in_flight());
         let timer_fired = self.next_due.is_some_and(|due| due <= Instant::now());
-        let want = if self.channel.is_ok() && (self.maybe_due || timer_fired) { free } else { 0 };
+        let want = if self.channel.is_ok() && (self.maybe_due || timer_fired) {
+            free
+        } else {
+            0
+        };
         if outcomes.is_empty() && want == 0 && self.installed && Instant::now() < self.next_purge {
             return;
         }
@@ -159,11 +168,19 @@ impl Worker {
             }
             outbox::record(&decisions);
             outbox::unclaim(&unsent);
-            let claimed = if want > 0 { outbox::claim(want) } else { Vec::new() };
+            let claimed = if want > 0 {
+                outbox::claim(want)
+            } else {
+                Vec::new()
+            };
             if purge {
                 outbox::purge_delivered(retention);
             }
-            let next_due = if claimed.len() < want || want == 0 { outbox::next_due() } else { Some(Duration::ZERO) };
+            let next_due = if claimed.len() < want || want == 0 {
+                outbox::next_due()
+            } else {
+                Some(Duration::ZERO)
+            };
             (true, claimed, next_due)
         });
 
@@ -183,7 +200,10 @@ impl Worker {
         if !was_installed {
             self.installed = true;
             if let Ok(channel) = &self.channel {
-                log!("pg_new_user_hook: delivering to {}", request::redact_userinfo(&channel.target.url));
+                log!(
+                    "pg_new_user_hook: delivering to {}",
+                    request::redact_userinfo(&channel.target.url)
+                );
                 self.logged_problem = None;
             }
         }
@@ -193,7 +213,14 @@ impl Worker {
         self.next_due = next_due.map(|d| Instant::now() + d);
         if let Ok(channel) = &self.channel {
             for event in claimed {
-                self.pool.submit(Job { id: event.id, attempt: event.attempt, record: event.record }, channel);
+                self.pool.submit(
+                    Job {
+                        id: event.id,
+                        attempt: event.attempt,
+                        record: event.record,
+                    },
+                    channel,
+                );
             }
         }
     }
@@ -210,7 +237,13 @@ impl Worker {
                 unsent.push(outcome.id);
                 continue;
             }
-            let decision = classify::decide(&outcome.result, outcome.attempt, &self.settings.retry, random_jitter(), now);
+            let decision = classify::decide(
+                &outcome.result,
+                outcome.attempt,
+                &self.settings.retry,
+                random_jitter(),
+                now,
+            );
             match &decision {
                 Decision::Delivered { .. } => any_delivered = true,
                 Decision::Retry { error, .. } | Decision::Failed { error, .. } => {
@@ -221,7 +254,9 @@ impl Worker {
         }
         match first_error {
             Some(error) if !self.backend_failing => {
-                warning!("pg_new_user_hook: delivery failing: {error} (see new_user_hook.deliveries)");
+                warning!(
+                    "pg_new_user_hook: delivery failing: {error} (see new_user_hook.deliveries)"
+                );
                 self.backend_failing = true;
             }
             None if any_delivered && self.backend_failing => {
@@ -266,7 +301,9 @@ impl Worker {
     /// SIGTERM: stop claiming, let requests in progress finish (bounded by the
     /// timeout), record them, and hand back what was never sent.
     fn shutdown(&mut self) {
-        let outcomes = self.pool.stop(self.settings.timeout + Duration::from_secs(1));
+        let outcomes = self
+            .pool
+            .stop(self.settings.timeout + Duration::from_secs(1));
         if !self.installed {
             return;
         }

@@ -31,17 +31,29 @@ fn a_signup_is_delivered_at_commit_with_exact_body_and_headers() {
     let requests = receiver.wait_for_requests(2, WITHIN);
     let latency = requests[1].at.saturating_duration_since(committed);
     // The fallback poll is 5 s: arriving well before proves the commit woke the worker.
-    assert!(latency < Duration::from_secs(2), "delivered {latency:?} after commit");
+    assert!(
+        latency < Duration::from_secs(2),
+        "delivered {latency:?} after commit"
+    );
     eprintln!("commit → receipt: {latency:?}");
 
     let r = &requests[1];
     assert_eq!(r.method, "POST");
     assert_eq!(r.path, "/users");
-    assert_eq!(r.json(), serde_json::json!({"id": id, "email": "alice@example.com"}));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"id": id, "email": "alice@example.com"})
+    );
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("x-api-key"), Some("test-key-123"));
-    assert_eq!(r.header("user-agent"), Some(concat!("pg_new_user_hook/", env!("CARGO_PKG_VERSION"))));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert_eq!(
+        r.header("user-agent"),
+        Some(concat!("pg_new_user_hook/", env!("CARGO_PKG_VERSION")))
+    );
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let ts: i64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
     assert!((now - ts).abs() < 60, "webhook-timestamp {ts} vs now {now}");
 
@@ -50,7 +62,10 @@ fn a_signup_is_delivered_at_commit_with_exact_body_and_headers() {
         "SELECT id::text, attempts, last_status_code, last_error, delivered_at IS NOT NULL, next_attempt_at
            FROM new_user_hook.deliveries WHERE user_id = '{id}'"
     ));
-    assert_eq!(r.header("webhook-id"), Some(row.get::<_, String>(0).as_str()));
+    assert_eq!(
+        r.header("webhook-id"),
+        Some(row.get::<_, String>(0).as_str())
+    );
     assert_eq!(row.get::<_, i32>(1), 1);
     assert_eq!(row.get::<_, Option<i32>>(2), Some(200));
     assert_eq!(row.get::<_, Option<String>>(3), None);
@@ -71,7 +86,9 @@ fn a_rolled_back_signup_sends_nothing() {
     let requests = receiver.requests();
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!(requests[0].json()["email"], "real@example.com");
-    let events: i64 = cluster.one_row("SELECT count(*) FROM new_user_hook.outbox").get(0);
+    let events: i64 = cluster
+        .one_row("SELECT count(*) FROM new_user_hook.outbox")
+        .get(0);
     assert_eq!(events, 1);
 }
 
@@ -90,9 +107,16 @@ fn the_event_reflects_the_user_as_committed() {
     );
     gotrue.batch_execute(&sql).unwrap();
     let requests = receiver.wait_for_requests(2, WITHIN);
-    let mut emails: Vec<serde_json::Value> = requests.iter().map(|r| r.json()["email"].clone()).collect();
+    let mut emails: Vec<serde_json::Value> =
+        requests.iter().map(|r| r.json()["email"].clone()).collect();
     emails.sort_by_key(|e| e.to_string());
-    assert_eq!(emails, vec![serde_json::json!("after@example.com"), serde_json::Value::Null]);
+    assert_eq!(
+        emails,
+        vec![
+            serde_json::json!("after@example.com"),
+            serde_json::Value::Null
+        ]
+    );
     for r in &requests {
         let keys: Vec<String> = r.json().as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, vec!["email", "id"]);
@@ -101,20 +125,37 @@ fn the_event_reflects_the_user_as_committed() {
 
 #[test]
 fn server_errors_are_retried_until_delivered() {
-    let receiver = Receiver::start(|n, _| if n == 0 { Reply::Status(500) } else { Reply::Status(200) });
+    let receiver = Receiver::start(|n, _| {
+        if n == 0 {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    });
     let cluster = hooked(&receiver, &[("retry_base_ms", "100")]);
     let id = cluster.signup("retry@example.com");
-    cluster.wait_for_event(&id, "status = 'delivered' AND attempts = 2 AND last_status_code = 200", WITHIN);
+    cluster.wait_for_event(
+        &id,
+        "status = 'delivered' AND attempts = 2 AND last_status_code = 200",
+        WITHIN,
+    );
     let requests = receiver.requests();
     assert_eq!(requests.len(), 2);
-    assert_eq!(requests[0].header("webhook-id"), requests[1].header("webhook-id"));
+    assert_eq!(
+        requests[0].header("webhook-id"),
+        requests[1].header("webhook-id")
+    );
     assert!(requests[1].at.duration_since(requests[0].at) >= Duration::from_millis(80));
 }
 
 #[test]
 fn retry_after_is_honoured() {
     let receiver = Receiver::start(|n, _| {
-        if n == 0 { Reply::StatusWith(429, "Retry-After", "2".into()) } else { Reply::Status(200) }
+        if n == 0 {
+            Reply::StatusWith(429, "Retry-After", "2".into())
+        } else {
+            Reply::Status(200)
+        }
     });
     let cluster = hooked(&receiver, &[("retry_base_ms", "50")]);
     let id = cluster.signup("slowdown@example.com");
@@ -122,12 +163,16 @@ fn retry_after_is_honoured() {
     let requests = receiver.requests();
     assert_eq!(requests.len(), 2);
     let gap = requests[1].at.duration_since(requests[0].at);
-    assert!(gap >= Duration::from_millis(1900), "retried after {gap:?} despite Retry-After: 2");
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "retried after {gap:?} despite Retry-After: 2"
+    );
 }
 
 #[test]
 fn client_errors_fail_at_once_with_the_reason() {
-    let receiver = Receiver::start(|_, _| Reply::StatusWith(400, "Content-Type", "application/json".into()));
+    let receiver =
+        Receiver::start(|_, _| Reply::StatusWith(400, "Content-Type", "application/json".into()));
     let cluster = hooked(&receiver, &[("retry_base_ms", "50")]);
     let id = cluster.signup("rejected@example.com");
     cluster.wait_for_event(&id, "status = 'failed'", WITHIN);
@@ -139,7 +184,10 @@ fn client_errors_fail_at_once_with_the_reason() {
     let error: String = row.get(2);
     assert!(error.starts_with("HTTP 400 Bad Request"), "{error}");
     assert!(error.contains("rejected by test receiver"), "{error}");
-    assert!(row.get::<_, bool>(3), "a failed event is not scheduled again");
+    assert!(
+        row.get::<_, bool>(3),
+        "a failed event is not scheduled again"
+    );
     assert_eq!(receiver.count(), 1);
     let status = cluster.one_row("SELECT failed, last_error FROM new_user_hook.status");
     assert_eq!(status.get::<_, i64>(0), 1);
@@ -150,24 +198,53 @@ fn client_errors_fail_at_once_with_the_reason() {
 fn a_backend_that_is_down_gets_the_event_when_it_comes_up() {
     let port = common::closed_port();
     let cluster = Cluster::with_hook(&[]);
-    cluster.configure(&[("url", &format!("http://127.0.0.1:{port}/users")), ("retry_base_ms", "100"), ("retry_max_ms", "300")]);
+    cluster.configure(&[
+        ("url", &format!("http://127.0.0.1:{port}/users")),
+        ("retry_base_ms", "100"),
+        ("retry_max_ms", "300"),
+    ]);
     let id = cluster.signup("patient@example.com");
-    cluster.wait_for_event(&id, "status = 'pending' AND attempts >= 2 AND last_error LIKE 'connection refused%'", WITHIN);
+    cluster.wait_for_event(
+        &id,
+        "status = 'pending' AND attempts >= 2 AND last_error LIKE 'connection refused%'",
+        WITHIN,
+    );
     let receiver = Receiver::start_on(port, |_, _| Reply::Status(204));
-    cluster.wait_for_event(&id, "status = 'delivered' AND last_status_code = 204", WITHIN);
+    cluster.wait_for_event(
+        &id,
+        "status = 'delivered' AND last_status_code = 204",
+        WITHIN,
+    );
     assert_eq!(receiver.count(), 1);
-    assert!(cluster.log().contains("delivery failing: connection refused"), "the outage is logged");
+    assert!(
+        cluster
+            .log()
+            .contains("delivery failing: connection refused"),
+        "the outage is logged"
+    );
 }
 
 #[test]
 fn a_backend_that_never_answers_times_out_and_is_retried() {
-    let receiver = Receiver::start(|n, _| if n < 2 { Reply::Hang } else { Reply::Status(200) });
-    let cluster = hooked(&receiver, &[("timeout_ms", "300"), ("retry_base_ms", "100")]);
+    let receiver = Receiver::start(|n, _| {
+        if n < 2 {
+            Reply::Hang
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let cluster = hooked(
+        &receiver,
+        &[("timeout_ms", "300"), ("retry_base_ms", "100")],
+    );
     let id = cluster.signup("hang@example.com");
     cluster.wait_for_event(&id, "last_error LIKE '%within 300 ms%'", WITHIN);
     cluster.wait_for_event(&id, "status = 'delivered' AND attempts = 3", WITHIN);
-    let ids: HashSet<String> =
-        receiver.requests().iter().map(|r| r.header("webhook-id").unwrap().to_string()).collect();
+    let ids: HashSet<String> = receiver
+        .requests()
+        .iter()
+        .map(|r| r.header("webhook-id").unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 1, "every retry carries the same webhook-id");
 }
 
@@ -178,9 +255,17 @@ fn redeliver_sends_the_same_event_again() {
     let id = cluster.signup("again@example.com");
     cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
     let mut admin = cluster.connect("supabase_admin");
-    let event: String =
-        admin.query_one("SELECT id::text FROM new_user_hook.deliveries WHERE user_id = $1::uuid", &[&id]).unwrap().get(0);
-    let requeued: bool = admin.query_one("SELECT new_user_hook.redeliver($1::uuid)", &[&event]).unwrap().get(0);
+    let event: String = admin
+        .query_one(
+            "SELECT id::text FROM new_user_hook.deliveries WHERE user_id = $1::text::uuid",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    let requeued: bool = admin
+        .query_one("SELECT new_user_hook.redeliver($1::text::uuid)", &[&event])
+        .unwrap()
+        .get(0);
     assert!(requeued);
     let requests = receiver.wait_for_requests(2, WITHIN);
     assert_eq!(requests[0].header("webhook-id"), Some(event.as_str()));
@@ -192,28 +277,46 @@ fn redeliver_sends_the_same_event_again() {
 fn an_unset_or_malformed_url_queues_events_until_fixed() {
     let cluster = Cluster::with_hook(&[]);
     let id = cluster.signup("early@example.com");
-    let problem: String = cluster.one_row("SELECT problem FROM new_user_hook.status").get(0);
-    assert!(problem.contains("pg_new_user_hook.url is not set"), "{problem}");
+    let problem: String = cluster
+        .one_row("SELECT problem FROM new_user_hook.status")
+        .get(0);
+    assert!(
+        problem.contains("pg_new_user_hook.url is not set"),
+        "{problem}"
+    );
 
     cluster.configure(&[("url", "localhost:3000/users")]);
     wait_for("the malformed URL to be reported", WITHIN, || {
         let row = cluster.one_row("SELECT problem, last_error FROM new_user_hook.status");
         let problem: Option<String> = row.get(0);
         let last_error: Option<String> = row.get(1);
-        (problem.as_deref().is_some_and(|p| p.contains("is not a valid URL"))
-            && last_error.as_deref().is_some_and(|p| p.contains("is not a valid URL")))
+        (problem
+            .as_deref()
+            .is_some_and(|p| p.contains("is not a valid URL"))
+            && last_error
+                .as_deref()
+                .is_some_and(|p| p.contains("is not a valid URL")))
         .then_some(())
     });
     wait_for("the malformed URL in the server log", WITHIN, || {
-        cluster.log().contains("pg_new_user_hook.url = 'localhost:3000/users' is not a valid URL").then_some(())
+        cluster
+            .log()
+            .contains("pg_new_user_hook.url = 'localhost:3000/users' is not a valid URL")
+            .then_some(())
     });
     let worker = cluster.worker_pid().expect("worker running");
 
     let receiver = Receiver::ok();
     cluster.configure(&[("url", &receiver.url)]);
     cluster.wait_for_event(&id, "status = 'delivered' AND attempts = 1", WITHIN);
-    assert_eq!(cluster.worker_pid(), Some(worker), "the reload did not restart the worker");
-    let problem: Option<String> = cluster.one_row("SELECT problem FROM new_user_hook.status").get(0);
+    assert_eq!(
+        cluster.worker_pid(),
+        Some(worker),
+        "the reload did not restart the worker"
+    );
+    let problem: Option<String> = cluster
+        .one_row("SELECT problem FROM new_user_hook.status")
+        .get(0);
     assert_eq!(problem, None);
 }
 
@@ -244,12 +347,21 @@ fn a_server_crash_in_the_middle_of_a_backlog_loses_nothing() {
     receiver.wait_for_requests(20, WITHIN);
     cluster.crash();
     let received_before = receiver.count();
-    assert!(received_before < USERS, "the crash came too late to test anything");
+    assert!(
+        received_before < USERS,
+        "the crash came too late to test anything"
+    );
     cluster.start();
-    let all = wait_for("every user delivered after the crash", Duration::from_secs(60), || {
-        let n: i64 = cluster.one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'").get(0);
-        (n as usize == USERS).then_some(())
-    });
+    let all = wait_for(
+        "every user delivered after the crash",
+        Duration::from_secs(60),
+        || {
+            let n: i64 = cluster
+                .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'")
+                .get(0);
+            (n as usize == USERS).then_some(())
+        },
+    );
     let _ = all;
     let mut by_user: HashMap<String, HashSet<String>> = HashMap::new();
     for r in receiver.requests() {
@@ -260,7 +372,10 @@ fn a_server_crash_in_the_middle_of_a_backlog_loses_nothing() {
     }
     let delivered: HashSet<String> = by_user.keys().cloned().collect();
     assert_eq!(delivered, ids, "every committed user reached the backend");
-    assert!(by_user.values().all(|w| w.len() == 1), "duplicates reuse the same webhook-id");
+    assert!(
+        by_user.values().all(|w| w.len() == 1),
+        "duplicates reuse the same webhook-id"
+    );
     eprintln!(
         "crash test: {USERS} users, {} requests ({} duplicates after the crash)",
         receiver.count(),
@@ -273,9 +388,14 @@ fn a_terminated_worker_comes_back_and_delivers() {
     let receiver = Receiver::ok();
     let cluster = hooked(&receiver, &[]);
     let first = wait_for("the worker", WITHIN, || cluster.worker_pid());
-    cluster.connect("supabase_admin").batch_execute(&format!("SELECT pg_terminate_backend({first})")).unwrap();
+    cluster
+        .connect("supabase_admin")
+        .batch_execute(&format!("SELECT pg_terminate_backend({first})"))
+        .unwrap();
     let id = cluster.signup("during-restart@example.com");
-    let second = wait_for("a new worker", WITHIN, || cluster.worker_pid().filter(|p| *p != first));
+    let second = wait_for("a new worker", WITHIN, || {
+        cluster.worker_pid().filter(|p| *p != first)
+    });
     assert_ne!(first, second);
     cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
 }
@@ -288,26 +408,46 @@ fn without_preload_create_extension_warns_and_status_says_why() {
     let mut admin = {
         let notices = notices.clone();
         let mut config = postgres::Config::new();
-        config.host("127.0.0.1").port(cluster.port).user("supabase_admin").dbname("postgres");
-        config.notice_callback(move |n| notices.lock().unwrap().push(format!("{}|{}", n.message(), n.hint().unwrap_or(""))));
+        config
+            .host("127.0.0.1")
+            .port(cluster.port)
+            .user("supabase_admin")
+            .dbname("postgres");
+        config.notice_callback(move |n| {
+            notices
+                .lock()
+                .unwrap()
+                .push(format!("{}|{}", n.message(), n.hint().unwrap_or("")))
+        });
         drop(admin.batch_execute("SELECT 1"));
         config.connect(postgres::NoTls).unwrap()
     };
-    admin.batch_execute("CREATE EXTENSION pg_new_user_hook").unwrap();
+    admin
+        .batch_execute("CREATE EXTENSION pg_new_user_hook")
+        .unwrap();
     let notices = notices.lock().unwrap().clone();
     assert!(
-        notices.iter().any(|n| n.contains("not loaded through shared_preload_libraries") && n.contains("restart")),
+        notices.iter().any(
+            |n| n.contains("not loaded through shared_preload_libraries") && n.contains("restart")
+        ),
         "{notices:?}"
     );
-    let row = admin.query_one("SELECT preloaded, worker_pid, problem FROM new_user_hook.status", &[]).unwrap();
+    let row = admin
+        .query_one(
+            "SELECT preloaded, worker_pid, problem FROM new_user_hook.status",
+            &[],
+        )
+        .unwrap();
     assert!(!row.get::<_, bool>(0));
     assert_eq!(row.get::<_, Option<i32>>(1), None);
     assert!(row.get::<_, String>(2).contains("shared_preload_libraries"));
     // Signups still work and are kept.
-    admin.batch_execute("SELECT new_user_hook.install()").unwrap();
+    admin
+        .batch_execute("SELECT new_user_hook.install()")
+        .unwrap();
     let id = cluster.signup("kept@example.com");
     let n: i64 = admin
-        .query_one("SELECT count(*) FROM new_user_hook.deliveries WHERE user_id = $1::uuid AND status = 'pending'", &[&id])
+        .query_one("SELECT count(*) FROM new_user_hook.deliveries WHERE user_id = $1::text::uuid AND status = 'pending'", &[&id])
         .unwrap()
         .get(0);
     assert_eq!(n, 1);

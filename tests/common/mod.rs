@@ -25,7 +25,11 @@ pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Opti
 
 fn is_root() -> bool {
     std::env::var("USER").map(|u| u == "root").unwrap_or(false)
-        || Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+        || Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.trim_ascii() == b"0")
+            .unwrap_or(false)
 }
 
 /// Runs a command as the cluster's OS user: `postgres` when we are root (PostgreSQL refuses root).
@@ -64,9 +68,11 @@ fn bindir() -> PathBuf {
 }
 
 pub fn fixtures() -> PathBuf {
-    let dir = std::env::var("SUPABASE_AUTH_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/supabase-auth")
-    });
+    let dir = std::env::var("SUPABASE_AUTH_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/supabase-auth")
+        });
     assert!(
         dir.join("load.sh").exists(),
         "the Supabase Auth fixtures are not at {} (set SUPABASE_AUTH_FIXTURES)",
@@ -76,7 +82,11 @@ pub fn fixtures() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
@@ -110,15 +120,25 @@ fn template() -> PathBuf {
             let root = scratch_dir("template");
             let data = root.join("data");
             let mut initdb = as_pg_user(&bindir().join("initdb"));
-            initdb.arg("-D").arg(&data).args(["-U", "supabase_admin", "--auth=trust", "-E", "UTF8", "--locale=C", "-N"]);
+            initdb.arg("-D").arg(&data).args([
+                "-U",
+                "supabase_admin",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-N",
+            ]);
             run(initdb, "initdb");
             let conf = "shared_preload_libraries = 'pg_new_user_hook'\n\
                         pg_new_user_hook.database = 'postgres'\n\
                         listen_addresses = '127.0.0.1'\n\
                         fsync = off\n\
-                        max_connections = 100\n\
-                        log_min_messages = log\n";
-            let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+                        max_connections = 100\n";
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .unwrap();
             std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
             let cluster = Cluster::start_at(root.clone(), &[]);
             let mut load = as_pg_user(Path::new("sh"));
@@ -147,7 +167,9 @@ impl Cluster {
         let template = template();
         let root = scratch_dir("cluster");
         let mut cp = as_pg_user(Path::new("cp"));
-        cp.arg("-a").arg(template.join("data")).arg(root.join("data"));
+        cp.arg("-a")
+            .arg(template.join("data"))
+            .arg(root.join("data"));
         run(cp, "copying the template cluster");
         Cluster::start_at(root, extra)
     }
@@ -156,19 +178,28 @@ impl Cluster {
     pub fn with_hook(extra: &[&str]) -> Cluster {
         let cluster = Cluster::new(extra);
         let mut admin = cluster.connect("supabase_admin");
-        admin.batch_execute("CREATE EXTENSION pg_new_user_hook; SELECT new_user_hook.install();").unwrap();
+        admin
+            .batch_execute("CREATE EXTENSION pg_new_user_hook; SELECT new_user_hook.install();")
+            .unwrap();
         cluster
     }
 
     fn start_at(root: PathBuf, extra: &[&str]) -> Cluster {
         let port = free_port();
         if !extra.is_empty() {
-            let mut f = std::fs::OpenOptions::new().append(true).open(root.join("data/postgresql.auto.conf")).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(root.join("data/postgresql.auto.conf"))
+                .unwrap();
             for line in extra {
                 std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()).unwrap();
             }
         }
-        let mut cluster = Cluster { root, port, running: false };
+        let mut cluster = Cluster {
+            root,
+            port,
+            running: false,
+        };
         cluster.start();
         cluster
     }
@@ -193,7 +224,11 @@ impl Cluster {
             .arg(self.log_path())
             .arg("-w")
             .arg("-o")
-            .arg(format!("-p {} -k {}", self.port, self.socket_dir().display()))
+            .arg(format!(
+                "-p {} -k {}",
+                self.port,
+                self.socket_dir().display()
+            ))
             .arg("start");
         run(c, "pg_ctl start");
         self.running = true;
@@ -201,7 +236,9 @@ impl Cluster {
 
     fn pg_ctl_stop(&self, mode: &str) {
         let mut c = as_pg_user(&bindir().join("pg_ctl"));
-        c.arg("-D").arg(self.root.join("data")).args(["-w", "-m", mode, "stop"]);
+        c.arg("-D")
+            .arg(self.root.join("data"))
+            .args(["-w", "-m", mode, "stop"]);
         run(c, "pg_ctl stop");
     }
 
@@ -235,7 +272,10 @@ impl Cluster {
         let mut admin = self.connect("supabase_admin");
         for (name, value) in settings {
             admin
-                .batch_execute(&format!("ALTER SYSTEM SET pg_new_user_hook.{name} = '{}'", value.replace('\'', "''")))
+                .batch_execute(&format!(
+                    "ALTER SYSTEM SET pg_new_user_hook.{name} = '{}'",
+                    value.replace('\'', "''")
+                ))
                 .unwrap();
         }
         admin.batch_execute("SELECT pg_reload_conf()").unwrap();
@@ -246,13 +286,18 @@ impl Cluster {
     pub fn signup(&self, email: &str) -> String {
         let mut gotrue = self.connect("supabase_auth_admin");
         gotrue.batch_execute(&signup_sql(email)).unwrap();
-        let row = gotrue.query_one("SELECT id::text FROM users WHERE email = $1", &[&email]).unwrap();
+        let row = gotrue
+            .query_one("SELECT id::text FROM users WHERE email = $1", &[&email])
+            .unwrap();
         row.get(0)
     }
 
     pub fn worker_pid(&self) -> Option<i32> {
         self.connect("supabase_admin")
-            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_new_user_hook'", &[])
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_new_user_hook'",
+                &[],
+            )
             .unwrap()
             .map(|r| r.get(0))
     }
@@ -261,12 +306,16 @@ impl Cluster {
     pub fn wait_for_event(&self, user_id: &str, sql_condition: &str, within: Duration) {
         let mut admin = self.connect("supabase_admin");
         let sql = format!(
-            "SELECT count(*) FROM new_user_hook.deliveries WHERE user_id = $1::uuid AND ({sql_condition})"
+            "SELECT count(*) FROM new_user_hook.deliveries WHERE user_id = $1::text::uuid AND ({sql_condition})"
         );
-        wait_for(&format!("event of {user_id} to satisfy {sql_condition}"), within, || {
-            let n: i64 = admin.query_one(&sql, &[&user_id]).unwrap().get(0);
-            (n > 0).then_some(())
-        });
+        wait_for(
+            &format!("event of {user_id} to satisfy {sql_condition}"),
+            within,
+            || {
+                let n: i64 = admin.query_one(&sql, &[&user_id]).unwrap().get(0);
+                (n > 0).then_some(())
+            },
+        );
     }
 
     pub fn one_row(&self, sql: &str) -> postgres::Row {
@@ -278,13 +327,18 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if self.running {
             let mut c = as_pg_user(&bindir().join("pg_ctl"));
-            c.arg("-D").arg(self.root.join("data")).args(["-w", "-m", "immediate", "stop"]);
+            c.arg("-D")
+                .arg(self.root.join("data"))
+                .args(["-w", "-m", "immediate", "stop"]);
             let _ = c.output();
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.root);
         } else {
-            eprintln!("cluster kept for inspection: {} (log: server.log)", self.root.display());
+            eprintln!(
+                "cluster kept for inspection: {} (log: server.log)",
+                self.root.display()
+            );
         }
     }
 }
@@ -295,10 +349,16 @@ pub fn signup_sql(email: &str) -> String {
     let sql = SQL.get_or_init(|| {
         let full = std::fs::read_to_string(fixtures().join("example-signup.sql")).unwrap();
         // Keep the transaction; the final SELECT only displays the result.
-        let end = full.find("COMMIT;").expect("example-signup.sql has a COMMIT") + "COMMIT;".len();
+        let end = full
+            .find("COMMIT;")
+            .expect("example-signup.sql has a COMMIT")
+            + "COMMIT;".len();
         full[..end].to_string()
     });
-    sql.replace("'alice@example.com'", &format!("'{}'", email.replace('\'', "''")))
+    sql.replace(
+        "'alice@example.com'",
+        &format!("'{}'", email.replace('\'', "''")),
+    )
 }
 
 /// One request as the receiver saw it.
@@ -313,7 +373,10 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -339,7 +402,9 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    pub fn start(behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static) -> Receiver {
+    pub fn start(
+        behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Receiver {
         Receiver::start_on(0, behaviour)
     }
 
@@ -347,7 +412,10 @@ impl Receiver {
         Receiver::start(|_, _| Reply::Status(200))
     }
 
-    pub fn start_on(port: u16, behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static) -> Receiver {
+    pub fn start_on(
+        port: u16,
+        behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Receiver {
         let server = Arc::new(tiny_http::Server::http(("127.0.0.1", port)).unwrap());
         let port = server.server_addr().to_ip().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -381,9 +449,19 @@ impl Receiver {
                             let _ = request.respond(tiny_http::Response::empty(code));
                         }
                         Reply::StatusWith(code, header, value) => {
-                            let h = tiny_http::Header::from_bytes(header.as_bytes(), value.as_bytes()).unwrap();
-                            let body = if code >= 400 { "{\"message\":\"rejected by test receiver\"}" } else { "" };
-                            let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(code).with_header(h));
+                            let h =
+                                tiny_http::Header::from_bytes(header.as_bytes(), value.as_bytes())
+                                    .unwrap();
+                            let body = if code >= 400 {
+                                "{\"message\":\"rejected by test receiver\"}"
+                            } else {
+                                ""
+                            };
+                            let _ = request.respond(
+                                tiny_http::Response::from_string(body)
+                                    .with_status_code(code)
+                                    .with_header(h),
+                            );
                         }
                         Reply::Hang => {
                             std::thread::sleep(Duration::from_secs(120));
@@ -393,7 +471,12 @@ impl Receiver {
                 }
             });
         }
-        Receiver { port, url: format!("http://127.0.0.1:{port}/users"), requests, server }
+        Receiver {
+            port,
+            url: format!("http://127.0.0.1:{port}/users"),
+            requests,
+            server,
+        }
     }
 
     pub fn requests(&self) -> Vec<Received> {
