@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on Debian 12, as root or as a
+# sudo user. Idempotent: a second run installs nothing.
+set -euo pipefail
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3 curl ca-certificates build-essential)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "setup: installing Rust with rustup"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+
+# cargo-pgrx must be exactly the pgrx version in Cargo.toml.
+if ! cargo pgrx --version 2>/dev/null | grep -qx "cargo-pgrx 0.18.1"; then
+  echo "setup: installing cargo-pgrx 0.18.1 (takes a few minutes)"
+  cargo install cargo-pgrx --version 0.18.1 --locked
+fi
+
+if ! grep -qs '^pg15 = "/usr/bin/pg_config"' "$HOME/.pgrx/config.toml"; then
+  cargo pgrx init --pg15 /usr/bin/pg_config
+fi
