@@ -110,6 +110,8 @@ impl Worker {
             Err(problem) => self.report_problem(problem.clone()),
         }
         self.maybe_due = true;
+        // A new retention applies now, not at the next periodic purge.
+        self.next_purge = Instant::now();
     }
 
     fn report_problem(&mut self, problem: String) {

@@ -452,3 +452,48 @@ fn without_preload_create_extension_warns_and_status_says_why() {
         .get(0);
     assert_eq!(n, 1);
 }
+
+#[test]
+fn shutdown_waits_at_most_the_timeout_for_a_hanging_backend() {
+    let hanging = Receiver::start(|_, _| Reply::Hang);
+    let mut cluster = hooked(&hanging, &[("timeout_ms", "1500")]);
+    let id = cluster.signup("shutdown@example.com");
+    hanging.wait_for_requests(1, WITHIN);
+    let started = Instant::now();
+    cluster.stop();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500 + 2000),
+        "pg_ctl stop -m fast took {took:?}"
+    );
+
+    // The interrupted attempt was recorded (or handed back): the event is still pending.
+    let receiver = Receiver::ok();
+    cluster.start();
+    cluster.configure(&[("url", &receiver.url)]);
+    cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
+}
+
+#[test]
+fn delivered_events_are_deleted_after_the_retention() {
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver, &[]);
+    let id = cluster.signup("short-lived@example.com");
+    cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
+    let failed = Receiver::start(|_, _| Reply::Status(422));
+    cluster.configure(&[("url", &failed.url)]);
+    let kept = cluster.signup("kept-failed@example.com");
+    cluster.wait_for_event(&kept, "status = 'failed'", WITHIN);
+
+    cluster.configure(&[("retention", "0")]);
+    wait_for("the delivered event to be purged", WITHIN, || {
+        let n: i64 = cluster
+            .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'")
+            .get(0);
+        (n == 0).then_some(())
+    });
+    let failed_left: i64 = cluster
+        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'")
+        .get(0);
+    assert_eq!(failed_left, 1, "failed events are kept for redelivery");
+}
