@@ -42,15 +42,17 @@ BEGIN
             USING HINT = 'Use SELECT new_user_hook.install(''schema.table''), which creates the right trigger.';
     END IF;
     IF TG_TABLE_SCHEMA = 'auth' AND TG_TABLE_NAME = 'users' THEN
-        -- Allow-list: never the password hash, tokens or app metadata secrets.
+        -- The allow-list (request::ALLOWED_FIELDS): never the password hash, a token,
+        -- or app metadata beyond the provider names.
         SELECT jsonb_build_object(
                    'id', u.id, 'email', u.email, 'phone', u.phone, 'aud', u.aud, 'role', u.role,
-                   'created_at', u.created_at, 'confirmed_at', u.confirmed_at,
+                   'created_at', u.created_at, 'updated_at', u.updated_at, 'confirmed_at', u.confirmed_at,
                    'email_confirmed_at', u.email_confirmed_at, 'phone_confirmed_at', u.phone_confirmed_at,
+                   'last_sign_in_at', u.last_sign_in_at,
                    'is_anonymous', u.is_anonymous, 'is_sso_user', u.is_sso_user,
                    'raw_user_meta_data', u.raw_user_meta_data,
-                   'provider', u.raw_app_meta_data -> 'provider',
-                   'providers', u.raw_app_meta_data -> 'providers')
+                   'raw_app_meta_data', jsonb_build_object('provider', u.raw_app_meta_data -> 'provider',
+                                                           'providers', u.raw_app_meta_data -> 'providers'))
           INTO snapshot
           FROM auth.users AS u WHERE u.id = NEW.id;
     ELSE

@@ -20,6 +20,8 @@ pub struct Job {
     pub id: String,
     pub attempt: u32,
     pub record: String,
+    pub source: String,
+    pub created_at: String,
 }
 
 /// What happened to a job. `sent` is false when the pool stopped before sending it.
@@ -38,26 +40,39 @@ pub struct Channel {
 }
 
 impl Channel {
-    pub fn new(target: Target, timeout: Duration, concurrency: usize) -> Channel {
-        let agent = ureq::Agent::config_builder()
+    /// `ca_file`: extra CA certificates (PEM) to trust for https, besides the system's.
+    pub fn new(
+        target: Target,
+        timeout: Duration,
+        concurrency: usize,
+        ca_file: &str,
+    ) -> Result<Channel, String> {
+        let mut config = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .max_redirects(0)
             .http_status_as_error(false)
             .user_agent(request::USER_AGENT)
             .max_idle_connections(concurrency.max(1) * 2)
-            .max_idle_connections_per_host(concurrency.max(1) * 2)
-            .build()
-            .new_agent();
-        Channel {
-            target,
-            agent,
-            timeout,
+            .max_idle_connections_per_host(concurrency.max(1) * 2);
+        if !ca_file.is_empty() {
+            let roots = trusted_roots(ca_file)?;
+            config = config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
         }
+        Ok(Channel {
+            target,
+            agent: config.build().new_agent(),
+            timeout,
+        })
     }
 
     /// One POST; never panics, never blocks longer than the timeout.
     pub fn send(&self, job: &Job) -> Attempt {
-        let body = match request::body(&job.record) {
+        let event = request::Event {
+            record: &job.record,
+            source: &job.source,
+            created_at: &job.created_at,
+        };
+        let body = match request::body(&self.target, &event) {
             Ok(body) => body,
             Err(why) => return Attempt::Unsendable(why),
         };
@@ -66,7 +81,7 @@ impl Channel {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let mut req = self.agent.post(&self.target.url);
-        for (name, value) in request::headers(&self.target, &job.id, timestamp) {
+        for (name, value) in request::headers(&self.target, &job.id, timestamp, &body) {
             req = req.header(name, value);
         }
         match req.send(body.as_bytes()) {
@@ -106,6 +121,10 @@ impl Channel {
 
     fn describe(&self, error: ureq::Error) -> String {
         let url = request::redact_userinfo(&self.target.url);
+        let text = error.to_string();
+        if let Some(advice) = tls_advice(&text) {
+            return format!("TLS error talking to {url}: {advice} ({text})");
+        }
         match error {
             ureq::Error::Timeout(_) => format!(
                 "no answer from {url} within {} ms (pg_new_user_hook.timeout_ms)",
@@ -117,10 +136,62 @@ impl Channel {
                 format!("connection refused by {url}: is the backend running?")
             }
             ureq::Error::Io(e) => format!("network error talking to {url}: {e}"),
-            ureq::Error::Tls(e) => format!("TLS error talking to {url}: {e}"),
-            other => format!("request to {url} failed: {other}"),
+            _ => format!("request to {url} failed: {text}"),
         }
     }
+}
+
+/// Plain words for the certificate errors people actually hit.
+fn tls_advice(error: &str) -> Option<&'static str> {
+    if error.contains("UnknownIssuer") {
+        Some("the server's certificate is not signed by a trusted CA; if it comes from your own CA, set pg_new_user_hook.ca_file to that CA's PEM file")
+    } else if error.contains("NotValidForName") {
+        Some("the server's certificate is not valid for this host name; use the name the certificate was issued for in pg_new_user_hook.url")
+    } else if error.contains("Expired") {
+        Some("the server's certificate has expired")
+    } else if error.contains("invalid peer certificate")
+        || error.contains("rustls")
+        || error.contains("Tls")
+    {
+        Some("the TLS handshake failed")
+    } else {
+        None
+    }
+}
+
+/// The system's CA bundle (when present) plus the certificates in `ca_file`.
+fn trusted_roots(ca_file: &str) -> Result<ureq::tls::RootCerts, String> {
+    let mut certs = Vec::new();
+    let mut load = |path: &str, required: bool| -> Result<usize, String> {
+        let pem = match std::fs::read(path) {
+            Ok(pem) => pem,
+            Err(_) if !required => return Ok(0),
+            Err(e) => {
+                return Err(format!(
+                    "pg_new_user_hook.ca_file = '{path}' cannot be read: {e}"
+                ))
+            }
+        };
+        let before = certs.len();
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(cert)) => certs.push(cert.to_owned()),
+                Ok(_) => {}
+                Err(e) if required => {
+                    return Err(format!(
+                        "pg_new_user_hook.ca_file = '{path}' is not valid PEM: {e}"
+                    ))
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(certs.len() - before)
+    };
+    if load(ca_file, true)? == 0 {
+        return Err(format!("pg_new_user_hook.ca_file = '{ca_file}' contains no certificate (expected PEM, -----BEGIN CERTIFICATE-----)"));
+    }
+    load("/etc/ssl/certs/ca-certificates.crt", false)?;
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
 enum Message {
@@ -338,7 +409,22 @@ mod tests {
             id: "evt-1".into(),
             attempt: 1,
             record: r#"{"id":"u-1","email":"a@example.com"}"#.into(),
+            source: "auth.users".into(),
+            created_at: "2026-11-28T10:00:00+00:00".into(),
         }
+    }
+
+    fn channel(url: &str, key: &str, timeout: Duration) -> Channel {
+        let target = request::target(&request::Config {
+            url,
+            api_key: key,
+            api_key_header: "X-API-Key",
+            format: request::Format::Minimal,
+            fields: "",
+            signing_secret: "",
+        })
+        .unwrap();
+        Channel::new(target, timeout, 1, "").unwrap()
     }
 
     #[test]
@@ -346,8 +432,7 @@ mod tests {
         let (url, server) = serve(vec![
             "HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         ]);
-        let target = request::target(&url, "k", "X-API-Key").unwrap();
-        let channel = Channel::new(target, Duration::from_secs(5), 1);
+        let channel = channel(&url, "k", Duration::from_secs(5));
         let result = channel.send(&job());
         assert!(
             matches!(result, Attempt::Response { status: 201, .. }),
@@ -373,11 +458,7 @@ mod tests {
         let (url, server) = serve(vec![
             "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         ]);
-        let channel = Channel::new(
-            request::target(&url, "", "X").unwrap(),
-            Duration::from_secs(5),
-            1,
-        );
+        let channel = channel(&url, "", Duration::from_secs(5));
         match channel.send(&job()) {
             Attempt::Response {
                 status: 302,
@@ -397,11 +478,7 @@ mod tests {
             .unwrap()
             .port();
         let url = format!("http://127.0.0.1:{port}/users");
-        let channel = Channel::new(
-            request::target(&url, "", "X").unwrap(),
-            Duration::from_secs(5),
-            1,
-        );
+        let channel = channel(&url, "", Duration::from_secs(5));
         match channel.send(&job()) {
             Attempt::Transport(e) => assert!(e.contains("127.0.0.1"), "{e}"),
             other => panic!("{other:?}"),
@@ -412,11 +489,7 @@ mod tests {
     fn silent_server_times_out() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/users", listener.local_addr().unwrap());
-        let channel = Channel::new(
-            request::target(&url, "", "X").unwrap(),
-            Duration::from_millis(300),
-            1,
-        );
+        let channel = channel(&url, "", Duration::from_millis(300));
         let started = std::time::Instant::now();
         match channel.send(&job()) {
             Attempt::Transport(e) => assert!(e.contains("within 300 ms"), "{e}"),
@@ -434,18 +507,14 @@ mod tests {
             .unwrap()
             .port();
         let url = format!("http://127.0.0.1:{port}/users");
-        let channel = Arc::new(Channel::new(
-            request::target(&url, "", "X").unwrap(),
-            Duration::from_secs(2),
-            4,
-        ));
+        let channel = Arc::new(channel(&url, "", Duration::from_secs(2)));
         let mut pool = Pool::new(4).unwrap();
         for i in 0..20 {
             pool.submit(
                 Job {
                     id: format!("e{i}"),
-                    attempt: 1,
                     record: "{}".into(),
+                    ..job()
                 },
                 &channel,
             );
@@ -466,5 +535,18 @@ mod tests {
         pool.resize(1).unwrap();
         assert_eq!(pool.threads(), 1);
         assert!(pool.stop(Duration::from_secs(1)).is_empty());
+    }
+
+    #[test]
+    fn ca_file_problems_are_explained() {
+        let dir = std::env::temp_dir().join(format!("pg_new_user_hook-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        let err = trusted_roots(empty.to_str().unwrap()).err().unwrap();
+        assert!(err.contains("contains no certificate"), "{err}");
+        let err = trusted_roots("/nonexistent/ca.pem").err().unwrap();
+        assert!(err.contains("cannot be read"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -2,8 +2,9 @@
 //! All are reloadable (SIGHUP) except `database`, which picks the worker's connection.
 
 use crate::backoff::Policy;
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
-use std::ffi::CString;
+use crate::request::{self, Format};
+use pgrx::{pg_guard, pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::time::Duration;
 
 pub mod defaults {
@@ -26,12 +27,36 @@ pub mod defaults {
     }
 }
 
-static URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-static API_KEY_HEADER: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"X-API-Key"));
-static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// The settings that hold a secret (or name one); their values are hidden from logs.
+pub const SECRET_SETTINGS: &[&str] = &[
+    "pg_new_user_hook.api_key",
+    "pg_new_user_hook.signing_secret",
+];
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PayloadFormat {
+    #[name = c"minimal"]
+    Minimal,
+    #[name = c"fields"]
+    Fields,
+    #[name = c"supabase"]
+    Supabase,
+    #[name = c"standard"]
+    Standard,
+}
+
+type Text = GucSetting<Option<CString>>;
+static URL: Text = Text::new(None);
+static API_KEY: Text = Text::new(None);
+static API_KEY_SECRET: Text = Text::new(None);
+static API_KEY_HEADER: Text = Text::new(Some(c"X-API-Key"));
+static SIGNING_SECRET: Text = Text::new(None);
+static SIGNING_SECRET_NAME: Text = Text::new(None);
+static FIELDS: Text = Text::new(None);
+static CA_FILE: Text = Text::new(None);
+static DATABASE: Text = Text::new(Some(c"postgres"));
+static PAYLOAD_FORMAT: GucSetting<PayloadFormat> =
+    GucSetting::<PayloadFormat>::new(PayloadFormat::Minimal);
 static TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::TIMEOUT_MS);
 static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(defaults::CONCURRENCY);
 static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETRY_BASE_MS);
@@ -39,130 +64,292 @@ static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETRY_MA
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(defaults::MAX_ATTEMPTS);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETENTION_S);
 
-/// Defines the settings. `database` picks the worker's connection, so it exists
-/// only when the library is preloaded (Postgres refuses postmaster settings later).
-pub fn define(preloading: bool) {
-    GucRegistry::define_string_guc(
-        c"pg_new_user_hook.url",
-        c"URL that receives a POST for every new user.",
-        c"Empty: events are kept in the outbox until a URL is set.",
-        &URL,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"pg_new_user_hook.api_key",
-        c"API key sent with every request (in pg_new_user_hook.api_key_header).",
-        c"Readable by superusers only. Empty: no key header is sent.",
-        &API_KEY,
-        GucContext::Sighup,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
-    GucRegistry::define_string_guc(
-        c"pg_new_user_hook.api_key_header",
-        c"Name of the header carrying pg_new_user_hook.api_key.",
-        c"",
-        &API_KEY_HEADER,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    if preloading {
-        GucRegistry::define_string_guc(
-        c"pg_new_user_hook.database",
-        c"Database the delivery worker connects to (where CREATE EXTENSION pg_new_user_hook ran).",
-        c"",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+fn text(name: &'static CStr, short: &'static CStr, setting: &'static Text, flags: GucFlags) {
+    GucRegistry::define_string_guc(name, short, c"", setting, GucContext::Sighup, flags);
+}
+
+fn checked_text(
+    name: &'static CStr,
+    short: &'static CStr,
+    setting: &'static Text,
+    flags: GucFlags,
+    check: pg_sys::GucStringCheckHook,
+) {
+    // SAFETY: the hooks are #[pg_guard]ed.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            name,
+            short,
+            c"",
+            setting,
+            GucContext::Sighup,
+            flags,
+            check,
+            None,
+            None,
+        )
     }
+}
+
+fn int(
+    name: &'static CStr,
+    short: &'static CStr,
+    setting: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    flags: GucFlags,
+) {
     GucRegistry::define_int_guc(
-        c"pg_new_user_hook.timeout_ms",
-        c"Time limit for one delivery request, connection included.",
+        name,
+        short,
         c"",
-        &TIMEOUT_MS,
-        100,
-        300_000,
+        setting,
+        min,
+        max,
         GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
-        c"pg_new_user_hook.concurrency",
-        c"Number of delivery requests in flight at once.",
-        c"",
-        &CONCURRENCY,
-        1,
-        256,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"pg_new_user_hook.retry_base_ms",
-        c"Delay before the first retry; doubles with each attempt.",
-        c"",
-        &RETRY_BASE_MS,
-        10,
-        86_400_000,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
-        c"pg_new_user_hook.retry_max_ms",
-        c"Longest delay between two attempts.",
-        c"",
-        &RETRY_MAX_MS,
-        10,
-        86_400_000,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
-        c"pg_new_user_hook.max_attempts",
-        c"Attempts before an event is marked failed.",
-        c"The defaults retry for more than 24 hours.",
-        &MAX_ATTEMPTS,
-        1,
-        100_000,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"pg_new_user_hook.retention",
-        c"How long delivered events are kept before they are deleted.",
-        c"",
-        &RETENTION_S,
-        0,
-        i32::MAX,
-        GucContext::Sighup,
-        GucFlags::UNIT_S,
+        flags,
     );
 }
 
-fn string(setting: &GucSetting<Option<CString>>) -> String {
+/// Defines the settings. `database` picks the worker's connection, so it exists
+/// only when the library is preloaded (Postgres refuses postmaster settings later).
+pub fn define(preloading: bool) {
+    let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
+    text(
+        c"pg_new_user_hook.url",
+        c"URL that receives a POST for every new user; empty: events wait.",
+        &URL,
+        GucFlags::default(),
+    );
+    text(
+        c"pg_new_user_hook.api_key",
+        c"API key sent with every request (superusers only).",
+        &API_KEY,
+        secret,
+    );
+    text(
+        c"pg_new_user_hook.api_key_secret",
+        c"Name of a Supabase Vault secret holding the API key (instead of api_key).",
+        &API_KEY_SECRET,
+        GucFlags::default(),
+    );
+    text(
+        c"pg_new_user_hook.api_key_header",
+        c"Header carrying the API key.",
+        &API_KEY_HEADER,
+        GucFlags::default(),
+    );
+    checked_text(
+        c"pg_new_user_hook.signing_secret",
+        c"Standard Webhooks secret(s), whsec_<base64>, space-separated during a rotation (superusers only).",
+        &SIGNING_SECRET,
+        secret,
+        Some(check_signing_secret),
+    );
+    text(
+        c"pg_new_user_hook.signing_secret_name",
+        c"Name of a Supabase Vault secret holding the signing secret (instead of signing_secret).",
+        &SIGNING_SECRET_NAME,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_new_user_hook.payload_format",
+        c"Body of each request: minimal, fields, supabase or standard.",
+        c"",
+        &PAYLOAD_FORMAT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    checked_text(
+        c"pg_new_user_hook.fields",
+        c"Columns sent by the fields, supabase and standard formats; empty: all allowed columns.",
+        &FIELDS,
+        GucFlags::default(),
+        Some(check_fields),
+    );
+    text(
+        c"pg_new_user_hook.ca_file",
+        c"PEM file of CA certificates to trust for https:// URLs.",
+        &CA_FILE,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_new_user_hook.timeout_ms",
+        c"Time limit for one request, connection included.",
+        &TIMEOUT_MS,
+        100,
+        300_000,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"pg_new_user_hook.concurrency",
+        c"Requests in flight at once.",
+        &CONCURRENCY,
+        1,
+        256,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_new_user_hook.retry_base_ms",
+        c"Delay before the first retry; doubles per attempt.",
+        &RETRY_BASE_MS,
+        10,
+        86_400_000,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"pg_new_user_hook.retry_max_ms",
+        c"Longest delay between two attempts.",
+        &RETRY_MAX_MS,
+        10,
+        86_400_000,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"pg_new_user_hook.max_attempts",
+        c"Attempts before an event is marked failed.",
+        &MAX_ATTEMPTS,
+        1,
+        100_000,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_new_user_hook.retention",
+        c"How long delivered events are kept.",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucFlags::UNIT_S,
+    );
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"pg_new_user_hook.database",
+            c"Database the delivery worker connects to (where CREATE EXTENSION pg_new_user_hook ran).",
+            c"",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+}
+
+/// Rejects a bad value with our message (which, unlike Postgres' default one, does not echo the value).
+unsafe fn check_with(newval: *mut *mut c_char, check: impl Fn(&str) -> Result<(), String>) -> bool {
+    let value = unsafe { (*newval).as_ref() }
+        .map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned());
+    match check(value.as_deref().unwrap_or("")) {
+        Ok(()) => true,
+        Err(message) => {
+            let message = CString::new(message.replace('\0', "")).unwrap_or_default();
+            unsafe { pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(message.as_ptr()) };
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_fields(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_with(newval, |v| request::parse_fields(v).map(drop)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_signing_secret(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        check_with(newval, |v| {
+            crate::sign::parse(v, "signing_secret").map(drop)
+        })
+    }
+}
+
+fn string(setting: &Text) -> String {
     setting
         .get()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
+/// Where a secret comes from: the setting itself, or a Vault secret's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    None,
+    Value(String),
+    Vault(String),
+}
+
+fn secret_source(
+    value: &Text,
+    value_name: &str,
+    vault: &Text,
+    vault_name: &str,
+) -> Result<SecretSource, String> {
+    match (string(value), string(vault).trim().to_string()) {
+        (v, n) if !v.is_empty() && !n.is_empty() => {
+            Err(format!("set either {value_name} or {vault_name}, not both"))
+        }
+        (v, _) if !v.is_empty() => Ok(SecretSource::Value(v)),
+        (_, n) if !n.is_empty() => Ok(SecretSource::Vault(n)),
+        _ => Ok(SecretSource::None),
+    }
+}
+
 /// The settings as they are now in this process. Only on the main thread.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Settings {
     pub url: String,
-    pub api_key: String,
+    pub api_key: Result<SecretSource, String>,
     pub api_key_header: String,
+    pub signing_secret: Result<SecretSource, String>,
+    pub format: Format,
+    pub fields: String,
+    pub ca_file: String,
     pub timeout: Duration,
     pub concurrency: usize,
     pub retry: Policy,
     pub retention: Duration,
 }
 
+// Secrets stay out of debug output.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("url", &request::redact_userinfo(&self.url))
+            .finish_non_exhaustive()
+    }
+}
+
 impl Settings {
     pub fn read() -> Settings {
         Settings {
             url: string(&URL),
-            api_key: string(&API_KEY),
+            api_key: secret_source(
+                &API_KEY,
+                "pg_new_user_hook.api_key",
+                &API_KEY_SECRET,
+                "pg_new_user_hook.api_key_secret",
+            ),
             api_key_header: string(&API_KEY_HEADER),
+            signing_secret: secret_source(
+                &SIGNING_SECRET,
+                "pg_new_user_hook.signing_secret",
+                &SIGNING_SECRET_NAME,
+                "pg_new_user_hook.signing_secret_name",
+            ),
+            format: match PAYLOAD_FORMAT.get() {
+                PayloadFormat::Minimal => Format::Minimal,
+                PayloadFormat::Fields => Format::Fields,
+                PayloadFormat::Supabase => Format::Supabase,
+                PayloadFormat::Standard => Format::Standard,
+            },
+            fields: string(&FIELDS),
+            ca_file: string(&CA_FILE).trim().to_string(),
             timeout: Duration::from_millis(TIMEOUT_MS.get() as u64),
             concurrency: CONCURRENCY.get() as usize,
             retry: Policy {
@@ -174,9 +361,36 @@ impl Settings {
         }
     }
 
-    /// Where to deliver, or why delivery is paused.
-    pub fn target(&self) -> Result<crate::request::Target, String> {
-        crate::request::target(&self.url, &self.api_key, &self.api_key_header)
+    /// Where to deliver, or why delivery is paused, given the secrets' values.
+    pub fn target(&self, api_key: &str, signing_secret: &str) -> Result<request::Target, String> {
+        request::target(&request::Config {
+            url: &self.url,
+            api_key,
+            api_key_header: &self.api_key_header,
+            format: self.format,
+            fields: &self.fields,
+            signing_secret,
+        })
+    }
+
+    /// The problems visible from the settings alone (no Vault look-up): what a
+    /// backend can report without the worker.
+    pub fn problem(&self) -> Option<String> {
+        let placeholder = |s: &Result<SecretSource, String>| match s {
+            Err(e) => Err(e.clone()),
+            Ok(SecretSource::Value(v)) => Ok(v.clone()),
+            // A Vault secret's value is checked by the worker.
+            Ok(_) => Ok(String::new()),
+        };
+        let api_key = match placeholder(&self.api_key) {
+            Ok(v) => v,
+            Err(e) => return Some(e),
+        };
+        let signing = match placeholder(&self.signing_secret) {
+            Ok(v) => v,
+            Err(e) => return Some(e),
+        };
+        self.target(&api_key, &signing).err()
     }
 }
 

@@ -12,7 +12,10 @@ mod classify;
 mod delivery;
 mod guc;
 mod outbox;
+mod redact;
 mod request;
+mod shared;
+mod sign;
 mod wake;
 mod worker;
 
@@ -24,8 +27,9 @@ pgrx::extension_sql_file!("../sql/outbox.sql", name = "outbox", finalize);
 pub extern "C-unwind" fn _PG_init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     guc::define(preloading);
+    redact::install();
     if preloading {
-        wake::init_shared_memory();
+        shared::init();
         worker::register();
     }
 }
@@ -33,14 +37,15 @@ pub extern "C-unwind" fn _PG_init() {
 /// Whether the library was loaded through shared_preload_libraries (required for delivery).
 #[pg_extern(stable, parallel_safe)]
 fn preloaded() -> bool {
-    wake::preloaded()
+    shared::preloaded()
 }
 
-/// Why delivery is paused by configuration, or NULL when the settings are usable.
-/// Checks the same way the worker does; never reveals the API key.
+/// Why delivery is paused by configuration, or NULL when all is usable: what the
+/// settings show at once, else what the worker reported (e.g. a missing Vault
+/// secret). Never reveals a secret.
 #[pg_extern(stable, parallel_safe)]
 fn config_problem() -> Option<String> {
-    if !wake::preloaded() {
+    if !shared::preloaded() {
         return Some(
             "pg_new_user_hook is not in shared_preload_libraries, so no worker delivers events: \
              add it (ALTER SYSTEM SET shared_preload_libraries = '...,pg_new_user_hook') and restart PostgreSQL; \
@@ -48,7 +53,9 @@ fn config_problem() -> Option<String> {
                 .to_string(),
         );
     }
-    guc::Settings::read().target().err()
+    guc::Settings::read()
+        .problem()
+        .or_else(shared::worker_problem)
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -11,6 +11,9 @@ pub struct Claimed {
     pub id: String,
     pub attempt: u32,
     pub record: String,
+    pub source: String,
+    /// RFC 3339.
+    pub created_at: String,
 }
 
 /// Whether the extension's objects exist in this database.
@@ -53,7 +56,7 @@ pub fn claim(limit: usize) -> Vec<Claimed> {
                  UPDATE new_user_hook.outbox AS o
                  SET attempts = o.attempts + 1, claimed_at = now()
                  FROM due WHERE o.id = due.id
-                 RETURNING o.id::text, o.attempts, o.record::text",
+                 RETURNING o.id::text, o.attempts, o.record::text, o.source, to_json(o.created_at) #>> '{}'",
                 None,
                 &args,
             )
@@ -62,6 +65,8 @@ pub fn claim(limit: usize) -> Vec<Claimed> {
                 id: row.get::<String>(1).ok().flatten().unwrap_or_default(),
                 attempt: row.get::<i32>(2).ok().flatten().unwrap_or(1) as u32,
                 record: row.get::<String>(3).ok().flatten().unwrap_or_default(),
+                source: row.get::<String>(4).ok().flatten().unwrap_or_default(),
+                created_at: row.get::<String>(5).ok().flatten().unwrap_or_default(),
             })
             .collect()
     })
@@ -164,4 +169,33 @@ pub fn purge_delivered(retention: Duration) -> i64 {
     )
     .expect("purging delivered events")
     .unwrap_or(0)
+}
+
+/// The value of a Supabase Vault secret (`vault.decrypted_secrets`, by name).
+/// `setting` names the setting that points at it, for the message.
+pub fn vault_secret(name: &str, setting: &str) -> Result<String, String> {
+    let vault = Spi::get_one::<bool>("SELECT to_regclass('vault.decrypted_secrets') IS NOT NULL")
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if !vault {
+        return Err(format!(
+            "{setting} = '{name}' names a Supabase Vault secret, but this database has no vault.decrypted_secrets: \
+             CREATE EXTENSION supabase_vault (and store the secret with vault.create_secret), or set the value directly"
+        ));
+    }
+    let args: [DatumWithOid; 1] = [name.into()];
+    match Spi::get_one_with_args::<String>(
+        "SELECT (SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = $1 LIMIT 1)",
+        &args,
+    ) {
+        Ok(Some(value)) if !value.is_empty() => Ok(value),
+        Ok(_) => Err(format!(
+            "{setting} = '{name}': Supabase Vault has no secret of that name (or it is empty); \
+             create it with SELECT vault.create_secret('<value>', '{name}')"
+        )),
+        Err(e) => Err(format!(
+            "{setting} = '{name}': reading the Vault secret failed: {e}"
+        )),
+    }
 }

@@ -1,51 +1,134 @@
 //! Turns an outbox event into the HTTP request sent to the backend. Pure: no I/O.
 
+use crate::sign::{self, Keys};
 use serde_json::{Map, Value};
 
 pub const USER_AGENT: &str = concat!("pg_new_user_hook/", env!("CARGO_PKG_VERSION"));
 
-/// Where and how to send, checked once per configuration change.
+/// What the body looks like (`pg_new_user_hook.payload_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `{"id", "email"}`
+    Minimal,
+    /// The columns named in `pg_new_user_hook.fields`.
+    Fields,
+    /// Supabase Database Webhooks: `{"type": "INSERT", "table", "schema", "record", "old_record": null}`.
+    Supabase,
+    /// Standard Webhooks: `{"type": "user.created", "timestamp", "data"}`.
+    Standard,
+}
+
+/// The columns of auth.users that may ever leave the database. The trigger stores
+/// only these (`raw_app_meta_data` reduced to `provider` and `providers`).
+pub const ALLOWED_FIELDS: &[&str] = &[
+    "id",
+    "email",
+    "phone",
+    "aud",
+    "role",
+    "created_at",
+    "updated_at",
+    "confirmed_at",
+    "email_confirmed_at",
+    "phone_confirmed_at",
+    "last_sign_in_at",
+    "is_anonymous",
+    "is_sso_user",
+    "raw_user_meta_data",
+    "raw_app_meta_data",
+];
+
+/// Parses `pg_new_user_hook.fields`: comma-separated names from [`ALLOWED_FIELDS`];
+/// empty means all of them. Credentials are refused by name, with the reason.
+pub fn parse_fields(list: &str) -> Result<Vec<String>, String> {
+    let mut fields = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let lower = name.to_ascii_lowercase();
+        if lower == "encrypted_password" || lower.contains("token") || lower.contains("secret") {
+            return Err(format!(
+                "pg_new_user_hook.fields: \"{name}\" is a credential and is never sent; allowed: {}",
+                ALLOWED_FIELDS.join(", ")
+            ));
+        }
+        if !ALLOWED_FIELDS.contains(&lower.as_str()) {
+            return Err(format!(
+                "pg_new_user_hook.fields: \"{name}\" is not a field that can be sent; allowed: {}",
+                ALLOWED_FIELDS.join(", ")
+            ));
+        }
+        if !fields.contains(&lower) {
+            fields.push(lower);
+        }
+    }
+    if fields.is_empty() {
+        fields = ALLOWED_FIELDS.iter().map(|f| f.to_string()).collect();
+    }
+    Ok(fields)
+}
+
+/// The delivery settings as the sending threads need them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub url: String,
     /// (header name, value) carrying the API key, when one is configured.
     pub api_key: Option<(String, String)>,
+    pub format: Format,
+    pub fields: Vec<String>,
+    pub signing: Keys,
+}
+
+/// Settings as read, before checking.
+pub struct Config<'a> {
+    pub url: &'a str,
+    pub api_key: &'a str,
+    pub api_key_header: &'a str,
+    pub format: Format,
+    pub fields: &'a str,
+    pub signing_secret: &'a str,
 }
 
 /// Checks the delivery settings. The error says what is wrong and how to fix it;
-/// it never contains the API key.
-pub fn target(url: &str, api_key: &str, api_key_header: &str) -> Result<Target, String> {
-    let url = url.trim();
+/// it never contains a secret.
+pub fn target(config: &Config) -> Result<Target, String> {
+    let url = config.url.trim();
     if url.is_empty() {
         return Err("pg_new_user_hook.url is not set: new users are queued and will be delivered once it is \
              (ALTER SYSTEM SET pg_new_user_hook.url = 'https://api.example.com/users'; SELECT pg_reload_conf();)"
             .to_string());
     }
     validate_url(url).map_err(|why| {
-        format!("pg_new_user_hook.url = '{}' is not a valid URL: {why}; new users are queued until it is fixed", redact_userinfo(url))
+        format!(
+            "pg_new_user_hook.url = '{}' is not a valid URL: {why}; new users are queued until it is fixed",
+            redact_userinfo(url)
+        )
     })?;
-    let api_key = if api_key.is_empty() {
+    let api_key = if config.api_key.is_empty() {
         None
     } else {
-        let name = api_key_header.trim();
+        let name = config.api_key_header.trim();
         if ureq::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(format!(
                 "pg_new_user_hook.api_key_header = '{}' is not a valid HTTP header name (e.g. X-API-Key)",
                 excerpt_ascii(name)
             ));
         }
-        if ureq::http::HeaderValue::from_str(api_key).is_err() {
+        if ureq::http::HeaderValue::from_str(config.api_key).is_err() {
             return Err(
-                "pg_new_user_hook.api_key contains characters not allowed in an HTTP header \
+                "the API key contains characters not allowed in an HTTP header \
                  (control characters or non-ASCII); set it to the plain key"
                     .to_string(),
             );
         }
-        Some((name.to_string(), api_key.to_string()))
+        Some((name.to_string(), config.api_key.to_string()))
     };
+    let fields = parse_fields(config.fields)?;
+    let signing = sign::parse(config.signing_secret, "the signing secret")?;
     Ok(Target {
         url: url.to_string(),
         api_key,
+        format: config.format,
+        fields,
+        signing,
     })
 }
 
@@ -98,32 +181,80 @@ fn excerpt_ascii(s: &str) -> String {
         .collect()
 }
 
-/// The JSON body for an event, from the snapshot the trigger stored:
-/// `{"id": "<uuid>", "email": "<email>" | null}`.
-pub fn body(record: &str) -> Result<String, String> {
-    let record: Value =
-        serde_json::from_str(record).map_err(|e| format!("stored event is not valid JSON: {e}"))?;
-    let id = record.get("id").cloned().unwrap_or(Value::Null);
-    if !id.is_string() {
+/// An event as claimed from the outbox.
+pub struct Event<'a> {
+    /// The allow-listed snapshot the trigger stored (JSON).
+    pub record: &'a str,
+    /// `schema.table` the user was inserted into.
+    pub source: &'a str,
+    /// When the signup committed, RFC 3339.
+    pub created_at: &'a str,
+}
+
+/// The JSON body for an event, in the configured format.
+pub fn body(target: &Target, event: &Event) -> Result<String, String> {
+    let record: Value = serde_json::from_str(event.record)
+        .map_err(|e| format!("stored event is not valid JSON: {e}"))?;
+    let Value::Object(record) = record else {
+        return Err("stored event is not a JSON object".into());
+    };
+    if !record.get("id").is_some_and(Value::is_string) {
         return Err("stored event has no user id".into());
     }
-    let mut out = Map::new();
-    out.insert("id".into(), id);
-    out.insert(
-        "email".into(),
-        record.get("email").cloned().unwrap_or(Value::Null),
-    );
-    Ok(Value::Object(out).to_string())
+    let pick = |names: &[String]| -> Value {
+        let mut out = Map::new();
+        for name in names {
+            out.insert(
+                name.clone(),
+                record.get(name).cloned().unwrap_or(Value::Null),
+            );
+        }
+        Value::Object(out)
+    };
+    let body = match target.format {
+        Format::Minimal => pick(&["id".to_string(), "email".to_string()]),
+        Format::Fields => pick(&target.fields),
+        Format::Supabase => {
+            let (schema, table) = event
+                .source
+                .split_once('.')
+                .unwrap_or(("auth", event.source));
+            serde_json::json!({
+                "type": "INSERT",
+                "table": table.trim_matches('"'),
+                "schema": schema.trim_matches('"'),
+                "record": pick(&target.fields),
+                "old_record": null,
+            })
+        }
+        Format::Standard => serde_json::json!({
+            "type": "user.created",
+            "timestamp": event.created_at,
+            "data": pick(&target.fields),
+        }),
+    };
+    Ok(body.to_string())
 }
 
 /// All request headers except those ureq sets itself (Content-Length, Host).
-pub fn headers(target: &Target, event_id: &str, timestamp: u64) -> Vec<(String, String)> {
+pub fn headers(
+    target: &Target,
+    event_id: &str,
+    timestamp: u64,
+    body: &str,
+) -> Vec<(String, String)> {
     let mut headers = vec![
         ("Content-Type".to_string(), "application/json".to_string()),
         ("User-Agent".to_string(), USER_AGENT.to_string()),
         ("webhook-id".to_string(), event_id.to_string()),
         ("webhook-timestamp".to_string(), timestamp.to_string()),
     ];
+    if !target.signing.is_empty() {
+        headers.push((
+            "webhook-signature".to_string(),
+            target.signing.signature(event_id, timestamp, body),
+        ));
+    }
     if let Some((name, value)) = &target.api_key {
         headers.push((name.clone(), value.clone()));
     }
@@ -134,10 +265,46 @@ pub fn headers(target: &Target, event_id: &str, timestamp: u64) -> Vec<(String, 
 mod tests {
     use super::*;
 
+    const URL: &str = "http://127.0.0.1:3000/users";
+    const RECORD: &str = r#"{"id":"8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80","email":"a@example.com","phone":null,
+        "role":"authenticated","created_at":"2026-11-28T10:00:00+00:00","raw_user_meta_data":{"name":"A"},
+        "raw_app_meta_data":{"provider":"email","providers":["email"]},"is_anonymous":false}"#;
+
+    fn config(url: &str) -> Config<'_> {
+        Config {
+            url,
+            api_key: "",
+            api_key_header: "X-API-Key",
+            format: Format::Minimal,
+            fields: "",
+            signing_secret: "",
+        }
+    }
+
+    fn target_with(format: Format, fields: &str) -> Target {
+        target(&Config {
+            format,
+            fields,
+            ..config(URL)
+        })
+        .unwrap()
+    }
+
+    fn event(record: &str) -> Event<'_> {
+        Event {
+            record,
+            source: "auth.users",
+            created_at: "2026-11-28T10:00:00.5+00:00",
+        }
+    }
+
+    fn body_json(target: &Target, record: &str) -> Value {
+        serde_json::from_str(&body(target, &event(record)).unwrap()).unwrap()
+    }
+
     #[test]
-    fn body_has_id_and_email_only() {
-        let record = r#"{"id":"8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80","email":"a@example.com","phone":null,"role":"authenticated"}"#;
-        let body: Value = serde_json::from_str(&body(record).unwrap()).unwrap();
+    fn minimal_body_has_id_and_email_only() {
+        let body = body_json(&target_with(Format::Minimal, ""), RECORD);
         assert_eq!(
             body,
             serde_json::json!({"id": "8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80", "email": "a@example.com"})
@@ -146,73 +313,191 @@ mod tests {
 
     #[test]
     fn phone_users_have_null_email() {
-        let body: Value =
-            serde_json::from_str(&body(r#"{"id":"x","email":null}"#).unwrap()).unwrap();
-        assert_eq!(body["email"], Value::Null);
-        let body: Value = serde_json::from_str(&body_of(r#"{"id":"x"}"#)).unwrap();
-        assert_eq!(body["email"], Value::Null);
-    }
-
-    fn body_of(record: &str) -> String {
-        body(record).unwrap()
+        let t = target_with(Format::Minimal, "");
+        assert_eq!(
+            body_json(&t, r#"{"id":"x","email":null}"#)["email"],
+            Value::Null
+        );
+        assert_eq!(body_json(&t, r#"{"id":"x"}"#)["email"], Value::Null);
     }
 
     #[test]
     fn unusual_emails_survive_json_escaping() {
         let email = "Zoë \"quoted\" \\ back@例え.jp";
         let record = serde_json::json!({"id": "x", "email": email}).to_string();
-        let body: Value = serde_json::from_str(&body_of(&record)).unwrap();
-        assert_eq!(body["email"], email);
+        assert_eq!(
+            body_json(&target_with(Format::Minimal, ""), &record)["email"],
+            email
+        );
+    }
+
+    #[test]
+    fn fields_format_sends_the_named_columns() {
+        let t = target_with(
+            Format::Fields,
+            "id, email, created_at, raw_user_meta_data, is_anonymous, phone",
+        );
+        assert_eq!(
+            body_json(&t, RECORD),
+            serde_json::json!({"id": "8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80", "email": "a@example.com",
+                "created_at": "2026-11-28T10:00:00+00:00", "raw_user_meta_data": {"name": "A"},
+                "is_anonymous": false, "phone": null})
+        );
+    }
+
+    #[test]
+    fn supabase_format_matches_database_webhooks() {
+        let body = body_json(&target_with(Format::Supabase, "id, email"), RECORD);
+        assert_eq!(
+            body,
+            serde_json::json!({"type": "INSERT", "table": "users", "schema": "auth",
+                "record": {"id": "8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80", "email": "a@example.com"},
+                "old_record": null})
+        );
+    }
+
+    #[test]
+    fn standard_format_is_a_standard_webhooks_envelope() {
+        let body = body_json(&target_with(Format::Standard, "id,email"), RECORD);
+        assert_eq!(body["type"], "user.created");
+        assert_eq!(body["timestamp"], "2026-11-28T10:00:00.5+00:00");
+        assert_eq!(
+            body["data"],
+            serde_json::json!({"id": "8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80", "email": "a@example.com"})
+        );
+    }
+
+    #[test]
+    fn empty_fields_means_every_allowed_field() {
+        let t = target_with(Format::Supabase, "");
+        let record = body_json(&t, RECORD)["record"].clone();
+        let keys: Vec<&str> = record
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut allowed = ALLOWED_FIELDS.to_vec();
+        allowed.sort();
+        assert_eq!(keys, allowed);
+    }
+
+    #[test]
+    fn credentials_can_never_be_asked_for() {
+        for name in [
+            "encrypted_password",
+            "confirmation_token",
+            "recovery_token",
+            "email_change_token_new",
+            "phone_change_token",
+            "reauthentication_token",
+            "email_change_token_current",
+        ] {
+            let err = parse_fields(&format!("id, {name}")).unwrap_err();
+            assert!(
+                err.contains("is a credential and is never sent"),
+                "{name}: {err}"
+            );
+        }
+        let err = parse_fields("id, favourite_colour").unwrap_err();
+        assert!(
+            err.contains("not a field that can be sent") && err.contains("allowed: id, email"),
+            "{err}"
+        );
+        assert_eq!(
+            parse_fields(" Email ,id,email").unwrap(),
+            vec!["email", "id"]
+        );
+    }
+
+    #[test]
+    fn only_allowed_fields_leave_even_if_the_record_has_more() {
+        let record =
+            r#"{"id":"x","email":"e","encrypted_password":"SECRET","recovery_token":"SECRET"}"#;
+        for format in [
+            Format::Minimal,
+            Format::Fields,
+            Format::Supabase,
+            Format::Standard,
+        ] {
+            let body = body(&target_with(format, ""), &event(record)).unwrap();
+            assert!(!body.contains("SECRET"), "{format:?}: {body}");
+        }
     }
 
     #[test]
     fn broken_records_are_reported() {
-        assert!(body("not json").unwrap_err().contains("not valid JSON"));
-        assert!(body(r#"{"email":"a@b"}"#)
+        let t = target_with(Format::Minimal, "");
+        assert!(body(&t, &event("not json"))
+            .unwrap_err()
+            .contains("not valid JSON"));
+        assert!(body(&t, &event(r#"{"email":"a@b"}"#))
             .unwrap_err()
             .contains("no user id"));
     }
 
     #[test]
-    fn headers_carry_event_id_timestamp_and_key() {
-        let t = target("http://127.0.0.1:3000/users", "s3cret", "X-API-Key").unwrap();
-        let h = headers(&t, "evt-1", 1_700_000_000);
+    fn headers_carry_event_id_timestamp_key_and_signature() {
+        let t = target(&Config {
+            api_key: "s3cret",
+            signing_secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ..config(URL)
+        })
+        .unwrap();
+        let h = headers(
+            &t,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            r#"{"test": 2432232314}"#,
+        );
         let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("Content-Type"), Some("application/json"));
         assert_eq!(get("User-Agent"), Some(USER_AGENT));
-        assert_eq!(get("webhook-id"), Some("evt-1"));
-        assert_eq!(get("webhook-timestamp"), Some("1700000000"));
+        assert_eq!(get("webhook-id"), Some("msg_p5jXN8AQM9LWM0D4loKWxJek"));
+        assert_eq!(get("webhook-timestamp"), Some("1614265330"));
+        assert_eq!(
+            get("webhook-signature"),
+            Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
+        );
         assert_eq!(get("X-API-Key"), Some("s3cret"));
         assert!(USER_AGENT.starts_with("pg_new_user_hook/"));
     }
 
     #[test]
-    fn no_key_header_without_a_key() {
-        let t = target("http://127.0.0.1/users", "", "X-API-Key").unwrap();
-        assert!(headers(&t, "e", 1).iter().all(|(k, _)| k != "X-API-Key"));
+    fn no_key_or_signature_headers_unless_configured() {
+        let t = target(&config(URL)).unwrap();
+        let h = headers(&t, "e", 1, "{}");
+        assert!(h
+            .iter()
+            .all(|(k, _)| k != "X-API-Key" && k != "webhook-signature"));
     }
 
     #[test]
     fn custom_key_header() {
-        let t = target("https://api.example.com/users", "k", "Authorization").unwrap();
+        let t = target(&Config {
+            api_key: "k",
+            api_key_header: "Authorization",
+            ..config(URL)
+        })
+        .unwrap();
         assert_eq!(t.api_key, Some(("Authorization".into(), "k".into())));
     }
 
     #[test]
     fn empty_url_says_events_wait() {
-        let err = target("  ", "", "X-API-Key").unwrap_err();
+        let err = target(&config("  ")).unwrap_err();
         assert!(err.contains("not set") && err.contains("queued"), "{err}");
     }
 
     #[test]
     fn malformed_urls_are_explained() {
         for (url, why) in [
-            ("localhost:3000/users", "scheme"),
+            ("localhost:3000/users", "no scheme"),
             ("ftp://example.com/users", "scheme 'ftp'"),
             ("http://", "not a valid URL"),
             ("http://exa mple.com/", "not a valid URL"),
         ] {
-            let err = target(url, "", "X-API-Key").unwrap_err();
+            let err = target(&config(url)).unwrap_err();
             assert!(err.contains(why), "{url}: {err}");
             assert!(err.contains("pg_new_user_hook.url"), "{url}: {err}");
         }
@@ -220,12 +505,30 @@ mod tests {
 
     #[test]
     fn errors_never_contain_credentials() {
-        let err = target("gopher://user:hunter2@example.com/", "s3cret", "X-API-Key").unwrap_err();
-        assert!(!err.contains("hunter2") && !err.contains("s3cret"), "{err}");
-        let err = target("http://127.0.0.1/", "bad\nkey", "X-API-Key").unwrap_err();
+        let err = target(&config("gopher://user:hunter2@example.com/")).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = target(&Config {
+            api_key: "bad\nkey",
+            ..config(URL)
+        })
+        .unwrap_err();
         assert!(!err.contains("bad\nkey"), "{err}");
-        let err = target("http://127.0.0.1/", "k", "X API Key").unwrap_err();
+        let err = target(&Config {
+            api_key: "k",
+            api_key_header: "X API Key",
+            ..config(URL)
+        })
+        .unwrap_err();
         assert!(err.contains("api_key_header"), "{err}");
+        let err = target(&Config {
+            signing_secret: "whsec_%%hunter2%%",
+            ..config(URL)
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("signing secret") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use crate::backoff::random_jitter;
 use crate::classify::{self, Decision};
 use crate::delivery::{Channel, Job, Outcome, Pool};
-use crate::guc::{self, Settings};
-use crate::{outbox, request, wake};
+use crate::guc::{self, SecretSource, Settings};
+use crate::{outbox, request, shared};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
@@ -37,21 +37,35 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    wake::register_worker(Some(unsafe { (*pg_sys::MyProc).pgprocno }));
+    shared::set_worker_procno(Some(unsafe { (*pg_sys::MyProc).pgprocno }));
     log!("pg_new_user_hook: delivery worker started for database \"{database}\"");
 
     let mut worker = Worker::new();
     worker.run();
 
-    wake::register_worker(None);
+    shared::set_worker_procno(None);
+    shared::set_worker_problem(None);
     log!("pg_new_user_hook: delivery worker stopped");
     // Exit code 1 makes the postmaster start the worker again if only the worker
     // was terminated (pg_terminate_backend); during shutdown it is not restarted.
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// How often secrets stored in Supabase Vault are read again (a rotation needs no reload).
+const SECRET_REFRESH: Duration = Duration::from_secs(10);
+
+/// Secret values, resolved from the settings or from Vault.
+#[derive(Clone, PartialEq, Eq)]
+struct Secrets {
+    api_key: String,
+    signing_secret: String,
+}
+
 struct Worker {
     settings: Settings,
+    /// Resolved secrets, or why they cannot be had.
+    secrets: Result<Secrets, String>,
+    next_secret_refresh: Instant,
     /// Where to send, or why delivery is paused (configuration problem).
     channel: Result<Arc<Channel>, String>,
     pool: Pool,
@@ -60,8 +74,8 @@ struct Worker {
     maybe_due: bool,
     next_due: Option<Instant>,
     next_purge: Instant,
-    /// Last problem logged, so each is logged once rather than every cycle.
-    logged_problem: Option<String>,
+    /// The problem reported last (log and status view), so each is reported once.
+    problem: Option<String>,
     backend_failing: bool,
 }
 
@@ -70,14 +84,16 @@ impl Worker {
         let settings = Settings::read();
         let pool = Pool::new(settings.concurrency).expect("starting delivery threads");
         let mut worker = Worker {
-            channel: Err(String::new()),
             settings,
+            secrets: Err(String::new()),
+            next_secret_refresh: Instant::now(),
+            channel: Err(String::new()),
             pool,
             installed: false,
             maybe_due: true,
             next_due: None,
             next_purge: Instant::now(),
-            logged_problem: None,
+            problem: None,
             backend_failing: false,
         };
         worker.configure();
@@ -88,37 +104,93 @@ impl Worker {
         (self.settings.concurrency * 32).clamp(64, 2048)
     }
 
-    /// Applies the current settings: a new HTTP agent, the thread count.
+    /// Applies the current settings: secrets, HTTP agent, thread count.
     fn configure(&mut self) {
-        let s = &self.settings;
-        self.channel = s
-            .target()
-            .map(|target| Arc::new(Channel::new(target, s.timeout, s.concurrency)));
-        if let Err(e) = self.pool.resize(s.concurrency) {
+        if let Err(e) = self.pool.resize(self.settings.concurrency) {
             warning!("pg_new_user_hook: could not start delivery threads: {e}");
         }
-        match &self.channel {
-            Ok(channel) => {
-                self.logged_problem = None;
-                if self.installed {
-                    log!(
-                        "pg_new_user_hook: delivering to {}",
-                        request::redact_userinfo(&channel.target.url)
-                    );
-                }
-            }
-            Err(problem) => self.report_problem(problem.clone()),
-        }
+        self.next_secret_refresh = Instant::now();
+        self.refresh_secrets(true);
         self.maybe_due = true;
         // A new retention applies now, not at the next periodic purge.
         self.next_purge = Instant::now();
     }
 
-    fn report_problem(&mut self, problem: String) {
-        if self.logged_problem.as_ref() != Some(&problem) {
-            warning!("pg_new_user_hook: {problem}");
-            self.logged_problem = Some(problem);
+    /// Reads the secrets (from Vault when configured so) and rebuilds the HTTP
+    /// channel if they changed, or always when `settings_changed`.
+    fn refresh_secrets(&mut self, settings_changed: bool) {
+        if Instant::now() < self.next_secret_refresh {
+            return;
         }
+        self.next_secret_refresh = Instant::now() + SECRET_REFRESH;
+        let api_key = self.settings.api_key.clone();
+        let signing = self.settings.signing_secret.clone();
+        let uses_vault = [&api_key, &signing]
+            .iter()
+            .any(|s| matches!(s, Ok(SecretSource::Vault(_))));
+        let resolve = move || -> Result<Secrets, String> {
+            let value = |source: &Result<SecretSource, String>, setting: &str| match source {
+                Err(e) => Err(e.clone()),
+                Ok(SecretSource::None) => Ok(String::new()),
+                Ok(SecretSource::Value(v)) => Ok(v.clone()),
+                Ok(SecretSource::Vault(name)) => outbox::vault_secret(name, setting),
+            };
+            Ok(Secrets {
+                api_key: value(&api_key, "pg_new_user_hook.api_key_secret")?,
+                signing_secret: value(&signing, "pg_new_user_hook.signing_secret_name")?,
+            })
+        };
+        let secrets = if uses_vault {
+            BackgroundWorker::transaction(resolve)
+        } else {
+            resolve()
+        };
+        if settings_changed || self.secrets != secrets {
+            self.secrets = secrets;
+            self.rebuild_channel();
+        }
+    }
+
+    fn rebuild_channel(&mut self) {
+        let s = &self.settings;
+        self.channel = self.secrets.clone().and_then(|secrets| {
+            let target = s.target(&secrets.api_key, &secrets.signing_secret)?;
+            Ok(Arc::new(Channel::new(
+                target,
+                s.timeout,
+                s.concurrency,
+                &s.ca_file,
+            )?))
+        });
+        self.report();
+    }
+
+    /// Logs and publishes (for new_user_hook.status) what stops delivery, once per change.
+    fn report(&mut self) {
+        let problem = if !self.installed {
+            Some(format!(
+                "extension pg_new_user_hook is not installed in database \"{}\" (pg_new_user_hook.database): \
+                 run CREATE EXTENSION pg_new_user_hook there, or point pg_new_user_hook.database at the database that has it and restart",
+                guc::database()
+            ))
+        } else {
+            self.channel.as_ref().err().cloned()
+        };
+        if problem == self.problem {
+            return;
+        }
+        match (&problem, &self.channel) {
+            (Some(p), _) => warning!("pg_new_user_hook: {p}"),
+            (None, Ok(channel)) => {
+                log!(
+                    "pg_new_user_hook: delivering to {}",
+                    request::redact_userinfo(&channel.target.url)
+                )
+            }
+            (None, Err(_)) => {}
+        }
+        shared::set_worker_problem(problem.as_deref());
+        self.problem = problem;
     }
 
     fn run(&mut self) {
@@ -142,6 +214,7 @@ impl Worker {
 
     /// One round trip to the database: record finished attempts, claim more.
     fn cycle(&mut self) {
+        self.refresh_secrets(false);
         let outcomes = self.pool.take_outcomes();
         let free = self.max_in_flight().saturating_sub(self.pool.in_flight());
         let timer_fired = self.next_due.is_some_and(|due| due <= Instant::now());
@@ -189,25 +262,14 @@ impl Worker {
         if purge {
             self.next_purge = Instant::now() + PURGE_EVERY;
         }
+        if installed != self.installed {
+            self.installed = installed;
+            self.report();
+        }
         if !installed {
-            self.report_problem(format!(
-                "extension pg_new_user_hook is not installed in database \"{}\" (pg_new_user_hook.database): \
-                 run CREATE EXTENSION pg_new_user_hook there, or point pg_new_user_hook.database at the database that has it and restart",
-                guc::database()
-            ));
             self.maybe_due = false;
             self.next_due = None;
             return;
-        }
-        if !was_installed {
-            self.installed = true;
-            if let Ok(channel) = &self.channel {
-                log!(
-                    "pg_new_user_hook: delivering to {}",
-                    request::redact_userinfo(&channel.target.url)
-                );
-                self.logged_problem = None;
-            }
         }
         if want > 0 {
             self.maybe_due = claimed.len() == want;
@@ -220,6 +282,8 @@ impl Worker {
                         id: event.id,
                         attempt: event.attempt,
                         record: event.record,
+                        source: event.source,
+                        created_at: event.created_at,
                     },
                     channel,
                 );

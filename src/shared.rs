@@ -1,0 +1,80 @@
+//! State shared between the worker and every backend, in shared memory: who the
+//! worker is (to wake it) and the delivery problem it currently sees (for the
+//! status view). Exists only when the library is preloaded.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+/// PGPROC number of the running worker, or -1.
+static WORKER_PROCNO: PgAtomic<AtomicI32> =
+    unsafe { PgAtomic::new(c"pg_new_user_hook_worker_procno") };
+
+const PROBLEM_CAPACITY: usize = 1024;
+
+#[derive(Clone, Copy)]
+pub struct ProblemText {
+    len: usize,
+    bytes: [u8; PROBLEM_CAPACITY],
+}
+
+impl Default for ProblemText {
+    fn default() -> Self {
+        ProblemText {
+            len: 0,
+            bytes: [0; PROBLEM_CAPACITY],
+        }
+    }
+}
+
+// SAFETY: plain bytes, no pointers.
+unsafe impl PGRXSharedMemory for ProblemText {}
+
+/// The problem the worker last reported (empty: none).
+static WORKER_PROBLEM: PgLwLock<ProblemText> =
+    unsafe { PgLwLock::new(c"pg_new_user_hook_worker_problem") };
+
+/// Set in the postmaster when loaded through shared_preload_libraries; inherited by every backend.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Called from `_PG_init` while shared_preload_libraries is processed.
+pub fn init() {
+    pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
+    pg_shmem_init!(WORKER_PROBLEM);
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+/// The worker announces itself (Some) at start and withdraws (None) on exit.
+pub fn set_worker_procno(procno: Option<i32>) {
+    WORKER_PROCNO
+        .get()
+        .store(procno.unwrap_or(-1), Ordering::SeqCst);
+}
+
+pub fn worker_procno() -> Option<i32> {
+    let n = WORKER_PROCNO.get().load(Ordering::SeqCst);
+    (n >= 0).then_some(n)
+}
+
+pub fn set_worker_problem(problem: Option<&str>) {
+    let text = problem.unwrap_or("");
+    let mut cut = text.len().min(PROBLEM_CAPACITY);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut slot = WORKER_PROBLEM.exclusive();
+    slot.bytes[..cut].copy_from_slice(&text.as_bytes()[..cut]);
+    slot.len = cut;
+}
+
+pub fn worker_problem() -> Option<String> {
+    if !preloaded() {
+        return None;
+    }
+    let slot = WORKER_PROBLEM.share();
+    (slot.len > 0).then(|| String::from_utf8_lossy(&slot.bytes[..slot.len]).into_owned())
+}
