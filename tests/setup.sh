@@ -6,7 +6,8 @@ set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3 curl ca-certificates build-essential)
+# python3-venv and openssl: the security tests' reference signature verifier and test CA.
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3 python3-venv openssl curl ca-certificates build-essential)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
