@@ -23,5 +23,16 @@ if [ ! -f "$fixtures/load.sh" ]; then
 fi
 export SUPABASE_AUTH_FIXTURES="$fixtures"
 
-# Unit and #[pg_test] tests run first (and install the extension), then tests/e2e.rs.
+# Unit and #[pg_test] tests run first (and install the extension), then the
+# end-to-end suites in tests/: e2e.rs, faults.rs, security.rs.
+summary="$repo/target/tmp/faults-summary.tsv"
+rm -f "$summary"
 cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
+
+if [ -f "$summary" ]; then
+  echo
+  echo "Fault-injection summary (tests/faults.rs)"
+  sort "$summary" | awk -F'\t' 'BEGIN {
+      printf "%-32s %9s %9s %10s %5s %14s %15s %8s\n", "scenario", "committed", "delivered", "duplicates", "lost", "failed signups", "slowest signup", "drained"
+    } { printf "%-32s %9s %9s %10s %5s %14s %15s %8s\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
+fi

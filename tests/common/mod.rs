@@ -318,6 +318,48 @@ impl Cluster {
         );
     }
 
+    pub fn postmaster_pid(&self) -> i32 {
+        let pid = std::fs::read_to_string(self.root.join("data/postmaster.pid")).unwrap();
+        pid.lines().next().unwrap().trim().parse().unwrap()
+    }
+
+    /// `kill -9` of the postmaster (its children exit when they notice), then a start
+    /// once the old processes are gone: crash recovery replays the WAL.
+    pub fn kill9_and_restart(&mut self) {
+        let pid = self.postmaster_pid();
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        self.running = false;
+        wait_for(
+            "the crashed server's processes to exit",
+            Duration::from_secs(30),
+            || {
+                let mut c = as_pg_user(&bindir().join("pg_ctl"));
+                c.arg("-D")
+                    .arg(self.root.join("data"))
+                    .arg("-l")
+                    .arg(self.log_path())
+                    .arg("-w")
+                    .arg("-o")
+                    .arg(format!(
+                        "-p {} -k {}",
+                        self.port,
+                        self.socket_dir().display()
+                    ))
+                    .arg("start");
+                c.output().ok().filter(|o| o.status.success())
+            },
+        );
+        self.running = true;
+    }
+
+    /// A GoTrue signup that reports failure instead of panicking, and its duration.
+    pub fn try_signup(&self, email: &str) -> Result<(String, Duration), String> {
+        try_signup_on(self.port, email)
+    }
+
     pub fn one_row(&self, sql: &str) -> postgres::Row {
         self.connect("supabase_admin").query_one(sql, &[]).unwrap()
     }
@@ -341,6 +383,39 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// Just enough of a cluster to sign up from another thread.
+pub struct ClusterHandle {
+    pub port: u16,
+}
+
+impl ClusterHandle {
+    pub fn try_signup(&self, email: &str) -> Result<(String, Duration), String> {
+        try_signup_on(self.port, email)
+    }
+}
+
+fn try_signup_on(port: u16, email: &str) -> Result<(String, Duration), String> {
+    let describe = |e: postgres::Error| {
+        e.as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string())
+    };
+    let started = Instant::now();
+    let mut gotrue = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("supabase_auth_admin")
+        .dbname("postgres")
+        .connect(postgres::NoTls)
+        .map_err(describe)?;
+    gotrue.batch_execute(&signup_sql(email)).map_err(describe)?;
+    let took = started.elapsed();
+    let row = gotrue
+        .query_one("SELECT id::text FROM users WHERE email = $1", &[&email])
+        .map_err(describe)?;
+    Ok((row.get(0), took))
 }
 
 /// example-signup.sql with its email replaced, so every test user is distinct.
@@ -369,6 +444,8 @@ pub struct Received {
     pub headers: Vec<(String, String)>,
     pub body: String,
     pub at: Instant,
+    /// The status the receiver answered with (None: it never answered).
+    pub answered: Option<u16>,
 }
 
 impl Received {
@@ -437,14 +514,22 @@ impl Receiver {
                             .collect(),
                         body,
                         at: Instant::now(),
+                        answered: None,
                     };
-                    let n = {
+                    let reply = {
                         let mut all = requests.lock().unwrap();
-                        all.push(received.clone());
-                        all.len() - 1
+                        let reply = behaviour(all.len(), &received);
+                        let answered = match &reply {
+                            Reply::Status(code) | Reply::StatusWith(code, _, _) => Some(*code),
+                            Reply::Hang => None,
+                        };
+                        all.push(Received {
+                            answered,
+                            ..received
+                        });
+                        reply
                     };
-                    let behaviour = Arc::clone(&behaviour);
-                    std::thread::spawn(move || match behaviour(n, &received) {
+                    std::thread::spawn(move || match reply {
                         Reply::Status(code) => {
                             let _ = request.respond(tiny_http::Response::empty(code));
                         }
@@ -483,6 +568,14 @@ impl Receiver {
         self.requests.lock().unwrap().clone()
     }
 
+    /// The requests answered with a 2xx: the deliveries.
+    pub fn accepted(&self) -> Vec<Received> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.answered.is_some_and(|s| (200..300).contains(&s)))
+            .collect()
+    }
+
     pub fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
     }
@@ -506,5 +599,3 @@ impl Drop for Receiver {
 pub fn closed_port() -> u16 {
     free_port()
 }
-
-use std::io::Read as _;
