@@ -461,6 +461,31 @@ impl Received {
     }
 }
 
+fn answer(request: tiny_http::Request, reply: Reply) {
+    match reply {
+        Reply::Status(code) => {
+            let _ = request.respond(tiny_http::Response::empty(code));
+        }
+        Reply::StatusWith(code, header, value) => {
+            let h = tiny_http::Header::from_bytes(header.as_bytes(), value.as_bytes()).unwrap();
+            let body = if code >= 400 {
+                "{\"message\":\"rejected by test receiver\"}"
+            } else {
+                ""
+            };
+            let _ = request.respond(
+                tiny_http::Response::from_string(body)
+                    .with_status_code(code)
+                    .with_header(h),
+            );
+        }
+        Reply::Hang => {
+            std::thread::sleep(Duration::from_secs(120));
+            drop(request);
+        }
+    }
+}
+
 /// How the receiver answers request number n (0-based).
 pub enum Reply {
     Status(u16),
@@ -516,42 +541,20 @@ impl Receiver {
                         at: Instant::now(),
                         answered: None,
                     };
-                    let reply = {
+                    let n = {
                         let mut all = requests.lock().unwrap();
-                        let reply = behaviour(all.len(), &received);
-                        let answered = match &reply {
-                            Reply::Status(code) | Reply::StatusWith(code, _, _) => Some(*code),
-                            Reply::Hang => None,
-                        };
-                        all.push(Received {
-                            answered,
-                            ..received
-                        });
-                        reply
+                        all.push(received.clone());
+                        all.len() - 1
                     };
-                    std::thread::spawn(move || match reply {
-                        Reply::Status(code) => {
-                            let _ = request.respond(tiny_http::Response::empty(code));
+                    let behaviour = Arc::clone(&behaviour);
+                    let requests = Arc::clone(&requests);
+                    // Each request gets its own thread: a slow or hanging reply blocks no other.
+                    std::thread::spawn(move || {
+                        let reply = behaviour(n, &received);
+                        if let Reply::Status(code) | Reply::StatusWith(code, _, _) = &reply {
+                            requests.lock().unwrap()[n].answered = Some(*code);
                         }
-                        Reply::StatusWith(code, header, value) => {
-                            let h =
-                                tiny_http::Header::from_bytes(header.as_bytes(), value.as_bytes())
-                                    .unwrap();
-                            let body = if code >= 400 {
-                                "{\"message\":\"rejected by test receiver\"}"
-                            } else {
-                                ""
-                            };
-                            let _ = request.respond(
-                                tiny_http::Response::from_string(body)
-                                    .with_status_code(code)
-                                    .with_header(h),
-                            );
-                        }
-                        Reply::Hang => {
-                            std::thread::sleep(Duration::from_secs(120));
-                            drop(request);
-                        }
+                        answer(request, reply);
                     });
                 }
             });
