@@ -12,7 +12,6 @@ CREATE TABLE new_user_hook.outbox (
                                  CHECK (status IN ('pending', 'delivered', 'failed')),
     attempts         integer     NOT NULL DEFAULT 0,
     next_attempt_at  timestamptz DEFAULT now(),     -- when a pending event is due
-    claimed_at       timestamptz,                   -- set while an attempt is in flight
     last_attempt_at  timestamptz,
     last_status_code integer,
     last_error       text,
@@ -130,7 +129,6 @@ SELECT id,
        status,
        attempts,
        CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at,
-       claimed_at IS NOT NULL AS in_flight,
        last_status_code,
        last_error,
        last_attempt_at,
@@ -144,7 +142,6 @@ WITH worker AS (
     SELECT pid, datname FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_new_user_hook' LIMIT 1
 ), counts AS (
     SELECT count(*) FILTER (WHERE status = 'pending')                          AS pending,
-           count(*) FILTER (WHERE status = 'pending' AND claimed_at IS NOT NULL) AS in_flight,
            count(*) FILTER (WHERE status = 'delivered')                        AS delivered,
            count(*) FILTER (WHERE status = 'failed')                           AS failed,
            min(created_at) FILTER (WHERE status = 'pending')                   AS oldest_pending
@@ -157,7 +154,7 @@ SELECT w.pid                      AS worker_pid,
        w.datname                  AS worker_database,
        new_user_hook.preloaded()  AS preloaded,
        c.pending,
-       c.in_flight,
+       new_user_hook.in_flight() AS in_flight,
        c.delivered,
        c.failed,
        now() - c.oldest_pending   AS oldest_pending_age,
@@ -214,7 +211,7 @@ $$;
 -- The status helpers reveal no secret and are needed by whoever may read the status view.
 REVOKE ALL ON ALL TABLES IN SCHEMA new_user_hook FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA new_user_hook FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION new_user_hook.preloaded(), new_user_hook.config_problem() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION new_user_hook.preloaded(), new_user_hook.config_problem(), new_user_hook.in_flight() TO PUBLIC;
 
 DO $$
 BEGIN

@@ -40,6 +40,12 @@ fn preloaded() -> bool {
     shared::preloaded()
 }
 
+/// How many events the worker is sending right now.
+#[pg_extern(stable, parallel_safe)]
+fn in_flight() -> Option<i32> {
+    shared::in_flight()
+}
+
 /// Why delivery is paused by configuration, or NULL when all is usable: what the
 /// settings show at once, else what the worker reported (e.g. a missing Vault
 /// secret). Never reveals a secret.

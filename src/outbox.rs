@@ -16,6 +16,15 @@ pub struct Claimed {
     pub created_at: String,
 }
 
+/// Session settings of the worker. Its own commits (claims, outcomes) need not wait
+/// for the WAL flush: losing the last of them in a crash only means an event is
+/// sent again, never lost, since the event itself was made durable by the signup's
+/// commit. Not waiting keeps the worker's fsyncs out of the signups' way.
+pub fn configure_session() {
+    Spi::run("SET synchronous_commit = off; SET application_name = 'pg_new_user_hook'")
+        .expect("configuring the worker's session");
+}
+
 /// Whether the extension's objects exist in this database.
 pub fn installed() -> bool {
     Spi::get_one::<bool>(
@@ -26,37 +35,22 @@ pub fn installed() -> bool {
     .unwrap_or(false)
 }
 
-/// Claims held by a previous worker (crashed, killed, or the server died) are
-/// void: those events are delivered again. Returns how many were released.
-pub fn release_stale_claims() -> i64 {
-    Spi::get_one::<i64>(
-        "WITH released AS (
-             UPDATE new_user_hook.outbox SET claimed_at = NULL, next_attempt_at = now()
-             WHERE status = 'pending' AND claimed_at IS NOT NULL
-             RETURNING 1)
-         SELECT count(*) FROM released",
-    )
-    .expect("releasing stale claims")
-    .unwrap_or(0)
-}
-
-/// Claims up to `limit` due events, oldest first, counting the attempt now so a
-/// crash mid-request still shows it.
-pub fn claim(limit: usize) -> Vec<Claimed> {
-    Spi::connect_mut(|client| {
-        let args: [DatumWithOid; 1] = [(limit as i64).into()];
+/// Claims up to `limit` due events, oldest first, skipping those in flight.
+///
+/// A claim lives in the worker's memory only: the row stays `pending` until the
+/// outcome is recorded, so an event whose worker dies mid-request (or whose server
+/// crashes) is simply due again when the worker starts — at least once, and no
+/// write per claim.
+pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Claimed> {
+    Spi::connect(|client| {
+        let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
         client
-            .update(
-                "WITH due AS (
-                     SELECT id FROM new_user_hook.outbox
-                     WHERE status = 'pending' AND claimed_at IS NULL AND next_attempt_at <= now()
-                     ORDER BY next_attempt_at
-                     LIMIT $1
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE new_user_hook.outbox AS o
-                 SET attempts = o.attempts + 1, claimed_at = now()
-                 FROM due WHERE o.id = due.id
-                 RETURNING o.id::text, o.attempts, o.record::text, o.source, to_json(o.created_at) #>> '{}'",
+            .select(
+                "SELECT id::text, attempts + 1, record::text, source, to_json(created_at) #>> '{}'
+                   FROM new_user_hook.outbox
+                  WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
+                  ORDER BY next_attempt_at
+                  LIMIT $1",
                 None,
                 &args,
             )
@@ -72,28 +66,33 @@ pub fn claim(limit: usize) -> Vec<Claimed> {
     })
 }
 
-/// Time until the earliest unclaimed pending event is due (zero if overdue).
-pub fn next_due() -> Option<Duration> {
-    Spi::get_one::<f64>(
+/// Time until the earliest pending event not in flight is due (zero if overdue).
+pub fn next_due(in_flight: &[String]) -> Option<Duration> {
+    let args: [DatumWithOid; 1] = [in_flight.to_vec().into()];
+    Spi::get_one_with_args::<f64>(
         "SELECT greatest(0, extract(epoch FROM min(next_attempt_at) - clock_timestamp()))::float8
-         FROM new_user_hook.outbox WHERE status = 'pending' AND claimed_at IS NULL",
+           FROM new_user_hook.outbox
+          WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])",
+        &args,
     )
     .expect("finding the next due event")
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
 
 /// Records the outcome of many attempts in one statement.
-pub fn record(outcomes: &[(String, Decision)]) {
+pub fn record(outcomes: &[(String, u32, Decision)]) {
     if outcomes.is_empty() {
         return;
     }
     let mut ids = Vec::with_capacity(outcomes.len());
+    let mut attempts = Vec::with_capacity(outcomes.len());
     let mut statuses = Vec::with_capacity(outcomes.len());
     let mut codes: Vec<Option<i32>> = Vec::with_capacity(outcomes.len());
     let mut errors: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
     let mut delays: Vec<Option<i64>> = Vec::with_capacity(outcomes.len());
-    for (id, decision) in outcomes {
+    for (id, attempt, decision) in outcomes {
         ids.push(id.clone());
+        attempts.push(*attempt as i32);
         let (status, code, error, delay) = match decision {
             Decision::Delivered { status } => ("delivered", Some(*status as i32), None, None),
             Decision::Retry {
@@ -115,43 +114,30 @@ pub fn record(outcomes: &[(String, Decision)]) {
         errors.push(error);
         delays.push(delay);
     }
-    let args: [DatumWithOid; 5] = [
+    let args: [DatumWithOid; 6] = [
         ids.into(),
         statuses.into(),
         codes.into(),
         errors.into(),
         delays.into(),
+        attempts.into(),
     ];
     Spi::run_with_args(
         "UPDATE new_user_hook.outbox AS o SET
              status = r.status,
-             claimed_at = NULL,
+             attempts = r.attempt,
              last_attempt_at = clock_timestamp(),
              last_status_code = r.code,
              last_error = r.error,
              delivered_at = CASE WHEN r.status = 'delivered' THEN clock_timestamp() END,
              next_attempt_at = CASE WHEN r.status = 'pending'
                                     THEN clock_timestamp() + r.delay_ms * interval '1 millisecond' END
-         FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[])
-              AS r(id, status, code, error, delay_ms)
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[])
+              AS r(id, status, code, error, delay_ms, attempt)
          WHERE o.id = r.id::uuid AND o.status = 'pending'",
         &args,
     )
     .expect("recording delivery outcomes");
-}
-
-/// Gives claims back without counting an attempt (the request was never sent).
-pub fn unclaim(ids: &[String]) {
-    if ids.is_empty() {
-        return;
-    }
-    let args: [DatumWithOid; 1] = [ids.to_vec().into()];
-    Spi::run_with_args(
-        "UPDATE new_user_hook.outbox SET claimed_at = NULL, attempts = greatest(attempts - 1, 0)
-         WHERE id = ANY ($1::text[]::uuid[]) AND status = 'pending'",
-        &args,
-    )
-    .expect("returning unsent events");
 }
 
 /// Deletes delivered events older than the retention, a bounded batch at a time.

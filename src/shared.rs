@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 static WORKER_PROCNO: PgAtomic<AtomicI32> =
     unsafe { PgAtomic::new(c"pg_new_user_hook_worker_procno") };
 
+/// Events the worker has claimed and not yet recorded.
+static IN_FLIGHT: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_new_user_hook_in_flight") };
+
 const PROBLEM_CAPACITY: usize = 1024;
 
 #[derive(Clone, Copy)]
@@ -41,6 +44,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 pub fn init() {
     pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(WORKER_PROBLEM);
+    pg_shmem_init!(IN_FLIGHT = AtomicI32::new(0));
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -58,6 +62,17 @@ pub fn set_worker_procno(procno: Option<i32>) {
 pub fn worker_procno() -> Option<i32> {
     let n = WORKER_PROCNO.get().load(Ordering::SeqCst);
     (n >= 0).then_some(n)
+}
+
+pub fn set_in_flight(n: usize) {
+    IN_FLIGHT
+        .get()
+        .store(n.min(i32::MAX as usize) as i32, Ordering::Relaxed);
+}
+
+/// None without the preload (no worker, nothing in flight to count).
+pub fn in_flight() -> Option<i32> {
+    preloaded().then(|| IN_FLIGHT.get().load(Ordering::Relaxed))
 }
 
 pub fn set_worker_problem(problem: Option<&str>) {

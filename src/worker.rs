@@ -10,6 +10,7 @@ use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
 use pgrx::prelude::*;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,6 +41,7 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     shared::set_worker_procno(Some(unsafe { (*pg_sys::MyProc).pgprocno }));
     log!("pg_new_user_hook: delivery worker started for database \"{database}\"");
 
+    BackgroundWorker::transaction(outbox::configure_session);
     let mut worker = Worker::new();
     worker.run();
 
@@ -69,6 +71,8 @@ struct Worker {
     /// Where to send, or why delivery is paused (configuration problem).
     channel: Result<Arc<Channel>, String>,
     pool: Pool,
+    /// Ids of the events claimed and not yet recorded (claims live in memory only).
+    in_flight: HashSet<String>,
     installed: bool,
     /// Something may be due now: woken by a commit, a timer, or a full claim.
     maybe_due: bool,
@@ -89,6 +93,7 @@ impl Worker {
             next_secret_refresh: Instant::now(),
             channel: Err(String::new()),
             pool,
+            in_flight: HashSet::new(),
             installed: false,
             maybe_due: true,
             next_due: None,
@@ -226,25 +231,19 @@ impl Worker {
         if outcomes.is_empty() && want == 0 && self.installed && Instant::now() < self.next_purge {
             return;
         }
-        let (decisions, unsent) = self.decide(outcomes);
+        let decisions = self.decide(outcomes);
         let purge = Instant::now() >= self.next_purge;
         let retention = self.settings.retention;
         let was_installed = self.installed;
+        let in_flight: Vec<String> = self.in_flight.iter().cloned().collect();
 
         let (installed, claimed, next_due) = BackgroundWorker::transaction(move || {
-            if !was_installed {
-                if !outbox::installed() {
-                    return (false, Vec::new(), None);
-                }
-                let released = outbox::release_stale_claims();
-                if released > 0 {
-                    log!("pg_new_user_hook: {released} events claimed before a restart will be delivered again");
-                }
+            if !was_installed && !outbox::installed() {
+                return (false, Vec::new(), None);
             }
             outbox::record(&decisions);
-            outbox::unclaim(&unsent);
             let claimed = if want > 0 {
-                outbox::claim(want)
+                outbox::claim(want, &in_flight)
             } else {
                 Vec::new()
             };
@@ -252,7 +251,9 @@ impl Worker {
                 outbox::purge_delivered(retention);
             }
             let next_due = if claimed.len() < want || want == 0 {
-                outbox::next_due()
+                let mut busy = in_flight;
+                busy.extend(claimed.iter().map(|c| c.id.clone()));
+                outbox::next_due(&busy)
             } else {
                 Some(Duration::ZERO)
             };
@@ -277,6 +278,7 @@ impl Worker {
         self.next_due = next_due.map(|d| Instant::now() + d);
         if let Ok(channel) = &self.channel {
             for event in claimed {
+                self.in_flight.insert(event.id.clone());
                 self.pool.submit(
                     Job {
                         id: event.id,
@@ -291,16 +293,16 @@ impl Worker {
         }
     }
 
-    /// Turns outcomes into decisions; unsent ones are handed back.
-    fn decide(&mut self, outcomes: Vec<Outcome>) -> (Vec<(String, Decision)>, Vec<String>) {
+    /// Turns outcomes into decisions (id, attempt, decision). An unsent event needs
+    /// none: it is still pending and due.
+    fn decide(&mut self, outcomes: Vec<Outcome>) -> Vec<(String, u32, Decision)> {
         let now = SystemTime::now();
         let mut decisions = Vec::with_capacity(outcomes.len());
-        let mut unsent = Vec::new();
         let mut first_error = None;
         let mut any_delivered = false;
         for outcome in outcomes {
+            self.in_flight.remove(&outcome.id);
             if !outcome.sent {
-                unsent.push(outcome.id);
                 continue;
             }
             let decision = classify::decide(
@@ -316,7 +318,7 @@ impl Worker {
                     first_error.get_or_insert_with(|| error.clone());
                 }
             }
-            decisions.push((outcome.id, decision));
+            decisions.push((outcome.id, outcome.attempt, decision));
         }
         match first_error {
             Some(error) if !self.backend_failing => {
@@ -331,7 +333,8 @@ impl Worker {
             }
             _ => {}
         }
-        (decisions, unsent)
+        shared::set_in_flight(self.in_flight.len());
+        decisions
     }
 
     fn wait(&mut self) {
@@ -365,7 +368,7 @@ impl Worker {
     }
 
     /// SIGTERM: stop claiming, let requests in progress finish (bounded by the
-    /// timeout), record them, and hand back what was never sent.
+    /// timeout) and record them; what was never sent stays pending.
     fn shutdown(&mut self) {
         let outcomes = self
             .pool
@@ -373,10 +376,7 @@ impl Worker {
         if !self.installed {
             return;
         }
-        let (decisions, unsent) = self.decide(outcomes);
-        BackgroundWorker::transaction(move || {
-            outbox::record(&decisions);
-            outbox::unclaim(&unsent);
-        });
+        let decisions = self.decide(outcomes);
+        BackgroundWorker::transaction(move || outbox::record(&decisions));
     }
 }
