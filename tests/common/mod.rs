@@ -216,7 +216,7 @@ impl Cluster {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    pub fn start(&mut self) {
+    fn start_command(&self) -> Command {
         let mut c = as_pg_user(&bindir().join("pg_ctl"));
         c.arg("-D")
             .arg(self.root.join("data"))
@@ -230,7 +230,11 @@ impl Cluster {
                 self.socket_dir().display()
             ))
             .arg("start");
-        run(c, "pg_ctl start");
+        c
+    }
+
+    pub fn start(&mut self) {
+        run(self.start_command(), "pg_ctl start");
         self.running = true;
     }
 
@@ -336,20 +340,10 @@ impl Cluster {
             "the crashed server's processes to exit",
             Duration::from_secs(30),
             || {
-                let mut c = as_pg_user(&bindir().join("pg_ctl"));
-                c.arg("-D")
-                    .arg(self.root.join("data"))
-                    .arg("-l")
-                    .arg(self.log_path())
-                    .arg("-w")
-                    .arg("-o")
-                    .arg(format!(
-                        "-p {} -k {}",
-                        self.port,
-                        self.socket_dir().display()
-                    ))
-                    .arg("start");
-                c.output().ok().filter(|o| o.status.success())
+                self.start_command()
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
             },
         );
         self.running = true;
