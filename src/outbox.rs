@@ -70,7 +70,8 @@ pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Claimed> {
 pub fn next_due(in_flight: &[String]) -> Option<Duration> {
     let args: [DatumWithOid; 1] = [in_flight.to_vec().into()];
     Spi::get_one_with_args::<f64>(
-        "SELECT greatest(0, extract(epoch FROM min(next_attempt_at) - clock_timestamp()))::float8
+        // NULL (not 0) when nothing is pending: then the worker sleeps until woken.
+        "SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp())::float8
            FROM new_user_hook.outbox
           WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])",
         &args,

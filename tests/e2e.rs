@@ -497,3 +497,33 @@ fn delivered_events_are_deleted_after_the_retention() {
         .get(0);
     assert_eq!(failed_left, 1, "failed events are kept for redelivery");
 }
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces): utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+#[test]
+fn the_worker_sleeps_when_there_is_nothing_to_do() {
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver, &[]);
+    let id = cluster.signup("once@example.com");
+    cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
+    let worker = cluster.worker_pid().unwrap();
+    let before = cpu_time(worker);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_time(worker) - before;
+    assert!(
+        used < Duration::from_millis(150),
+        "an idle worker used {used:?} of CPU in 3 s"
+    );
+}
