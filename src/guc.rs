@@ -10,7 +10,7 @@ use std::time::Duration;
 pub mod defaults {
     pub const DATABASE: &str = "postgres";
     pub const TIMEOUT_MS: i32 = 5_000;
-    pub const CONCURRENCY: i32 = 8;
+    pub const CONCURRENCY: i32 = 32;
     pub const RETRY_BASE_MS: i32 = 1_000;
     pub const RETRY_MAX_MS: i32 = 3_600_000;
     pub const MAX_ATTEMPTS: i32 = 50;

@@ -234,7 +234,7 @@ mod tests {
         for (name, value) in [
             ("pg_new_user_hook.api_key_header", "X-API-Key"),
             ("pg_new_user_hook.timeout_ms", "5s"),
-            ("pg_new_user_hook.concurrency", "8"),
+            ("pg_new_user_hook.concurrency", "32"),
             ("pg_new_user_hook.retry_base_ms", "1s"),
             ("pg_new_user_hook.retry_max_ms", "1h"),
             ("pg_new_user_hook.max_attempts", "50"),

@@ -46,11 +46,15 @@ pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Claimed> {
         let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
         client
             .select(
-                "SELECT id::text, attempts + 1, record::text, source, to_json(created_at) #>> '{}'
-                   FROM new_user_hook.outbox
-                  WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
-                  ORDER BY next_attempt_at
-                  LIMIT $1",
+                // Pick the ids first: the planner may sort every due row, and the
+                // (costly) text of the records is then made for the batch only.
+                "WITH due AS MATERIALIZED (
+                     SELECT id FROM new_user_hook.outbox
+                      WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
+                      ORDER BY next_attempt_at
+                      LIMIT $1)
+                 SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{}'
+                   FROM new_user_hook.outbox AS o JOIN due USING (id)",
                 None,
                 &args,
             )

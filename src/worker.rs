@@ -18,6 +18,9 @@ use std::time::{Duration, Instant, SystemTime};
 const POLL: Duration = Duration::from_secs(5);
 /// How often delivered events past the retention are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(600);
+/// Outcomes are recorded in batches of this many, or after RECORD_DELAY.
+const RECORD_BATCH: usize = 64;
+const RECORD_DELAY: Duration = Duration::from_millis(5);
 /// Delay before the postmaster restarts a worker that died.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
 
@@ -73,6 +76,9 @@ struct Worker {
     pool: Pool,
     /// Ids of the events claimed and not yet recorded (claims live in memory only).
     in_flight: HashSet<String>,
+    /// Outcomes waiting to be recorded in one batch, and since when.
+    outcomes: Vec<Outcome>,
+    outcomes_since: Instant,
     installed: bool,
     /// Something may be due now: woken by a commit, a timer, or a full claim.
     maybe_due: bool,
@@ -94,6 +100,8 @@ impl Worker {
             channel: Err(String::new()),
             pool,
             in_flight: HashSet::new(),
+            outcomes: Vec::new(),
+            outcomes_since: Instant::now(),
             installed: false,
             maybe_due: true,
             next_due: None,
@@ -217,20 +225,56 @@ impl Worker {
         }
     }
 
-    /// One round trip to the database: record finished attempts, claim more.
-    fn cycle(&mut self) {
-        self.refresh_secrets(false);
-        let outcomes = self.pool.take_outcomes();
-        let free = self.max_in_flight().saturating_sub(self.pool.in_flight());
-        let timer_fired = self.next_due.is_some_and(|due| due <= Instant::now());
-        let want = if self.channel.is_ok() && (self.maybe_due || timer_fired) {
+    /// How many events may be claimed now (0: not worth a round trip yet). Under
+    /// load, claims wait until a quarter of the window is free, so each round trip
+    /// carries a batch; when nothing is in flight, any due event is claimed at once.
+    fn claimable(&self) -> usize {
+        if self.channel.is_err() {
+            return 0;
+        }
+        let max = self.max_in_flight();
+        let free = max.saturating_sub(self.pool.in_flight());
+        if self.pool.in_flight() == 0 || free >= max / 4 {
             free
         } else {
             0
+        }
+    }
+
+    /// Whether buffered outcomes should be recorded now: a full batch, nothing left
+    /// in flight, or the oldest has waited long enough.
+    fn record_due(&self) -> bool {
+        !self.outcomes.is_empty()
+            && (self.outcomes.len() >= RECORD_BATCH
+                || self.pool.in_flight() == 0
+                || self.outcomes_since.elapsed() >= RECORD_DELAY)
+    }
+
+    /// One round trip to the database: record finished attempts, claim more.
+    fn cycle(&mut self) {
+        self.refresh_secrets(false);
+        let arrived = self.pool.take_outcomes();
+        if !arrived.is_empty() {
+            if self.outcomes.is_empty() {
+                self.outcomes_since = Instant::now();
+            }
+            self.outcomes.extend(arrived);
+        }
+        let timer_fired = self.next_due.is_some_and(|due| due <= Instant::now());
+        let want = if self.maybe_due || timer_fired {
+            self.claimable()
+        } else {
+            0
         };
-        if outcomes.is_empty() && want == 0 && self.installed && Instant::now() < self.next_purge {
+        let record = self.record_due();
+        if !record && want == 0 && self.installed && Instant::now() < self.next_purge {
             return;
         }
+        let outcomes = if record {
+            std::mem::take(&mut self.outcomes)
+        } else {
+            Vec::new()
+        };
         let decisions = self.decide(outcomes);
         let purge = Instant::now() >= self.next_purge;
         let retention = self.settings.retention;
@@ -338,12 +382,14 @@ impl Worker {
     }
 
     fn wait(&mut self) {
-        let can_claim = self.channel.is_ok() && self.pool.in_flight() < self.max_in_flight();
         let mut timeout = POLL;
         if let Some(due) = self.next_due {
             timeout = timeout.min(due.saturating_duration_since(Instant::now()));
         }
-        if self.maybe_due && can_claim {
+        if !self.outcomes.is_empty() {
+            timeout = timeout.min(RECORD_DELAY.saturating_sub(self.outcomes_since.elapsed()));
+        }
+        if self.maybe_due && self.claimable() > 0 {
             timeout = Duration::ZERO;
         }
         let events = pg_sys::WL_LATCH_SET
@@ -370,9 +416,11 @@ impl Worker {
     /// SIGTERM: stop claiming, let requests in progress finish (bounded by the
     /// timeout) and record them; what was never sent stays pending.
     fn shutdown(&mut self) {
-        let outcomes = self
-            .pool
-            .stop(self.settings.timeout + Duration::from_secs(1));
+        let mut outcomes = std::mem::take(&mut self.outcomes);
+        outcomes.extend(
+            self.pool
+                .stop(self.settings.timeout + Duration::from_secs(1)),
+        );
         if !self.installed {
             return;
         }

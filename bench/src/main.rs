@@ -58,9 +58,15 @@ impl Receiver {
     /// Waits until every one of `ids` was received (polling memory, not the database,
     /// so the wait costs the measurement nothing).
     fn wait_for_users(&self, ids: &[String]) {
+        let mut last_report = Instant::now();
         wait_for(&format!("{} users received", ids.len()), LONG, || {
             let r = self.received.lock().unwrap();
-            ids.iter().all(|id| r.contains_key(id)).then_some(())
+            let missing = ids.iter().filter(|id| !r.contains_key(*id)).count();
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!("  ... {missing} of {} not received yet ({} received in all)", ids.len(), r.len());
+                last_report = Instant::now();
+            }
+            (missing == 0).then_some(())
         });
     }
 
@@ -209,7 +215,8 @@ fn main() {
     let receiver = Receiver::start(Duration::ZERO);
     let mut admin = cluster.connect("supabase_admin");
     admin.batch_execute("CREATE EXTENSION pg_new_user_hook").unwrap();
-    cluster.configure(&[("url", &receiver.url)]);
+    let concurrency = std::env::var("BENCH_CONCURRENCY").unwrap_or_else(|_| "32".into());
+    cluster.configure(&[("url", &receiver.url), ("concurrency", &concurrency)]);
     println!("pg_new_user_hook benchmark — {cores} cores, PostgreSQL {version}, fsync on, synchronous_commit on");
     println!("receiver: in-process Rust server (tiny_http, 4 threads, 204 at once); defaults unless stated");
     println!();
@@ -226,13 +233,14 @@ fn main() {
              GRANT USAGE ON SEQUENCE public.bare_outbox_id_seq TO supabase_auth_admin;",
         )
         .unwrap();
+    let rounds = if std::env::var_os("BENCH_SKIP_OVERHEAD").is_some() { 0 } else { 3 };
     let setups = [
         ("none", "SELECT new_user_hook.uninstall(); DROP TRIGGER IF EXISTS bare ON auth.users;"),
         ("bare", "SELECT new_user_hook.uninstall(); CREATE TRIGGER bare AFTER INSERT ON auth.users FOR EACH ROW EXECUTE FUNCTION public.bare_capture();"),
         ("hook", "DROP TRIGGER IF EXISTS bare ON auth.users; SELECT new_user_hook.install();"),
     ];
     let mut tps: HashMap<(&str, u32), Vec<f64>> = HashMap::new();
-    for round in 0..3 {
+    for round in 0..rounds {
         // Each round starts with a different set-up, so none always runs first.
         for i in 0..setups.len() {
             let (name, sql) = setups[(round + i) % setups.len()];
@@ -243,8 +251,11 @@ fn main() {
             }
         }
     }
+    // The remaining measurements run with the hook installed.
+    admin.batch_execute("DROP TRIGGER IF EXISTS bare ON auth.users; SELECT new_user_hook.install()").unwrap();
     let median = |name: &str, clients: u32| {
-        let mut v = tps[&(name, clients)].clone();
+        let Some(v) = tps.get(&(name, clients)) else { return f64::NAN };
+        let mut v = v.clone();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
@@ -333,5 +344,5 @@ fn main() {
     }
 
     println!();
-    println!("settings: timeout_ms 5s, concurrency 8 (unless stated), retry_base_ms 1s; pgbench {seconds} s per run");
+    println!("settings: timeout_ms 5s, concurrency {concurrency} (unless stated), retry_base_ms 1s; pgbench {seconds} s per run");
 }
