@@ -90,7 +90,7 @@ done
 echo "== new_user_hook.deliveries"
 psql_as supabase_admin -P pager=off -c "
 SELECT u.email, d.status, d.attempts, d.last_status_code AS http,
-       round(extract(epoch FROM d.delivered_at - d.created_at) * 1000, 1) AS ms_signup_to_backend
+       round(extract(epoch FROM d.delivered_at - d.created_at) * 1000, 1) AS ms_signup_to_delivered
   FROM new_user_hook.deliveries d JOIN auth.users u ON u.id = d.user_id ORDER BY d.created_at"
 echo "== new_user_hook.status"
 psql_as supabase_admin -P pager=off -x -c "SELECT * FROM new_user_hook.status"
