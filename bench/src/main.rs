@@ -33,7 +33,9 @@ impl Receiver {
         for _ in 0..4 {
             let (server, received) = (Arc::clone(&server), Arc::clone(&received));
             std::thread::spawn(move || loop {
-                let Ok(mut request) = server.recv() else { return };
+                let Ok(mut request) = server.recv() else {
+                    return;
+                };
                 let at = Instant::now();
                 let mut body = String::new();
                 let _ = request.as_reader().read_to_string(&mut body);
@@ -52,7 +54,11 @@ impl Receiver {
                 }
             });
         }
-        Receiver { url: format!("http://127.0.0.1:{port}/users"), received, _server: server }
+        Receiver {
+            url: format!("http://127.0.0.1:{port}/users"),
+            received,
+            _server: server,
+        }
     }
 
     /// Waits until every one of `ids` was received (polling memory, not the database,
@@ -63,13 +69,16 @@ impl Receiver {
             let r = self.received.lock().unwrap();
             let missing = ids.iter().filter(|id| !r.contains_key(*id)).count();
             if last_report.elapsed() > Duration::from_secs(10) {
-                eprintln!("  ... {missing} of {} not received yet ({} received in all)", ids.len(), r.len());
+                eprintln!(
+                    "  ... {missing} of {} not received yet ({} received in all)",
+                    ids.len(),
+                    r.len()
+                );
                 last_report = Instant::now();
             }
             (missing == 0).then_some(())
         });
     }
-
 }
 
 fn bindir() -> String {
@@ -90,19 +99,49 @@ fn pgbench(cluster: &Cluster, clients: u32, seconds: u64) -> f64 {
     let script = cluster.root.join("signup.pgbench");
     std::fs::write(&script, SIGNUP_SCRIPT).unwrap();
     let out = Command::new(format!("{}/pgbench", bindir()))
-        .args(["-n", "-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "supabase_auth_admin"])
-        .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string(), "-T", &seconds.to_string()])
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            "supabase_auth_admin",
+        ])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.min(2).to_string(),
+            "-T",
+            &seconds.to_string(),
+        ])
         .arg("-f")
         .arg(&script)
         .arg("postgres")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "pgbench failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
-    let failed = text.lines().find(|l| l.starts_with("number of failed transactions")).unwrap_or("");
-    assert!(failed.is_empty() || failed.contains(": 0 "), "pgbench: {failed}");
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("number of failed transactions"))
+        .unwrap_or("");
+    assert!(
+        failed.is_empty() || failed.contains(": 0 "),
+        "pgbench: {failed}"
+    );
     text.lines()
-        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("tps = ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
         .unwrap_or_else(|| panic!("no tps in pgbench output:\n{text}"))
 }
 
@@ -121,18 +160,24 @@ fn bulk_users(cluster: &Cluster, n: usize) -> Vec<String> {
 }
 
 fn delivered(cluster: &Cluster) -> i64 {
-    cluster.one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'").get(0)
+    cluster
+        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'")
+        .get(0)
 }
 
 fn failed(cluster: &Cluster) -> i64 {
-    cluster.one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'").get(0)
+    cluster
+        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'")
+        .get(0)
 }
 
 /// Pauses delivery (URL unset) until `resume` is called with a URL.
 fn pause(cluster: &Cluster) {
     cluster.configure(&[("url", "")]);
     wait_for("delivery to pause", LONG, || {
-        let p: Option<String> = cluster.one_row("SELECT problem FROM new_user_hook.status").get(0);
+        let p: Option<String> = cluster
+            .one_row("SELECT problem FROM new_user_hook.status")
+            .get(0);
         p.filter(|p| p.contains("not set"))
     });
 }
@@ -152,7 +197,12 @@ fn worker_rss_kb(cluster: &Cluster) -> u64 {
 
 /// Signs users up one at a time from `threads` connections at `rate` per second in
 /// all, for `duration`; returns (user id, commit instant).
-fn paced_signups(cluster: &Cluster, threads: usize, rate: f64, duration: Duration) -> Vec<(String, Instant)> {
+fn paced_signups(
+    cluster: &Cluster,
+    threads: usize,
+    rate: f64,
+    duration: Duration,
+) -> Vec<(String, Instant)> {
     let interval = Duration::from_secs_f64(threads as f64 / rate);
     let handles: Vec<_> = (0..threads)
         .map(|_| {
@@ -185,14 +235,20 @@ fn paced_signups(cluster: &Cluster, threads: usize, rate: f64, duration: Duratio
             })
         })
         .collect();
-    handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
 }
 
 /// (p50, p99, max) of commit → receipt, in milliseconds.
 fn latencies(receiver: &Receiver, commits: &[(String, Instant)]) -> (f64, f64, f64) {
     wait_for("every paced signup received", LONG, || {
         let r = receiver.received.lock().unwrap();
-        commits.iter().all(|(id, _)| r.contains_key(id)).then_some(())
+        commits
+            .iter()
+            .all(|(id, _)| r.contains_key(id))
+            .then_some(())
     });
     let r = receiver.received.lock().unwrap();
     let mut ms: Vec<f64> = commits
@@ -205,16 +261,28 @@ fn latencies(receiver: &Receiver, commits: &[(String, Instant)]) -> (f64, f64, f
 }
 
 fn main() {
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let row = |what: &str, figure: String, target: &str| println!("  {what:<58} {figure:>22}   {target}");
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let row =
+        |what: &str, figure: String, target: &str| println!("  {what:<58} {figure:>22}   {target}");
 
     eprintln!("starting a cluster (fsync on) with the Supabase Auth schema...");
-    let cluster = Cluster::new(&["fsync = on", "shared_buffers = '256MB'", "max_connections = 200"]);
+    let cluster = Cluster::new(&[
+        "fsync = on",
+        "shared_buffers = '256MB'",
+        "max_connections = 200",
+    ]);
     let version: String = cluster.one_row("SHOW server_version").get(0);
     let receiver = Receiver::start(Duration::ZERO);
     let mut admin = cluster.connect("supabase_admin");
-    admin.batch_execute("CREATE EXTENSION pg_new_user_hook").unwrap();
+    admin
+        .batch_execute("CREATE EXTENSION pg_new_user_hook")
+        .unwrap();
     let concurrency = std::env::var("BENCH_CONCURRENCY").unwrap_or_else(|_| "32".into());
     cluster.configure(&[("url", &receiver.url), ("concurrency", &concurrency)]);
     println!("pg_new_user_hook benchmark — {cores} cores, PostgreSQL {version}, fsync on, synchronous_commit on");
@@ -233,7 +301,11 @@ fn main() {
              GRANT USAGE ON SEQUENCE public.bare_outbox_id_seq TO supabase_auth_admin;",
         )
         .unwrap();
-    let rounds = if std::env::var_os("BENCH_SKIP_OVERHEAD").is_some() { 0 } else { 3 };
+    let rounds = if std::env::var_os("BENCH_SKIP_OVERHEAD").is_some() {
+        0
+    } else {
+        3
+    };
     let setups = [
         ("none", "SELECT new_user_hook.uninstall(); DROP TRIGGER IF EXISTS bare ON auth.users;"),
         ("bare", "SELECT new_user_hook.uninstall(); CREATE TRIGGER bare AFTER INSERT ON auth.users FOR EACH ROW EXECUTE FUNCTION public.bare_capture();"),
@@ -247,14 +319,20 @@ fn main() {
             admin.batch_execute(sql).unwrap();
             for clients in [1, 8] {
                 admin.batch_execute("CHECKPOINT").unwrap();
-                tps.entry((name, clients)).or_default().push(pgbench(&cluster, clients, seconds));
+                tps.entry((name, clients))
+                    .or_default()
+                    .push(pgbench(&cluster, clients, seconds));
             }
         }
     }
     // The remaining measurements run with the hook installed.
-    admin.batch_execute("DROP TRIGGER IF EXISTS bare ON auth.users; SELECT new_user_hook.install()").unwrap();
+    admin
+        .batch_execute("DROP TRIGGER IF EXISTS bare ON auth.users; SELECT new_user_hook.install()")
+        .unwrap();
     let median = |name: &str, clients: u32| {
-        let Some(v) = tps.get(&(name, clients)) else { return f64::NAN };
+        let Some(v) = tps.get(&(name, clients)) else {
+            return f64::NAN;
+        };
         let mut v = v.clone();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
@@ -263,13 +341,27 @@ fn main() {
     let (bare1, bare8) = (median("bare", 1), median("bare", 8));
     let (hook1, hook8) = (median("hook", 1), median("hook", 8));
     wait_for("the pgbench signups delivered", LONG, || {
-        let pending: i64 = cluster.one_row("SELECT pending FROM new_user_hook.status").get(0);
+        let pending: i64 = cluster
+            .one_row("SELECT pending FROM new_user_hook.status")
+            .get(0);
         (pending == 0).then_some(())
     });
     println!("Signup overhead (GoTrue signup transaction, pgbench TPS, median of 3; ratio to no trigger)");
-    row("no trigger, 1 client / 8 clients", format!("{base1:.0} / {base8:.0}"), "");
-    row("bare one-row trigger (floor), 1 / 8", format!("{:.2} / {:.2}", bare1 / base1, bare8 / base8), "");
-    row("pg_new_user_hook, delivering concurrently, 1 / 8", format!("{:.2} / {:.2}", hook1 / base1, hook8 / base8), "target ≥ 0.90 (1 client)");
+    row(
+        "no trigger, 1 client / 8 clients",
+        format!("{base1:.0} / {base8:.0}"),
+        "",
+    );
+    row(
+        "bare one-row trigger (floor), 1 / 8",
+        format!("{:.2} / {:.2}", bare1 / base1, bare8 / base8),
+        "",
+    );
+    row(
+        "pg_new_user_hook, delivering concurrently, 1 / 8",
+        format!("{:.2} / {:.2}", hook1 / base1, hook8 / base8),
+        "target ≥ 0.90 (1 client)",
+    );
 
     // 2. Drain rate.
     eprintln!("drain rate: 20,000 users committed at once...");
@@ -280,14 +372,24 @@ fn main() {
     cluster.configure(&[("url", &receiver.url)]);
     receiver.wait_for_users(&ids);
     let drain = started.elapsed();
-    wait_for("20,000 recorded as delivered", LONG, || (delivered(&cluster) - before >= 20_000).then_some(()));
+    wait_for("20,000 recorded as delivered", LONG, || {
+        (delivered(&cluster) - before >= 20_000).then_some(())
+    });
     println!("Drain rate");
     row(
         "20,000 users committed at once: time, events/s",
-        format!("{:.2} s, {:.0}/s", drain.as_secs_f64(), 20_000.0 / drain.as_secs_f64()),
+        format!(
+            "{:.2} s, {:.0}/s",
+            drain.as_secs_f64(),
+            20_000.0 / drain.as_secs_f64()
+        ),
         "target ≥ 5,000/s",
     );
-    row("failed or lost", format!("{} / 0", failed(&cluster)), "target 0");
+    row(
+        "failed or lost",
+        format!("{} / 0", failed(&cluster)),
+        "target 0",
+    );
 
     // 3. Latency.
     eprintln!("latency: idle and under load...");
@@ -297,7 +399,11 @@ fn main() {
     let (lp50, lp99, lmax) = latencies(&receiver, &loaded);
     let achieved = loaded.len() as f64 / 5.0;
     println!("Latency, commit → receipt at the backend (ms)");
-    row("idle, one signup every 100 ms: p50 / p99 / max", format!("{p50:.1} / {p99:.1} / {max:.1}"), "target p50 ≤ 5, p99 ≤ 25");
+    row(
+        "idle, one signup every 100 ms: p50 / p99 / max",
+        format!("{p50:.1} / {p99:.1} / {max:.1}"),
+        "target p50 ≤ 5, p99 ≤ 25",
+    );
     row(
         &format!("under load, {achieved:.0} signups/s: p50 / p99 / max"),
         format!("{lp50:.1} / {lp99:.1} / {lmax:.1}"),
@@ -315,12 +421,18 @@ fn main() {
     }
     cluster.configure(&[("url", &receiver.url)]);
     receiver.wait_for_users(&ids);
-    wait_for("100,000 recorded as delivered", LONG, || (delivered(&cluster) - before >= 100_000).then_some(()));
+    wait_for("100,000 recorded as delivered", LONG, || {
+        (delivered(&cluster) - before >= 100_000).then_some(())
+    });
     let rss_after = worker_rss_kb(&cluster);
     println!("Memory");
     row(
         "worker private RSS before / after draining 100,000 events",
-        format!("{:.1} / {:.1} MB", rss_before as f64 / 1024.0, rss_after as f64 / 1024.0),
+        format!(
+            "{:.1} / {:.1} MB",
+            rss_before as f64 / 1024.0,
+            rss_after as f64 / 1024.0
+        ),
         "target growth < 20 MB",
     );
 
@@ -333,13 +445,28 @@ fn main() {
         let n = concurrency * 25;
         let ids = bulk_users(&cluster, n);
         let started = Instant::now();
-        cluster.configure(&[("url", &slow.url), ("concurrency", &concurrency.to_string())]);
-        let tps = if concurrency == 32 { Some(pgbench(&cluster, 1, 5)) } else { None };
+        cluster.configure(&[
+            ("url", &slow.url),
+            ("concurrency", &concurrency.to_string()),
+        ]);
+        let tps = if concurrency == 32 {
+            Some(pgbench(&cluster, 1, 5))
+        } else {
+            None
+        };
         slow.wait_for_users(&ids);
         let rate = n as f64 / started.elapsed().as_secs_f64();
-        row(&format!("concurrency {concurrency}: deliveries/s"), format!("{rate:.1}"), "scales with concurrency");
+        row(
+            &format!("concurrency {concurrency}: deliveries/s"),
+            format!("{rate:.1}"),
+            "scales with concurrency",
+        );
         if let Some(tps) = tps {
-            row("signup TPS (1 client) while delivering to it, ratio", format!("{tps:.0} ({:.2})", tps / base1), "must not drop");
+            row(
+                "signup TPS (1 client) while delivering to it, ratio",
+                format!("{tps:.0} ({:.2})", tps / base1),
+                "must not drop",
+            );
         }
     }
 
