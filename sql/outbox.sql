@@ -19,6 +19,8 @@ CREATE TABLE new_user_hook.outbox (
     delivered_at     timestamptz
 );
 CREATE INDEX outbox_due ON new_user_hook.outbox (next_attempt_at) WHERE status = 'pending';
+-- The status view's "last error" without scanning every event (since 0.2.0).
+CREATE INDEX outbox_last_error ON new_user_hook.outbox (last_attempt_at DESC NULLS LAST) WHERE last_error IS NOT NULL;
 COMMENT ON TABLE new_user_hook.outbox IS
     'Events for new users, delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 -- Queued events are data: pg_dump keeps them.
