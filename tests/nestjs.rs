@@ -1,0 +1,184 @@
+//! The NestJS example backend (examples/nestjs-receiver), end to end: built from its
+//! committed lockfile, started on loopback with an API key and a signing secret,
+//! fed by GoTrue signups on the real Supabase Auth schema. Every user must become
+//! exactly one profile, also after every event is delivered a second time.
+
+mod common;
+
+use common::{wait_for, Cluster};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const WITHIN: Duration = Duration::from_secs(60);
+const API_KEY: &str = "nest-example-key";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn example_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nestjs-receiver")
+}
+
+fn npm(args: &[&str]) {
+    let out = Command::new("npm")
+        .args(args)
+        .current_dir(example_dir())
+        .output()
+        .expect("npm (install Node.js and npm)");
+    assert!(
+        out.status.success(),
+        "npm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Backend {
+    child: Child,
+    url: String,
+}
+
+impl Backend {
+    fn start() -> Backend {
+        npm(&["ci", "--no-audit", "--no-fund"]);
+        npm(&["run", "build"]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("node")
+            .arg("dist/main.js")
+            .current_dir(example_dir())
+            .env("PORT", port.to_string())
+            .env("API_KEY", API_KEY)
+            .env("WEBHOOK_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("the NestJS backend to listen", WITHIN, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Backend {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// (user id, email) of every profile, from GET /profiles.
+    fn profiles(&self) -> Vec<(String, Option<String>)> {
+        let body = ureq::get(format!("{}/profiles", self.url))
+            .header("X-API-Key", API_KEY)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["id"].as_str().unwrap().to_string(),
+                    p["email"].as_str().map(str::to_string),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn every_new_user_becomes_exactly_one_profile_in_the_nestjs_backend() {
+    let backend = Backend::start();
+    let cluster = Cluster::with_hook(&[]);
+    cluster.configure(&[
+        ("url", &format!("{}/users", backend.url)),
+        ("api_key", API_KEY),
+        ("signing_secret", SECRET),
+    ]);
+    let mut ids = HashSet::new();
+    for i in 0..20 {
+        ids.insert(cluster.signup(&format!("nest-{i}@example.com")));
+    }
+    let profiles = wait_for("20 profiles", WITHIN, || {
+        let p = backend.profiles();
+        (p.len() >= 20).then_some(p)
+    });
+    assert_eq!(
+        profiles
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect::<HashSet<_>>(),
+        ids
+    );
+    assert!(profiles
+        .iter()
+        .all(|(_, email)| email.as_deref().is_some_and(|e| e.starts_with("nest-"))));
+
+    // Forced redelivery of every event: the backend recognises them, no second profile.
+    let mut admin = cluster.connect("supabase_admin");
+    let requeued: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM new_user_hook.deliveries d WHERE new_user_hook.redeliver(d.id)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(requeued, 20);
+    wait_for("the redeliveries acknowledged", WITHIN, || {
+        let n: i64 = admin
+            .query_one("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'delivered' AND attempts = 1", &[])
+            .unwrap()
+            .get(0);
+        (n == 20).then_some(())
+    });
+    assert_eq!(
+        backend.profiles().len(),
+        20,
+        "a redelivery created a second profile"
+    );
+
+    // A wrong API key is refused by the backend's guard; after the fix, the event goes through.
+    cluster.configure(&[("api_key", "wrong-key")]);
+    wait_for("the wrong key to apply", WITHIN, || {
+        let id = cluster.signup(&format!("nest-late-{}@example.com", ids.len()));
+        ids.insert(id.clone());
+        let mut admin = cluster.connect("supabase_admin");
+        wait_for("the attempt", WITHIN, || {
+            let row = admin
+                .query_opt(
+                    "SELECT status, coalesce(last_error, '') FROM new_user_hook.deliveries
+                      WHERE user_id = $1::text::uuid AND status <> 'pending'",
+                    &[&id],
+                )
+                .unwrap();
+            row.map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        })
+        .1
+        .contains("HTTP 401 Unauthorized: {\"message\":\"invalid API key\"")
+        .then_some(())
+    });
+    cluster.configure(&[("api_key", API_KEY)]);
+    // Once a new signup gets through, the worker uses the right key again.
+    let fixed = cluster.signup("nest-after-fix@example.com");
+    ids.insert(fixed.clone());
+    cluster.wait_for_event(&fixed, "status = 'delivered'", WITHIN);
+    let requeued: i64 = admin
+        .query_one("SELECT new_user_hook.redeliver_failed()", &[])
+        .unwrap()
+        .get(0);
+    assert!(requeued >= 1);
+    wait_for("every user a profile", WITHIN, || {
+        let p = backend.profiles();
+        (p.iter().map(|(id, _)| id.clone()).collect::<HashSet<_>>() == ids).then_some(())
+    });
+    assert_eq!(backend.profiles().len(), ids.len());
+}
