@@ -6,11 +6,11 @@
 
 mod common;
 
-use common::{wait_for, Cluster, Receiver, Reply};
+use common::{wait_for, Cluster, KillOnDrop, Receiver, Reply};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -286,20 +286,16 @@ fn worker_hits_an_internal_error() {
 struct KillableReceiver {
     port: u16,
     log: PathBuf,
-    child: Option<Child>,
+    process: Option<KillOnDrop>,
 }
 
 impl KillableReceiver {
     fn new(dir: &std::path::Path) -> KillableReceiver {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let mut r = KillableReceiver {
             port,
             log: dir.join("killable.log"),
-            child: None,
+            process: None,
         };
         r.start();
         r
@@ -320,24 +316,19 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer.allow_reuse_address = True
 http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
-        self.child = Some(
+        self.process = Some(KillOnDrop(
             Command::new("python3")
                 .args(["-c", script, &self.port.to_string()])
                 .arg(&self.log)
                 .spawn()
                 .unwrap(),
-        );
-        let port = self.port;
-        wait_for("the receiver to listen", WITHIN, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
+        ));
+        common::wait_until_listening("the receiver", self.port);
     }
 
+    /// SIGKILL, as a crashing backend process.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill(); // SIGKILL
-            let _ = child.wait();
-        }
+        self.process = None;
     }
 
     fn received(&self) -> Vec<(String, String)> {
@@ -349,12 +340,6 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
                     .map(|(w, u)| (u.to_string(), w.to_string()))
             })
             .collect()
-    }
-}
-
-impl Drop for KillableReceiver {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -5,10 +5,10 @@
 
 mod common;
 
-use common::{wait_for, Cluster};
+use common::{wait_for, Cluster, KillOnDrop};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -34,7 +34,7 @@ fn npm(args: &[&str]) {
 }
 
 struct Backend {
-    child: Child,
+    _process: KillOnDrop,
     url: String,
 }
 
@@ -42,11 +42,7 @@ impl Backend {
     fn start() -> Backend {
         npm(&["ci", "--no-audit", "--no-fund"]);
         npm(&["run", "build"]);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let child = Command::new("node")
             .arg("dist/main.js")
             .current_dir(example_dir())
@@ -56,11 +52,9 @@ impl Backend {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        wait_for("the NestJS backend to listen", WITHIN, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
+        common::wait_until_listening("the NestJS backend", port);
         Backend {
-            child,
+            _process: KillOnDrop(child),
             url: format!("http://127.0.0.1:{port}"),
         }
     }
@@ -85,13 +79,6 @@ impl Backend {
                 )
             })
             .collect()
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{wait_for, Cluster, Received, Receiver};
+use common::{wait_for, Cluster, KillOnDrop, Received, Receiver};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -513,18 +513,14 @@ fn make_certificates(dir: &Path) {
 
 /// An HTTPS receiver on loopback (Python's http.server with ssl), answering 200.
 struct TlsReceiver {
-    child: std::process::Child,
+    _process: KillOnDrop,
     port: u16,
     log: PathBuf,
 }
 
 impl TlsReceiver {
     fn start(dir: &Path) -> TlsReceiver {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let log = dir.join("requests.log");
         let script = r#"
 import http.server, ssl, sys
@@ -549,21 +545,16 @@ srv.serve_forever()
             .arg(&log)
             .spawn()
             .unwrap();
-        wait_for("the TLS receiver to listen", WITHIN, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        TlsReceiver { child, port, log }
+        common::wait_until_listening("the TLS receiver", port);
+        TlsReceiver {
+            _process: KillOnDrop(child),
+            port,
+            log,
+        }
     }
 
     fn bodies(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for TlsReceiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

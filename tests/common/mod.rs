@@ -81,7 +81,7 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -595,4 +595,23 @@ impl Drop for Receiver {
 /// A port with nothing listening on it (for "backend down" scenarios).
 pub fn closed_port() -> u16 {
     free_port()
+}
+
+/// A helper process (receiver, backend) that is killed when the test lets go of it.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_until_listening(what: &str, port: u16) {
+    wait_for(
+        &format!("{what} to listen on port {port}"),
+        Duration::from_secs(60),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
 }
