@@ -193,19 +193,35 @@ fn bulk_signups(cluster: &Cluster, prefix: &str, n: usize, per_tx: usize) -> Vec
 
 #[test]
 fn server_crash_mid_delivery() {
-    let receiver = Receiver::start(|_, _| {
-        std::thread::sleep(Duration::from_millis(5));
-        Reply::Status(200)
+    const ANSWERED_BEFORE_CRASH: usize = 300;
+    // Requests past the first 300 are held until the server has crashed and restarted,
+    // so the crash always lands mid-backlog with deliveries in flight; held ones then
+    // get a 503 (their sender is gone), so only deliveries the worker could have seen
+    // succeed count as delivered.
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = Arc::clone(&released);
+    let receiver = Receiver::start(move |n, _| {
+        if n < ANSWERED_BEFORE_CRASH || gate.load(Ordering::SeqCst) {
+            return Reply::Status(200);
+        }
+        while !gate.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Reply::Status(503)
     });
     let mut cluster = hooked(&receiver.url, &[]);
     let mut tally = Tally::new("server kill -9 mid-delivery");
     tally.committed_ids(bulk_signups(&cluster, "crash", 5000, 100));
-    receiver.wait_for_requests(300, WITHIN);
+    receiver.wait_for_requests(ANSWERED_BEFORE_CRASH + 1, WITHIN);
     cluster.kill9_and_restart();
+    let pending: i64 = cluster
+        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending'")
+        .get(0);
     assert!(
-        receiver.count() < 5000,
-        "the crash came after the backlog drained"
+        pending > 0,
+        "the crash came after the backlog was recorded as delivered"
     );
+    released.store(true, Ordering::SeqCst);
     for _ in 0..5 {
         tally.signup(&cluster);
     }
