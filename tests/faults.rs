@@ -194,25 +194,23 @@ fn bulk_signups(cluster: &Cluster, prefix: &str, n: usize, per_tx: usize) -> Vec
 #[test]
 fn server_crash_mid_delivery() {
     const ANSWERED_BEFORE_CRASH: usize = 300;
-    // Requests past the first 300 are held until the server has crashed and restarted,
-    // so the crash always lands mid-backlog with deliveries in flight; held ones then
-    // get a 503 (their sender is gone), so only deliveries the worker could have seen
-    // succeed count as delivered.
+    // A slow backend: requests past the first 300 are held until the server has crashed
+    // and restarted, so the crash always lands mid-backlog with requests in flight. The
+    // held ones are then answered 200, as a backend that did the work while its caller
+    // died would: the worker never saw those answers, so it must send them again.
     let released = Arc::new(AtomicBool::new(false));
     let gate = Arc::clone(&released);
     let receiver = Receiver::start(move |n, _| {
-        if n < ANSWERED_BEFORE_CRASH || gate.load(Ordering::SeqCst) {
-            return Reply::Status(200);
-        }
-        while !gate.load(Ordering::SeqCst) {
+        while n >= ANSWERED_BEFORE_CRASH && !gate.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        Reply::Status(503)
+        Reply::Status(200)
     });
     let mut cluster = hooked(&receiver.url, &[]);
     let mut tally = Tally::new("server kill -9 mid-delivery");
     tally.committed_ids(bulk_signups(&cluster, "crash", 5000, 100));
     receiver.wait_for_requests(ANSWERED_BEFORE_CRASH + 1, WITHIN);
+    let crashed_at = Instant::now();
     cluster.kill9_and_restart();
     let pending: i64 = cluster
         .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending'")
@@ -221,10 +219,27 @@ fn server_crash_mid_delivery() {
         pending > 0,
         "the crash came after the backlog was recorded as delivered"
     );
+    let in_flight: HashSet<String> = receiver.requests()[ANSWERED_BEFORE_CRASH..]
+        .iter()
+        .filter(|r| r.at < crashed_at)
+        .map(|r| r.json()["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!in_flight.is_empty());
     released.store(true, Ordering::SeqCst);
     for _ in 0..5 {
         tally.signup(&cluster);
     }
+    wait_for(
+        "every request in flight at the crash to be sent again",
+        WITHIN,
+        || {
+            let accepted = from_receiver(&receiver);
+            in_flight
+                .iter()
+                .all(|user| accepted.iter().filter(|(u, _)| u == user).count() >= 2)
+                .then_some(())
+        },
+    );
     tally.finish(|| from_receiver(&receiver));
 }
 
