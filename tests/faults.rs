@@ -194,18 +194,10 @@ fn bulk_signups(cluster: &Cluster, prefix: &str, n: usize, per_tx: usize) -> Vec
 #[test]
 fn server_crash_mid_delivery() {
     const ANSWERED_BEFORE_CRASH: usize = 300;
-    // A slow backend: requests past the first 300 are held until the server has crashed
-    // and restarted, so the crash always lands mid-backlog with requests in flight. The
-    // held ones are then answered 200, as a backend that did the work while its caller
-    // died would: the worker never saw those answers, so it must send them again.
-    let released = Arc::new(AtomicBool::new(false));
-    let gate = Arc::clone(&released);
-    let receiver = Receiver::start(move |n, _| {
-        while n >= ANSWERED_BEFORE_CRASH && !gate.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Reply::Status(200)
-    });
+    // A slow backend: the crash lands mid-backlog with requests in flight. Those are
+    // answered 200 after the restart: the worker never saw the answers, so it must
+    // send them again.
+    let (receiver, gate) = Receiver::holding_after(ANSWERED_BEFORE_CRASH);
     let mut cluster = hooked(&receiver.url, &[]);
     let mut tally = Tally::new("server kill -9 mid-delivery");
     tally.committed_ids(bulk_signups(&cluster, "crash", 5000, 100));
@@ -225,7 +217,7 @@ fn server_crash_mid_delivery() {
         .map(|r| r.json()["id"].as_str().unwrap().to_string())
         .collect();
     assert!(!in_flight.is_empty());
-    released.store(true, Ordering::SeqCst);
+    gate.open();
     for _ in 0..5 {
         tally.signup(&cluster);
     }

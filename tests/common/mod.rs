@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -488,6 +488,15 @@ pub enum Reply {
     Hang,
 }
 
+/// Releases the requests a `Receiver::holding_after` holds.
+pub struct Gate(Arc<AtomicBool>);
+
+impl Gate {
+    pub fn open(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 type Behaviour = dyn Fn(usize, &Received) -> Reply + Send + Sync;
 
 pub struct Receiver {
@@ -506,6 +515,22 @@ impl Receiver {
 
     pub fn ok() -> Receiver {
         Receiver::start(|_, _| Reply::Status(200))
+    }
+
+    /// A backend that answers the first `answered` requests with 200 and holds every
+    /// later one until the returned gate is opened, then answers it 200 too (even if
+    /// its sender is gone by then, as a backend that did the work would). Puts a crash
+    /// in the middle of a backlog with requests in flight, whatever the machine's speed.
+    pub fn holding_after(answered: usize) -> (Receiver, Gate) {
+        let gate = Gate(Arc::new(AtomicBool::new(false)));
+        let open = Arc::clone(&gate.0);
+        let receiver = Receiver::start(move |n, _| {
+            while n >= answered && !open.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Reply::Status(200)
+        });
+        (receiver, gate)
     }
 
     pub fn start_on(
