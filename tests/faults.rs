@@ -528,18 +528,24 @@ fn server_error_storm_with_retry_after() {
     std::thread::sleep(Duration::from_millis(4500)); // the storm lasts a fixed time, then ends
     storm.store(false, Ordering::SeqCst);
     tally.finish(|| from_receiver(&receiver));
-    // No event was tried again before the Retry-After time.
-    let mut last: HashMap<String, Instant> = HashMap::new();
+    // Every event met the storm (was retried), and none was tried again before the
+    // Retry-After time.
+    let mut last: HashMap<String, (Instant, usize)> = HashMap::new();
     for r in receiver.requests() {
         let id = r.header("webhook-id").unwrap().to_string();
-        if let Some(previous) = last.insert(id.clone(), r.at) {
-            let gap = r.at.duration_since(previous);
+        let (previous, tries) = last.entry(id.clone()).or_insert((r.at, 0));
+        if *tries > 0 {
+            let gap = r.at.duration_since(*previous);
             assert!(
                 gap >= Duration::from_millis(1900),
                 "{id} retried after {gap:?}"
             );
         }
+        *previous = r.at;
+        *tries += 1;
     }
+    assert_eq!(last.len(), 20);
+    assert!(last.values().all(|(_, tries)| *tries >= 2), "{last:?}");
 }
 
 #[test]
