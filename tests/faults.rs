@@ -55,6 +55,12 @@ impl Tally {
         self.signup_as(cluster, &email)
     }
 
+    fn signups(&mut self, cluster: &Cluster, n: usize) {
+        for _ in 0..n {
+            self.signup(cluster);
+        }
+    }
+
     fn signup_as(&mut self, cluster: &Cluster, email: &str) -> Option<String> {
         match cluster.try_signup(email) {
             Ok((id, took)) => {
@@ -218,9 +224,7 @@ fn server_crash_mid_delivery() {
         .collect();
     assert!(!in_flight.is_empty());
     gate.open();
-    for _ in 0..5 {
-        tally.signup(&cluster);
-    }
+    tally.signups(&cluster, 5);
     wait_for(
         "every request in flight at the crash to be sent again",
         WITHIN,
@@ -254,9 +258,7 @@ fn worker_killed_with_sigkill() {
     wait_for("the server to restart after the crash", WITHIN, || {
         (cluster.log().matches(ready).count() > restarts).then_some(())
     });
-    for _ in 0..20 {
-        tally.signup(&cluster);
-    }
+    tally.signups(&cluster, 20);
     wait_for("a new worker", WITHIN, || {
         cluster.worker_pid().filter(|p| *p != worker)
     });
@@ -274,9 +276,7 @@ fn worker_hits_an_internal_error() {
         .connect("supabase_admin")
         .batch_execute("ALTER TABLE new_user_hook.outbox ADD CONSTRAINT injected_fault CHECK (status <> 'delivered') NOT VALID")
         .unwrap();
-    for _ in 0..10 {
-        tally.signup(&cluster);
-    }
+    tally.signups(&cluster, 10);
     wait_for("the worker to fail and come back", WITHIN, || {
         cluster.worker_pid().filter(|p| *p != worker)
     });
@@ -284,9 +284,7 @@ fn worker_hits_an_internal_error() {
         cluster.log().contains("injected_fault"),
         "the error is in the log"
     );
-    for _ in 0..10 {
-        tally.signup(&cluster);
-    }
+    tally.signups(&cluster, 10);
     cluster
         .connect("supabase_admin")
         .batch_execute("ALTER TABLE new_user_hook.outbox DROP CONSTRAINT injected_fault")
@@ -430,9 +428,7 @@ fn receiver_hangs() {
     );
     let mut tally = Tally::new("receiver hangs");
     let worker = wait_for("the worker", WITHIN, || cluster.worker_pid());
-    for _ in 0..10 {
-        tally.signup(&cluster);
-    }
+    tally.signups(&cluster, 10);
     let first = tally.committed.iter().next().unwrap().clone();
     cluster.wait_for_event(
         &first,
@@ -493,9 +489,7 @@ fn receiver_trickles_bytes() {
         ],
     );
     let mut tally = Tally::new("receiver trickles bytes");
-    for _ in 0..5 {
-        tally.signup(&cluster);
-    }
+    tally.signups(&cluster, 5);
     let first = tally.committed.iter().next().unwrap().clone();
     cluster.wait_for_event(
         &first,
@@ -522,9 +516,7 @@ fn server_error_storm_with_retry_after() {
     };
     let cluster = hooked(&receiver.url, &[("retry_base_ms", "50")]);
     let mut tally = Tally::new("5xx storm, Retry-After 2");
-    for _ in 0..20 {
-        tally.signup(&cluster);
-    }
+    tally.signups(&cluster, 20);
     std::thread::sleep(Duration::from_millis(4500)); // the storm lasts a fixed time, then ends
     storm.store(false, Ordering::SeqCst);
     tally.finish(|| from_receiver(&receiver));
@@ -563,9 +555,7 @@ fn client_errors_then_redeliver_failed() {
     };
     let cluster = hooked(&receiver.url, &[]);
     let mut tally = Tally::new("4xx, then redeliver_failed");
-    for _ in 0..10 {
-        tally.signup(&cluster);
-    }
+    tally.signups(&cluster, 10);
     wait_for("every event failed at once", WITHIN, || {
         let n: i64 = cluster
             .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'failed' AND attempts = 1 AND last_error LIKE 'HTTP 422 Unprocessable Entity: {\"message\":\"rejected by test receiver\"}%'")
@@ -612,9 +602,7 @@ fn bad_configuration_at_runtime() {
     ];
     for (url, what) in cases {
         cluster.configure(&[("url", url)]);
-        for _ in 0..3 {
-            tally.signup(&cluster);
-        }
+        tally.signups(&cluster, 3);
         status_says(what);
         assert_eq!(
             cluster.worker_pid(),
