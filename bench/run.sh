@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Benchmark: builds and installs the extension (release), then runs bench/src/main.rs,
 # which starts its own cluster and receiver and prints a table of figures.
+#   bench/run.sh          PostgreSQL 15, then 17 (in the Debian 13 root of tests/pg17-root.sh)
+#   bench/run.sh 17       one major
 # BENCH_SECONDS (default 10) sets the length of each pgbench run.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-"$repo/tests/setup.sh"
-export PATH="$HOME/.cargo/bin:$PATH"
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-(cd "$repo" && cargo pgrx install --release --pg-config /usr/bin/pg_config ${SUDO:+--sudo} >/dev/null)
-export SUPABASE_AUTH_FIXTURES="${SUPABASE_AUTH_FIXTURES:-$repo/../shared/fixtures/supabase-auth}"
-exec cargo run --quiet --release --manifest-path "$repo/bench/Cargo.toml"
+cd "$repo"
+if [ -z "${PG_NEW_USER_HOOK_ROOT:-}" ]; then
+  tests/setup.sh
+  export SUPABASE_AUTH_FIXTURES="${SUPABASE_AUTH_FIXTURES:-$repo/../shared/fixtures/supabase-auth}"
+  for major in ${*:-15 17}; do
+    case "$major" in
+      15) PG_NEW_USER_HOOK_ROOT= bench/run-one.sh 15 ;;
+      17) tests/pg17-root.sh run env BENCH_SECONDS="${BENCH_SECONDS:-10}" bench/run-one.sh 17 ;;
+      *) echo "bench: PostgreSQL $major is not supported (15 or 17)" >&2; exit 2 ;;
+    esac
+  done
+  exit 0
+fi
+exec bench/run-one.sh "${1:-17}"

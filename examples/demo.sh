@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Local demo: PostgreSQL 15 with pg_new_user_hook preloaded, the Supabase Auth
-# schema, and a backend that receives every new user. Signs up a few users the
-# way Supabase Auth does and shows them arriving. Stops everything at the end
+# Local demo: PostgreSQL with pg_new_user_hook preloaded, the Supabase Auth schema,
+# and a backend that receives every new user. Signs up a few users the way
+# Supabase Auth does and shows them arriving. Stops everything at the end
 # (KEEP=1 leaves PostgreSQL and the backend running).
+#   ./examples/demo.sh              PostgreSQL 15
+#   PG_MAJOR=17 ./examples/demo.sh  PostgreSQL 17 (in the Debian 13 root of tests/pg17-root.sh)
+#   DEMO_INSTALLED=1 ...            use the extension as installed (e.g. from a tarball), no build
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
-"$repo/tests/setup.sh"
-export PATH="$HOME/.cargo/bin:$PATH"
+major=${PG_MAJOR:-15}
+if [ -z "${PG_NEW_USER_HOOK_ROOT:-}" ]; then
+  "$repo/tests/setup.sh"
+  if [ "$major" = 17 ]; then
+    exec "$repo/tests/pg17-root.sh" run env DEMO_INSTALLED="${DEMO_INSTALLED:-}" KEEP="${KEEP:-}" examples/demo.sh
+  fi
+fi
+cd "$repo"
+. tests/pg-major.sh "$major"
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
-echo "== building and installing the extension"
-(cd "$repo" && cargo pgrx install --release --pg-config /usr/bin/pg_config ${SUDO:+--sudo} >/dev/null)
+if [ -z "${DEMO_INSTALLED:-}" ]; then
+  echo "== building and installing the extension for PostgreSQL $major"
+  cargo pgrx install --release --pg-config "$pg_config" ${SUDO:+--sudo} >/dev/null
+fi
 
-bindir=$(pg_config --bindir)
+bindir=$("$pg_config" --bindir)
 port=${PGPORT_DEMO:-54329}
 backend_port=${BACKEND_PORT:-3999}
 api_key=demo-key
@@ -35,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== starting PostgreSQL 15 with shared_preload_libraries = 'pg_new_user_hook' ($work)"
+echo "== starting PostgreSQL $major with shared_preload_libraries = 'pg_new_user_hook' ($work)"
 as_pg "$bindir/initdb" -D "$work/data" -U supabase_admin --auth=trust -E UTF8 --locale=C >/dev/null
 cat >> "$work/data/postgresql.conf" <<CONF
 shared_preload_libraries = 'pg_new_user_hook'
@@ -46,7 +58,7 @@ port = $port
 CONF
 as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/server.log" -w start >/dev/null
 export PGHOST=$work PGPORT=$port PGDATABASE=postgres
-psql_as() { local user=$1; shift; as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$work" -p "$port" -U "$user" postgres "$@"; }
+psql_as() { local user=$1; shift; as_pg "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h "$work" -p "$port" -U "$user" postgres "$@"; }
 
 fixtures="$repo/../shared/fixtures/supabase-auth"
 if [ -f "$fixtures/load.sh" ]; then

@@ -30,7 +30,11 @@ pub extern "C-unwind" fn _PG_init() {
     redact::install();
     if preloading {
         shared::init();
-        worker::register();
+        // pg_upgrade starts the old and the new server in binary-upgrade mode: a
+        // worker there would send events from a cluster that is being copied.
+        if !unsafe { pg_sys::IsBinaryUpgrade } {
+            worker::register();
+        }
     }
 }
 

@@ -52,11 +52,22 @@ pub fn preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
 }
 
-/// The worker announces itself (Some) at start and withdraws (None) on exit.
-pub fn set_worker_procno(procno: Option<i32>) {
-    WORKER_PROCNO
-        .get()
-        .store(procno.unwrap_or(-1), Ordering::SeqCst);
+/// The worker announces itself at start (so commits can set its latch) and withdraws on exit.
+pub fn announce_worker(running: bool) {
+    let procno = if running { my_procno() } else { -1 };
+    WORKER_PROCNO.get().store(procno, Ordering::SeqCst);
+}
+
+/// This process's slot in `ProcGlobal->allProcs`: `MyProc->pgprocno` until
+/// PostgreSQL 16, the global `MyProcNumber` since 17.
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+fn my_procno() -> i32 {
+    unsafe { (*pg_sys::MyProc).pgprocno }
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
+fn my_procno() -> i32 {
+    unsafe { pg_sys::MyProcNumber }
 }
 
 pub fn worker_procno() -> Option<i32> {

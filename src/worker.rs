@@ -41,14 +41,14 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    shared::set_worker_procno(Some(unsafe { (*pg_sys::MyProc).pgprocno }));
+    shared::announce_worker(true);
     log!("pg_new_user_hook: delivery worker started for database \"{database}\"");
 
     BackgroundWorker::transaction(outbox::configure_session);
     let mut worker = Worker::new();
     worker.run();
 
-    shared::set_worker_procno(None);
+    shared::announce_worker(false);
     shared::set_worker_problem(None);
     log!("pg_new_user_hook: delivery worker stopped");
     // Exit code 1 makes the postmaster start the worker again if only the worker

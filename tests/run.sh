@@ -1,38 +1,42 @@
 #!/usr/bin/env bash
-# The full test suite: unit tests, SQL-surface tests (#[pg_test]) and end-to-end
-# tests (real clusters with the Supabase Auth schema, a loopback receiver).
+# The full test suite on every supported PostgreSQL major: unit tests, SQL-surface
+# tests (#[pg_test]) and end-to-end suites (real clusters with the Supabase Auth
+# schema, a loopback receiver), then the packaged tarballs installed and checked.
+#   tests/run.sh          PostgreSQL 15 (Debian 12) and 17 (a Debian 13 root)
+#   tests/run.sh 15       one major (also: PG_MAJORS="15 17")
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+majors="${*:-${PG_MAJORS:-15 17}}"
 "$repo/tests/setup.sh"
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$repo"
-
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-
-# cargo pgrx test runs its cluster as "postgres" (PostgreSQL refuses root) in a
-# data directory that user owns; it installs the extension with sudo.
-pgdata=/var/tmp/pg_new_user_hook-pgrx-tests
-$SUDO rm -rf "$pgdata"
-$SUDO install -d -o postgres -g postgres "$pgdata"
 
 fixtures="${SUPABASE_AUTH_FIXTURES:-$repo/../shared/fixtures/supabase-auth}"
 if [ ! -f "$fixtures/load.sh" ]; then
   echo "tests: the Supabase Auth fixtures are missing at $fixtures (set SUPABASE_AUTH_FIXTURES)" >&2
   exit 1
 fi
-export SUPABASE_AUTH_FIXTURES="$fixtures"
+export SUPABASE_AUTH_FIXTURES=$(cd "$fixtures" && pwd)
 
-# Unit and #[pg_test] tests run first (and install the extension), then the
-# end-to-end suites in tests/: e2e.rs, faults.rs, security.rs.
-summary="$repo/target/tmp/faults-summary.tsv"
-rm -f "$summary"
-cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
+for major in $majors; do
+  case "$major" in
+    15|17) ;;
+    *) echo "tests: PostgreSQL $major is not supported (15 or 17)" >&2; exit 2 ;;
+  esac
+done
 
-if [ -f "$summary" ]; then
-  echo
-  echo "Fault-injection summary (tests/faults.rs)"
-  sort "$summary" | awk -F'\t' 'BEGIN {
-      printf "%-32s %9s %9s %10s %5s %14s %15s %8s\n", "scenario", "committed", "delivered", "duplicates", "lost", "failed signups", "slowest signup", "drained"
-    } { printf "%-32s %9s %9s %10s %5s %14s %15s %8s\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
-fi
+pg15_tarball=""
+for major in $majors; do
+  case "$major" in
+    15)
+      tests/suite.sh 15
+      tests/tarball.sh 15
+      ;;
+    17)
+      # The PostgreSQL 15 side of the upgrade tests runs this project's 15 tarball.
+      pg15_tarball=$(packaging/package.sh 15 | tail -n 1)
+      tests/pg17-root.sh run bash -c 'tar -C / -xzf "$0" && tests/suite.sh 17 && tests/tarball.sh 17' "$pg15_tarball"
+      ;;
+  esac
+done
+echo "tests: every suite passed on PostgreSQL ${majors// / and }"

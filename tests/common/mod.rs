@@ -1,4 +1,5 @@
-//! Test harness for end-to-end tests: a real PostgreSQL 15 cluster with the
+//! Test harness for end-to-end tests: a real PostgreSQL cluster (the major of
+//! `PG_CONFIG`, or of a given bindir) with the
 //! extension preloaded and the real Supabase Auth schema, and an HTTP receiver
 //! on 127.0.0.1 in the test process.
 #![allow(dead_code)]
@@ -33,7 +34,7 @@ fn is_root() -> bool {
 }
 
 /// Runs a command as the cluster's OS user: `postgres` when we are root (PostgreSQL refuses root).
-fn as_pg_user(program: &Path) -> Command {
+pub fn as_pg_user(program: &Path) -> Command {
     if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(program);
@@ -43,7 +44,7 @@ fn as_pg_user(program: &Path) -> Command {
     }
 }
 
-fn run(mut cmd: Command, what: &str) -> String {
+pub fn run(mut cmd: Command, what: &str) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     if !out.status.success() {
         panic!(
@@ -56,7 +57,8 @@ fn run(mut cmd: Command, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn bindir() -> PathBuf {
+/// The binaries of the PostgreSQL under test (`PG_CONFIG`, else `pg_config` on the PATH).
+pub fn bindir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
@@ -89,7 +91,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
+pub fn scratch_dir(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "pg_new_user_hook-{}-{}-{name}",
@@ -111,67 +113,85 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A cluster initialised once per test binary with the Supabase roles and the 70
-/// GoTrue migrations; every test copies it.
-fn template() -> PathBuf {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    TEMPLATE
-        .get_or_init(|| {
-            let root = scratch_dir("template");
-            let data = root.join("data");
-            let mut initdb = as_pg_user(&bindir().join("initdb"));
-            initdb.arg("-D").arg(&data).args([
-                "-U",
-                "supabase_admin",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "-N",
-            ]);
-            run(initdb, "initdb");
-            let conf = "shared_preload_libraries = 'pg_new_user_hook'\n\
-                        pg_new_user_hook.database = 'postgres'\n\
-                        listen_addresses = '127.0.0.1'\n\
-                        fsync = off\n\
-                        max_connections = 100\n";
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(data.join("postgresql.conf"))
-                .unwrap();
-            std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
-            let cluster = Cluster::start_at(root.clone(), &[]);
-            let mut load = as_pg_user(Path::new("sh"));
-            load.arg(fixtures().join("load.sh"))
-                .env("PGHOST", &cluster.socket_dir())
-                .env("PGPORT", cluster.port.to_string())
-                .env("PGDATABASE", "postgres")
-                .env("SUPERUSER", "supabase_admin");
-            run(load, "loading the Supabase Auth schema (load.sh)");
-            cluster.stop();
-            std::mem::forget(cluster);
-            root
-        })
-        .clone()
+/// A cluster initialised once per test binary (and per PostgreSQL installation)
+/// with the Supabase roles and the 70 GoTrue migrations; every test copies it.
+fn template(bindir: &Path) -> PathBuf {
+    static TEMPLATES: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+    let mut templates = TEMPLATES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, root)) = templates.iter().find(|(b, _)| b == bindir) {
+        return root.clone();
+    }
+    let root = scratch_dir("template");
+    let data = root.join("data");
+    let mut initdb = as_pg_user(&bindir.join("initdb"));
+    initdb.arg("-D").arg(&data).args([
+        "-U",
+        "supabase_admin",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "-N",
+    ]);
+    run(initdb, "initdb");
+    let conf = "shared_preload_libraries = 'pg_new_user_hook'\n\
+                pg_new_user_hook.database = 'postgres'\n\
+                listen_addresses = '127.0.0.1'\n\
+                fsync = off\n\
+                max_connections = 100\n";
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+    let cluster = Cluster::start_at(bindir, root.clone(), &[]);
+    let mut load = as_pg_user(Path::new("sh"));
+    load.arg(fixtures().join("load.sh"))
+        .env("PATH", path_with(bindir))
+        .env("PGHOST", &cluster.socket_dir())
+        .env("PGPORT", cluster.port.to_string())
+        .env("PGDATABASE", "postgres")
+        .env("SUPERUSER", "supabase_admin");
+    run(load, "loading the Supabase Auth schema (load.sh)");
+    cluster.stop();
+    std::mem::forget(cluster);
+    templates.push((bindir.to_path_buf(), root.clone()));
+    root
+}
+
+/// PATH with `bindir` first, so psql and friends are of that installation.
+pub fn path_with(bindir: &Path) -> std::ffi::OsString {
+    let mut dirs = vec![bindir.to_path_buf()];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(dirs).unwrap()
 }
 
 pub struct Cluster {
     pub root: PathBuf,
     pub port: u16,
+    /// The PostgreSQL installation this cluster runs on.
+    pub bindir: PathBuf,
     running: bool,
 }
 
 impl Cluster {
     /// A fresh copy of the template cluster, started, with `extra` postgresql.conf lines.
     pub fn new(extra: &[&str]) -> Cluster {
-        let template = template();
+        Cluster::new_on(&bindir(), extra)
+    }
+
+    /// The same on the PostgreSQL installation in `bindir` (another major, say).
+    pub fn new_on(bindir: &Path, extra: &[&str]) -> Cluster {
+        let template = template(bindir);
         let root = scratch_dir("cluster");
         let mut cp = as_pg_user(Path::new("cp"));
         cp.arg("-a")
             .arg(template.join("data"))
             .arg(root.join("data"));
         run(cp, "copying the template cluster");
-        Cluster::start_at(root, extra)
+        Cluster::start_at(bindir, root, extra)
     }
 
     /// A cluster with the Supabase schema and the extension created and installed on auth.users.
@@ -184,7 +204,34 @@ impl Cluster {
         cluster
     }
 
-    fn start_at(root: PathBuf, extra: &[&str]) -> Cluster {
+    /// An empty cluster (initdb only, no Supabase schema) on `bindir`, not started.
+    pub fn init_empty(bindir: &Path, conf: &str) -> Cluster {
+        let root = scratch_dir("cluster");
+        let mut initdb = as_pg_user(&bindir.join("initdb"));
+        initdb.arg("-D").arg(root.join("data")).args([
+            "-U",
+            "supabase_admin",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-N",
+        ]);
+        run(initdb, "initdb");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("data/postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        Cluster {
+            root,
+            port: free_port(),
+            bindir: bindir.to_path_buf(),
+            running: false,
+        }
+    }
+
+    fn start_at(bindir: &Path, root: PathBuf, extra: &[&str]) -> Cluster {
         let port = free_port();
         if !extra.is_empty() {
             let mut f = std::fs::OpenOptions::new()
@@ -198,6 +245,7 @@ impl Cluster {
         let mut cluster = Cluster {
             root,
             port,
+            bindir: bindir.to_path_buf(),
             running: false,
         };
         cluster.start();
@@ -217,7 +265,7 @@ impl Cluster {
     }
 
     fn start_command(&self) -> Command {
-        let mut c = as_pg_user(&bindir().join("pg_ctl"));
+        let mut c = as_pg_user(&self.bindir.join("pg_ctl"));
         c.arg("-D")
             .arg(self.root.join("data"))
             .arg("-l")
@@ -239,7 +287,7 @@ impl Cluster {
     }
 
     fn pg_ctl_stop(&self, mode: &str) {
-        let mut c = as_pg_user(&bindir().join("pg_ctl"));
+        let mut c = as_pg_user(&self.bindir.join("pg_ctl"));
         c.arg("-D")
             .arg(self.root.join("data"))
             .args(["-w", "-m", mode, "stop"]);
@@ -248,6 +296,12 @@ impl Cluster {
 
     pub fn stop(&self) {
         self.pg_ctl_stop("fast");
+    }
+
+    /// A clean shutdown that the cluster remembers (Drop then does not stop it again).
+    pub fn shut_down(&mut self) {
+        self.pg_ctl_stop("fast");
+        self.running = false;
     }
 
     /// Simulates a crash: no shutdown checkpoint, WAL replay on the next start.
@@ -362,7 +416,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if self.running {
-            let mut c = as_pg_user(&bindir().join("pg_ctl"));
+            let mut c = as_pg_user(&self.bindir.join("pg_ctl"));
             c.arg("-D")
                 .arg(self.root.join("data"))
                 .args(["-w", "-m", "immediate", "stop"]);

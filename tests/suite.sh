@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every suite on one PostgreSQL major, in the environment this runs in (Debian 12
+# for 15; the Debian 13 root of tests/pg17-root.sh for 17). Called by tests/run.sh.
+#   tests/suite.sh MAJOR
+set -euo pipefail
+major=${1:?usage: tests/suite.sh MAJOR}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+. tests/pg-major.sh "$major"
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# cargo pgrx test runs its cluster as "postgres" (PostgreSQL refuses root) in a
+# data directory that user owns; it installs the extension with sudo.
+pgdata="/var/tmp/pg_new_user_hook-pgrx-tests-$major"
+$SUDO rm -rf "$pgdata"
+$SUDO install -d -o postgres -g postgres "$pgdata"
+
+summary="${CARGO_TARGET_DIR:-$repo/target}/tmp/faults-summary.tsv"
+rm -f "$summary"
+echo "== PostgreSQL $major: unit, #[pg_test], e2e, faults, security, upgrade and NestJS suites"
+cargo pgrx test "pg$major" --runas postgres --pgdata "$pgdata"
+
+if [ -f "$summary" ]; then
+  echo
+  echo "Fault-injection summary (tests/faults.rs), PostgreSQL $major"
+  sort "$summary" | awk -F'\t' 'BEGIN {
+      printf "%-32s %9s %9s %10s %5s %14s %15s %8s\n", "scenario", "committed", "delivered", "duplicates", "lost", "failed signups", "slowest signup", "drained"
+    } { printf "%-32s %9s %9s %10s %5s %14s %15s %8s\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
+fi
