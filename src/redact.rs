@@ -106,6 +106,7 @@ mod tests {
             r#"parameter "pg_new_user_hook.signing_secret_name" changed to "hook_secret""#,
             "pg_new_user_hook: delivering to http://127.0.0.1/users",
             r#"must be superuser or have privileges of pg_read_all_settings to examine "pg_new_user_hook.api_key""#,
+            r#"permission denied to examine "pg_new_user_hook.api_key""#,
         ] {
             assert_eq!(redact(text), None, "{text}");
         }
