@@ -195,9 +195,13 @@ fn trusted_roots(ca_file: &str) -> Result<ureq::tls::RootCerts, String> {
 }
 
 enum Message {
-    Send(Job, Arc<Channel>),
+    Send(Job),
     Exit,
 }
+
+/// Where requests go now: read by a thread when it starts a request, so a new URL or
+/// key applies to every request not yet on the wire (None: delivery is paused).
+type CurrentChannel = Arc<Mutex<Option<Arc<Channel>>>>;
 
 /// Threads that send jobs, and the queue of their outcomes.
 pub struct Pool {
@@ -205,6 +209,7 @@ pub struct Pool {
     job_queue: Arc<Mutex<Receiver<Message>>>,
     outcomes: Receiver<Outcome>,
     outcome_sender: Sender<Outcome>,
+    channel: CurrentChannel,
     wake_read: UnixStream,
     wake_write: UnixStream,
     stopping: Arc<AtomicBool>,
@@ -224,6 +229,7 @@ impl Pool {
             job_queue: Arc::new(Mutex::new(job_queue)),
             outcomes,
             outcome_sender,
+            channel: Arc::new(Mutex::new(None)),
             wake_read,
             wake_write,
             stopping: Arc::new(AtomicBool::new(false)),
@@ -261,21 +267,27 @@ impl Pool {
         while self.threads.len() < wanted {
             let queue = Arc::clone(&self.job_queue);
             let outcomes = self.outcome_sender.clone();
+            let channel = Arc::clone(&self.channel);
             let wake = self.wake_write.try_clone()?;
             let stopping = Arc::clone(&self.stopping);
-            let handle = std::thread::Builder::new()
-                .name("pg_new_user_hook sender".into())
-                .spawn(move || sender_loop(queue, outcomes, wake, stopping))?;
+            let handle = with_signals_blocked(|| {
+                std::thread::Builder::new()
+                    .name("pg_new_user_hook sender".into())
+                    .spawn(move || sender_loop(queue, channel, outcomes, wake, stopping))
+            })?;
             self.threads.push(handle);
         }
         Ok(())
     }
 
-    pub fn submit(&mut self, job: Job, channel: &Arc<Channel>) {
+    /// Where requests not yet on the wire go from now on (None: they come back unsent).
+    pub fn set_channel(&self, channel: Option<Arc<Channel>>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+
+    pub fn submit(&mut self, job: Job) {
         self.in_flight += 1;
-        if let Err(mpsc::SendError(Message::Send(job, _))) =
-            self.jobs.send(Message::Send(job, Arc::clone(channel)))
-        {
+        if let Err(mpsc::SendError(Message::Send(job))) = self.jobs.send(Message::Send(job)) {
             // Cannot happen while the pool owns its queue; report it as unsent rather than lose it.
             let _ = self.outcome_sender.send(Outcome {
                 id: job.id,
@@ -318,8 +330,25 @@ impl Pool {
     }
 }
 
+/// Runs `spawn` with every signal blocked in the calling thread, so the threads it
+/// starts inherit a full mask: signals meant for the worker (SIGTERM, SIGHUP,
+/// SIGUSR1 for latches) must run their handlers on the worker's own thread.
+fn with_signals_blocked<R>(spawn: impl FnOnce() -> R) -> R {
+    // SAFETY: plain signal-mask calls on this thread, restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+        let result = spawn();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        result
+    }
+}
+
 fn sender_loop(
     queue: Arc<Mutex<Receiver<Message>>>,
+    current: CurrentChannel,
     outcomes: Sender<Outcome>,
     mut wake: UnixStream,
     stopping: Arc<AtomicBool>,
@@ -329,22 +358,28 @@ fn sender_loop(
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let (job, channel) = match message {
-            Ok(Message::Send(job, channel)) => (job, channel),
+        let job = match message {
+            Ok(Message::Send(job)) => job,
             Ok(Message::Exit) | Err(_) => return,
         };
+        let channel = current.lock().ok().and_then(|c| c.clone());
         let (sent, result) = if stopping.load(Ordering::SeqCst) {
             (
                 false,
                 Attempt::Transport("not sent: the worker is shutting down".into()),
             )
-        } else {
+        } else if let Some(channel) = channel {
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| channel.send(&job)))
                     .unwrap_or_else(|_| {
                         Attempt::Transport("internal error while sending (panic)".into())
                     });
             (true, result)
+        } else {
+            (
+                false,
+                Attempt::Transport("not sent: delivery is paused by configuration".into()),
+            )
         };
         let outcome = Outcome {
             id: job.id,
@@ -509,15 +544,13 @@ mod tests {
         let url = format!("http://127.0.0.1:{port}/users");
         let channel = Arc::new(channel(&url, "", Duration::from_secs(2)));
         let mut pool = Pool::new(4).unwrap();
+        pool.set_channel(Some(channel));
         for i in 0..20 {
-            pool.submit(
-                Job {
-                    id: format!("e{i}"),
-                    record: "{}".into(),
-                    ..job()
-                },
-                &channel,
-            );
+            pool.submit(Job {
+                id: format!("e{i}"),
+                record: "{}".into(),
+                ..job()
+            });
         }
         assert_eq!(pool.in_flight(), 20);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -535,6 +568,74 @@ mod tests {
         pool.resize(1).unwrap();
         assert_eq!(pool.threads(), 1);
         assert!(pool.stop(Duration::from_secs(1)).is_empty());
+    }
+
+    fn outcomes_within(pool: &mut Pool, n: usize, within: Duration) -> Vec<Outcome> {
+        let deadline = std::time::Instant::now() + within;
+        let mut got = Vec::new();
+        while got.len() < n && std::time::Instant::now() < deadline {
+            got.extend(pool.take_outcomes());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        got
+    }
+
+    #[test]
+    fn queued_requests_go_to_the_target_set_after_they_were_queued() {
+        // The old backend takes the first request and never answers.
+        let old = TcpListener::bind("127.0.0.1:0").unwrap();
+        let old_url = format!("http://{}/users", old.local_addr().unwrap());
+        let (new_url, new) = serve(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        ]);
+        let mut pool = Pool::new(1).unwrap();
+        pool.set_channel(Some(Arc::new(channel(
+            &old_url,
+            "old-key",
+            Duration::from_millis(500),
+        ))));
+        for i in 0..3 {
+            pool.submit(Job {
+                id: format!("e{i}"),
+                ..job()
+            });
+        }
+        let (_on_the_wire, _) = old.accept().unwrap();
+        pool.set_channel(Some(Arc::new(channel(
+            &new_url,
+            "new-key",
+            Duration::from_secs(2),
+        ))));
+        let got = outcomes_within(&mut pool, 3, Duration::from_secs(10));
+        assert_eq!(got.len(), 3);
+        let answered: Vec<&str> = got
+            .iter()
+            .filter(|o| matches!(o.result, Attempt::Response { status: 200, .. }))
+            .map(|o| o.id.as_str())
+            .collect();
+        assert_eq!(
+            answered,
+            ["e1", "e2"],
+            "only the request on the wire went to the old target"
+        );
+        let requests = new.join().unwrap();
+        assert!(requests.iter().all(|r| r.contains("new-key")));
+    }
+
+    #[test]
+    fn without_a_target_queued_requests_come_back_unsent() {
+        let mut pool = Pool::new(2).unwrap();
+        pool.set_channel(None);
+        for i in 0..5 {
+            pool.submit(Job {
+                id: format!("e{i}"),
+                ..job()
+            });
+        }
+        let got = outcomes_within(&mut pool, 5, Duration::from_secs(10));
+        assert_eq!(got.len(), 5);
+        assert!(got.iter().all(|o| !o.sent), "unsent events stay pending");
     }
 
     #[test]

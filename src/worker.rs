@@ -21,6 +21,8 @@ const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Outcomes are recorded in batches of this many, or after RECORD_DELAY.
 const RECORD_BATCH: usize = 64;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
+/// How long SIGTERM waits for requests in progress before abandoning them.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Delay before the postmaster restarts a worker that died.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
 
@@ -44,7 +46,7 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     shared::announce_worker(true);
     log!("pg_new_user_hook: delivery worker started for database \"{database}\"");
 
-    BackgroundWorker::transaction(outbox::configure_session);
+    transaction(outbox::configure_session);
     let mut worker = Worker::new();
     worker.run();
 
@@ -54,6 +56,32 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     // Exit code 1 makes the postmaster start the worker again if only the worker
     // was terminated (pg_terminate_backend); during shutdown it is not restarted.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
+fn transaction<R>(
+    work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> R {
+    unsafe {
+        pg_sys::pgstat_report_activity(
+            pg_sys::BackendState::STATE_RUNNING,
+            c"pg_new_user_hook: claiming and recording events".as_ptr(),
+        )
+    };
+    let result = BackgroundWorker::transaction(work);
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
+    result
+}
+
+/// Hands the statistics of the worker's transactions (rows updated and deleted in the
+/// outbox) to the cumulative statistics system, so autovacuum sees the outbox churn
+/// while the worker runs, not only when it exits. Returns when to flush again, with
+/// `force`, if it could not flush everything yet: as a backend does when it goes
+/// idle (PostgreSQL flushes at most once a second, and without `force` skips
+/// entries it cannot lock at once).
+fn flush_statistics(force: bool) -> Option<Instant> {
+    let retry_in_ms = unsafe { pg_sys::pgstat_report_stat(force) };
+    (retry_in_ms > 0).then(|| Instant::now() + Duration::from_millis(retry_in_ms as u64))
 }
 
 /// How often secrets stored in Supabase Vault are read again (a rotation needs no reload).
@@ -84,6 +112,8 @@ struct Worker {
     maybe_due: bool,
     next_due: Option<Instant>,
     next_purge: Instant,
+    /// When statistics that could not be flushed yet are to be flushed.
+    statistics_due: Option<Instant>,
     /// The problem reported last (log and status view), so each is reported once.
     problem: Option<String>,
     backend_failing: bool,
@@ -106,6 +136,7 @@ impl Worker {
             maybe_due: true,
             next_due: None,
             next_purge: Instant::now(),
+            statistics_due: None,
             problem: None,
             backend_failing: false,
         };
@@ -154,7 +185,7 @@ impl Worker {
             })
         };
         let secrets = if uses_vault {
-            BackgroundWorker::transaction(resolve)
+            transaction(resolve)
         } else {
             resolve()
         };
@@ -175,6 +206,8 @@ impl Worker {
                 &s.ca_file,
             )?))
         });
+        // Requests not yet on the wire go to the new target (or stay pending).
+        self.pool.set_channel(self.channel.as_ref().ok().cloned());
         self.report();
     }
 
@@ -252,6 +285,9 @@ impl Worker {
 
     /// One round trip to the database: record finished attempts, claim more.
     fn cycle(&mut self) {
+        if self.statistics_due.is_some_and(|due| due <= Instant::now()) {
+            self.statistics_due = flush_statistics(true);
+        }
         self.refresh_secrets(false);
         let arrived = self.pool.take_outcomes();
         if !arrived.is_empty() {
@@ -281,7 +317,7 @@ impl Worker {
         let was_installed = self.installed;
         let in_flight: Vec<String> = self.in_flight.iter().cloned().collect();
 
-        let (installed, claimed, next_due) = BackgroundWorker::transaction(move || {
+        let (installed, claimed, next_due) = transaction(move || {
             if !was_installed && !outbox::installed() {
                 return (false, Vec::new(), None);
             }
@@ -304,6 +340,7 @@ impl Worker {
             (true, claimed, next_due)
         });
 
+        self.statistics_due = flush_statistics(false);
         if purge {
             self.next_purge = Instant::now() + PURGE_EVERY;
         }
@@ -320,21 +357,17 @@ impl Worker {
             self.maybe_due = claimed.len() == want;
         }
         self.next_due = next_due.map(|d| Instant::now() + d);
-        if let Ok(channel) = &self.channel {
-            for event in claimed {
-                self.in_flight.insert(event.id.clone());
-                self.pool.submit(
-                    Job {
-                        id: event.id,
-                        attempt: event.attempt,
-                        record: event.record,
-                        source: event.source,
-                        created_at: event.created_at,
-                    },
-                    channel,
-                );
-            }
+        for event in claimed {
+            self.in_flight.insert(event.id.clone());
+            self.pool.submit(Job {
+                id: event.id,
+                attempt: event.attempt,
+                record: event.record,
+                source: event.source,
+                created_at: event.created_at,
+            });
         }
+        shared::set_in_flight(self.in_flight.len());
     }
 
     /// Turns outcomes into decisions (id, attempt, decision). An unsent event needs
@@ -383,7 +416,13 @@ impl Worker {
 
     fn wait(&mut self) {
         let mut timeout = POLL;
-        if let Some(due) = self.next_due {
+        // A due event only matters when one can be claimed: with delivery paused by
+        // configuration, or the in-flight window full, an overdue event would turn
+        // the wait into a spin. Finished requests wake the worker through the pool.
+        if let Some(due) = self.next_due.filter(|_| self.claimable() > 0) {
+            timeout = timeout.min(due.saturating_duration_since(Instant::now()));
+        }
+        if let Some(due) = self.statistics_due {
             timeout = timeout.min(due.saturating_duration_since(Instant::now()));
         }
         if !self.outcomes.is_empty() {
@@ -413,18 +452,16 @@ impl Worker {
         pg_sys::check_for_interrupts!();
     }
 
-    /// SIGTERM: stop claiming, let requests in progress finish (bounded by the
-    /// timeout) and record them; what was never sent stays pending.
+    /// SIGTERM: stop claiming, record what has finished, and abandon requests still
+    /// in progress after a short grace — their events stay pending and are sent
+    /// again (at least once), and a fast shutdown stays fast whatever `timeout_ms` is.
     fn shutdown(&mut self) {
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        outcomes.extend(
-            self.pool
-                .stop(self.settings.timeout + Duration::from_secs(1)),
-        );
+        outcomes.extend(self.pool.stop(SHUTDOWN_GRACE.min(self.settings.timeout)));
         if !self.installed {
             return;
         }
         let decisions = self.decide(outcomes);
-        BackgroundWorker::transaction(move || outbox::record(&decisions));
+        transaction(move || outbox::record(&decisions));
     }
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{wait_for, Cluster, Receiver, Reply};
+use common::{cpu_time, wait_for, Cluster, Receiver, Reply};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -489,20 +489,6 @@ fn delivered_events_are_deleted_after_the_retention() {
         .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'")
         .get(0);
     assert_eq!(failed_left, 1, "failed events are kept for redelivery");
-}
-
-/// CPU time (user + system) a process has used so far.
-fn cpu_time(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may contain spaces): utime and stime are 14 and 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
 #[test]

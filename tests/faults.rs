@@ -176,27 +176,6 @@ fn hooked(url: &str, extra: &[(&str, &str)]) -> Cluster {
     cluster
 }
 
-/// Inserts `n` users the way GoTrue does, `per_tx` per transaction; returns their ids.
-fn bulk_signups(cluster: &Cluster, prefix: &str, n: usize, per_tx: usize) -> Vec<String> {
-    let mut gotrue = cluster.connect("supabase_auth_admin");
-    let mut ids = Vec::with_capacity(n);
-    for chunk in 0..n.div_ceil(per_tx) {
-        let count = per_tx.min(n - chunk * per_tx) as i64;
-        let rows = gotrue
-            .query(
-                "INSERT INTO users (instance_id, id, aud, role, email, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous)
-                 SELECT '00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', 'authenticated',
-                        $1 || '-' || $2::int8 || '-' || g || '@example.com', '{\"provider\":\"email\",\"providers\":[\"email\"]}', '{}', now(), now(), false
-                   FROM generate_series(1, $3::int8) g
-                 RETURNING id::text",
-                &[&prefix, &(chunk as i64), &count],
-            )
-            .unwrap();
-        ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
-    }
-    ids
-}
-
 #[test]
 fn server_crash_mid_delivery() {
     const ANSWERED_BEFORE_CRASH: usize = 300;
@@ -206,7 +185,7 @@ fn server_crash_mid_delivery() {
     let (receiver, gate) = Receiver::holding_after(ANSWERED_BEFORE_CRASH);
     let mut cluster = hooked(&receiver.url, &[]);
     let mut tally = Tally::new("server kill -9 mid-delivery");
-    tally.committed_ids(bulk_signups(&cluster, "crash", 5000, 100));
+    tally.committed_ids(cluster.bulk_signups("crash", 5000, 100));
     receiver.wait_for_requests(ANSWERED_BEFORE_CRASH + 1, WITHIN);
     let crashed_at = Instant::now();
     cluster.kill9_and_restart();
@@ -650,7 +629,7 @@ fn unusual_input() {
     }
     // 10,000 users in one transaction.
     let started = Instant::now();
-    tally.committed_ids(bulk_signups(&cluster, "one-tx", 10_000, 10_000));
+    tally.committed_ids(cluster.bulk_signups("one-tx", 10_000, 10_000));
     eprintln!("10,000 users in one transaction: {:?}", started.elapsed());
     // 32 concurrent signup connections.
     let port = cluster.port;

@@ -408,6 +408,27 @@ impl Cluster {
         try_signup_on(self.port, email)
     }
 
+    /// Inserts `n` users the way GoTrue does, `per_tx` per transaction; returns their ids.
+    pub fn bulk_signups(&self, prefix: &str, n: usize, per_tx: usize) -> Vec<String> {
+        let mut gotrue = self.connect("supabase_auth_admin");
+        let mut ids = Vec::with_capacity(n);
+        for chunk in 0..n.div_ceil(per_tx) {
+            let count = per_tx.min(n - chunk * per_tx) as i64;
+            let rows = gotrue
+                .query(
+                    "INSERT INTO users (instance_id, id, aud, role, email, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous)
+                     SELECT '00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', 'authenticated',
+                            $1 || '-' || $2::int8 || '-' || g || '@example.com', '{\"provider\":\"email\",\"providers\":[\"email\"]}', '{}', now(), now(), false
+                       FROM generate_series(1, $3::int8) g
+                     RETURNING id::text",
+                    &[&prefix, &(chunk as i64), &count],
+                )
+                .unwrap();
+            ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
+        ids
+    }
+
     pub fn one_row(&self, sql: &str) -> postgres::Row {
         self.connect("supabase_admin").query_one(sql, &[]).unwrap()
     }
@@ -675,6 +696,20 @@ impl Drop for Receiver {
 /// A port with nothing listening on it (for "backend down" scenarios).
 pub fn closed_port() -> u16 {
     free_port()
+}
+
+/// CPU time (user + system, all threads) a process has used so far.
+pub fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces): utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
 /// A helper process (receiver, backend) that is killed when the test lets go of it.

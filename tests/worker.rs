@@ -1,0 +1,165 @@
+//! The worker as a process that runs for months: what it costs while it waits
+//! (CPU of all its threads, from /proc/PID/stat), what it tells the statistics
+//! system while it runs, how soon a new URL takes effect, and how fast it stops.
+
+mod common;
+
+use common::{cpu_time, wait_for, Cluster, Receiver, Reply};
+use std::time::{Duration, Instant};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn hooked(url: &str, extra: &[(&str, &str)]) -> Cluster {
+    let cluster = Cluster::with_hook(&[]);
+    let mut settings = vec![("url", url)];
+    settings.extend_from_slice(extra);
+    cluster.configure(&settings);
+    cluster
+}
+
+/// The share of one core the worker used over `window`.
+fn worker_cpu_share(cluster: &Cluster, window: Duration) -> f64 {
+    let pid = cluster.worker_pid().expect("the worker runs");
+    let before = cpu_time(pid);
+    std::thread::sleep(window);
+    (cpu_time(pid) - before).as_secs_f64() / window.as_secs_f64()
+}
+
+fn pending(cluster: &Cluster) -> i64 {
+    cluster
+        .one_row("SELECT pending FROM new_user_hook.status")
+        .get(0)
+}
+
+#[test]
+fn a_worker_paused_by_configuration_sleeps_with_a_backlog() {
+    // A fresh install: no URL yet, events waiting (overdue, since they are due at once).
+    let cluster = Cluster::with_hook(&[]);
+    cluster.bulk_signups("paused", 50, 50);
+    assert_eq!(pending(&cluster), 50);
+    let share = worker_cpu_share(&cluster, Duration::from_secs(3));
+    assert!(
+        share < 0.05,
+        "a paused worker used {:.0} % of a core",
+        share * 100.0
+    );
+}
+
+#[test]
+fn a_worker_with_a_full_window_sleeps_until_an_answer_comes() {
+    let hanging = Receiver::start(|_, _| Reply::Hang);
+    let cluster = hooked(&hanging.url, &[("concurrency", "2"), ("timeout_ms", "60s")]);
+    cluster.bulk_signups("slow", 1000, 1000);
+    hanging.wait_for_requests(2, WITHIN);
+    // The whole in-flight window is claimed at once; status shows it at claim time.
+    let in_flight: i32 = wait_for("the window to be claimed", WITHIN, || {
+        let n: Option<i32> = cluster
+            .one_row("SELECT in_flight FROM new_user_hook.status")
+            .get(0);
+        n.filter(|&n| n >= 64)
+    });
+    assert_eq!(in_flight, 64, "concurrency 2 claims a window of 64");
+    let share = worker_cpu_share(&cluster, Duration::from_secs(3));
+    assert!(
+        share < 0.10,
+        "a worker waiting on a slow backend used {:.0} % of a core",
+        share * 100.0
+    );
+    assert_eq!(hanging.count(), 2, "no more requests than the concurrency");
+}
+
+#[test]
+fn the_statistics_system_sees_the_outbox_churn_while_the_worker_runs() {
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver.url, &[]);
+    let worker = cluster.worker_pid().unwrap();
+    cluster.bulk_signups("stats", 3000, 1000);
+    wait_for("3,000 deliveries", WITHIN, || {
+        (pending(&cluster) == 0).then_some(())
+    });
+    // Each delivery updates its row once: autovacuum must be told, not only at exit.
+    let changes: i64 = wait_for(
+        "the worker's updates in pg_stat_user_tables",
+        Duration::from_secs(20),
+        || {
+            let n: i64 = cluster
+                .one_row(
+                    "SELECT n_tup_upd + n_tup_del FROM pg_stat_user_tables
+                  WHERE schemaname = 'new_user_hook' AND relname = 'outbox'",
+                )
+                .get(0);
+            (n >= 3000).then_some(n)
+        },
+    );
+    assert!(changes >= 3000);
+    assert_eq!(
+        cluster.worker_pid(),
+        Some(worker),
+        "the worker kept running"
+    );
+}
+
+#[test]
+fn a_new_url_takes_effect_for_every_request_not_yet_on_the_wire() {
+    let hanging = Receiver::start(|_, _| Reply::Hang);
+    let cluster = hooked(&hanging.url, &[("timeout_ms", "2s")]);
+    let users = cluster.bulk_signups("switch", 1200, 1200);
+    hanging.wait_for_requests(32, WITHIN);
+    let good = Receiver::ok();
+    cluster.configure(&[("url", &good.url)]);
+    let switched = Instant::now();
+    good.wait_for_requests(1, Duration::from_secs(10));
+    let took = switched.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the new URL was first used {took:?} after the reload"
+    );
+    wait_for("every event at the new URL", WITHIN, || {
+        (pending(&cluster) == 0).then_some(())
+    });
+    // At most the requests on the wire at the switch (concurrency = 32) went to the old URL.
+    assert!(
+        hanging.count() <= 64,
+        "the old URL got {} requests",
+        hanging.count()
+    );
+    assert!(good.count() >= users.len() - hanging.count());
+}
+
+#[test]
+fn a_fast_shutdown_is_fast_whatever_the_timeout() {
+    let hanging = Receiver::start(|_, _| Reply::Hang);
+    let mut cluster = hooked(&hanging.url, &[("timeout_ms", "60s")]);
+    let users = cluster.bulk_signups("stop", 40, 40);
+    hanging.wait_for_requests(32, WITHIN);
+    let started = Instant::now();
+    cluster.stop();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "pg_ctl stop -m fast took {took:?}"
+    );
+
+    // The abandoned requests' events stayed pending: delivered once the server is back
+    // (pointed at a backend that answers; the last setting in the file wins).
+    let receiver = Receiver::ok();
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(cluster.root.join("data/postgresql.auto.conf"))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut conf,
+        format!("pg_new_user_hook.url = '{}'\n", receiver.url).as_bytes(),
+    )
+    .unwrap();
+    cluster.start();
+    wait_for("the abandoned events to be delivered", WITHIN, || {
+        (pending(&cluster) == 0).then_some(())
+    });
+    let delivered: std::collections::HashSet<String> = receiver
+        .requests()
+        .iter()
+        .map(|r| r.json()["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(delivered, users.into_iter().collect());
+}
