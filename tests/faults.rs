@@ -168,12 +168,8 @@ fn from_receiver(receiver: &Receiver) -> Vec<(String, String)> {
         .collect()
 }
 
-fn hooked(url: &str, extra: &[(&str, &str)]) -> Cluster {
-    let cluster = Cluster::with_hook(&[]);
-    let mut settings = vec![("url", url)];
-    settings.extend_from_slice(extra);
-    cluster.configure(&settings);
-    cluster
+fn hooked(url: &str, settings: &[(&str, &str)]) -> Cluster {
+    Cluster::hooked_to(url, settings)
 }
 
 #[test]

@@ -128,11 +128,6 @@ fn check_pg17(new: &Cluster, before: &Before) {
     assert_eq!(receiver.count(), pending_ids.len() + 1);
 }
 
-const NEW_CLUSTER_CONF: &str = "shared_preload_libraries = 'pg_new_user_hook'\n\
-                                pg_new_user_hook.database = 'postgres'\n\
-                                listen_addresses = '127.0.0.1'\n\
-                                fsync = off\n";
-
 #[test]
 fn pg_upgrade_from_15_keeps_the_hook_and_delivers_pending_events_once() {
     let failing = Receiver::start(|_, _| Reply::Status(503));
@@ -140,7 +135,7 @@ fn pg_upgrade_from_15_keeps_the_hook_and_delivers_pending_events_once() {
     old.shut_down();
     let knocks_before = failing.count();
 
-    let mut new = Cluster::init_empty(&bindir(), NEW_CLUSTER_CONF);
+    let mut new = Cluster::init_empty(&bindir(), common::CLUSTER_CONF);
     let work = common::scratch_dir("pg_upgrade");
     let mut upgrade = as_pg_user(&bindir().join("pg_upgrade"));
     upgrade
@@ -197,7 +192,7 @@ fn pg_dumpall_of_15_restores_into_17_and_delivers_pending_events_once() {
     drop(old);
     let knocks_before = failing.count();
 
-    let mut new = Cluster::init_empty(&bindir(), NEW_CLUSTER_CONF);
+    let mut new = Cluster::init_empty(&bindir(), common::CLUSTER_CONF);
     new.start();
     let mut restore = Command::new(bindir().join("psql"));
     restore

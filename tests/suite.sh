@@ -18,7 +18,7 @@ $SUDO install -d -o postgres -g postgres "$pgdata"
 
 summary="${CARGO_TARGET_DIR:-$repo/target}/tmp/faults-summary.tsv"
 rm -f "$summary"
-echo "== PostgreSQL $major: unit, #[pg_test], e2e, faults, security, upgrade and NestJS suites"
+echo "== PostgreSQL $major: unit, #[pg_test], e2e, faults, security, upgrade, NestJS and worker suites"
 cargo pgrx test "pg$major" --runas postgres --pgdata "$pgdata"
 
 if [ -f "$summary" ]; then

@@ -9,12 +9,8 @@ use std::time::{Duration, Instant};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
-fn hooked(url: &str, extra: &[(&str, &str)]) -> Cluster {
-    let cluster = Cluster::with_hook(&[]);
-    let mut settings = vec![("url", url)];
-    settings.extend_from_slice(extra);
-    cluster.configure(&settings);
-    cluster
+fn hooked(url: &str, settings: &[(&str, &str)]) -> Cluster {
+    Cluster::hooked_to(url, settings)
 }
 
 /// The share of one core the worker used over `window`.

@@ -121,30 +121,8 @@ fn template(bindir: &Path) -> PathBuf {
     if let Some((_, root)) = templates.iter().find(|(b, _)| b == bindir) {
         return root.clone();
     }
-    let root = scratch_dir("template");
-    let data = root.join("data");
-    let mut initdb = as_pg_user(&bindir.join("initdb"));
-    initdb.arg("-D").arg(&data).args([
-        "-U",
-        "supabase_admin",
-        "--auth=trust",
-        "-E",
-        "UTF8",
-        "--locale=C",
-        "-N",
-    ]);
-    run(initdb, "initdb");
-    let conf = "shared_preload_libraries = 'pg_new_user_hook'\n\
-                pg_new_user_hook.database = 'postgres'\n\
-                listen_addresses = '127.0.0.1'\n\
-                fsync = off\n\
-                max_connections = 100\n";
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(data.join("postgresql.conf"))
-        .unwrap();
-    std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
-    let cluster = Cluster::start_at(bindir, root.clone(), &[]);
+    let mut cluster = Cluster::init_empty(bindir, CLUSTER_CONF);
+    cluster.start();
     let mut load = as_pg_user(Path::new("sh"));
     load.arg(fixtures().join("load.sh"))
         .env("PATH", path_with(bindir))
@@ -153,11 +131,19 @@ fn template(bindir: &Path) -> PathBuf {
         .env("PGDATABASE", "postgres")
         .env("SUPERUSER", "supabase_admin");
     run(load, "loading the Supabase Auth schema (load.sh)");
-    cluster.stop();
+    cluster.shut_down();
+    let root = cluster.root.clone();
     std::mem::forget(cluster);
     templates.push((bindir.to_path_buf(), root.clone()));
     root
 }
+
+/// What every test cluster runs with: the library preloaded, loopback only.
+pub const CLUSTER_CONF: &str = "shared_preload_libraries = 'pg_new_user_hook'\n\
+                                pg_new_user_hook.database = 'postgres'\n\
+                                listen_addresses = '127.0.0.1'\n\
+                                fsync = off\n\
+                                max_connections = 100\n";
 
 /// PATH with `bindir` first, so psql and friends are of that installation.
 pub fn path_with(bindir: &Path) -> std::ffi::OsString {
@@ -192,6 +178,15 @@ impl Cluster {
             .arg(root.join("data"));
         run(cp, "copying the template cluster");
         Cluster::start_at(bindir, root, extra)
+    }
+
+    /// A cluster with the hook installed, delivering to `url` with these settings.
+    pub fn hooked_to(url: &str, settings: &[(&str, &str)]) -> Cluster {
+        let cluster = Cluster::with_hook(&[]);
+        let mut all = vec![("url", url)];
+        all.extend_from_slice(settings);
+        cluster.configure(&all);
+        cluster
     }
 
     /// A cluster with the Supabase schema and the extension created and installed on auth.users.
