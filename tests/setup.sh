@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what building, testing and the demo need on Debian 12, as root or as a
+# Installs what building, testing and the demo need on Debian 12 (PostgreSQL 17
+# comes in the Debian 13 root of tests/pg17-root.sh), as root or as a
 # sudo user. Idempotent: a second run installs nothing.
 set -euo pipefail
 
@@ -35,7 +36,4 @@ if ! cargo pgrx --version 2>/dev/null | grep -qx "cargo-pgrx 0.18.1"; then
   echo "setup: installing cargo-pgrx 0.18.1 (takes a few minutes)"
   cargo install cargo-pgrx --version 0.18.1 --locked
 fi
-
-if ! grep -qs '^pg15 = "/usr/bin/pg_config"' "$HOME/.pgrx/config.toml"; then
-  cargo pgrx init --pg15 /usr/bin/pg_config
-fi
+# `cargo pgrx init` for a major is done by tests/pg-major.sh, which every script sources.

@@ -18,7 +18,12 @@ fn worker_cpu_share(cluster: &Cluster, window: Duration) -> f64 {
     let pid = cluster.worker_pid().expect("the worker runs");
     let before = cpu_time(pid);
     std::thread::sleep(window);
-    (cpu_time(pid) - before).as_secs_f64() / window.as_secs_f64()
+    let share = (cpu_time(pid) - before).as_secs_f64() / window.as_secs_f64();
+    eprintln!(
+        "worker CPU over {window:?}: {:.1} % of a core",
+        share * 100.0
+    );
+    share
 }
 
 fn pending(cluster: &Cluster) -> i64 {
