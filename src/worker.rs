@@ -132,7 +132,9 @@ impl Worker {
             in_flight: HashSet::new(),
             outcomes: Vec::new(),
             outcomes_since: Instant::now(),
-            installed: false,
+            // Known before the first report, which would otherwise warn that the
+            // extension is missing at every start.
+            installed: transaction(outbox::installed),
             maybe_due: true,
             next_due: None,
             next_purge: Instant::now(),

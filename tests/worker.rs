@@ -164,3 +164,19 @@ fn a_fast_shutdown_is_fast_whatever_the_timeout() {
         .collect();
     assert_eq!(delivered, users.into_iter().collect());
 }
+
+#[test]
+fn a_worker_starting_where_the_extension_is_installed_warns_of_nothing() {
+    let receiver = Receiver::ok();
+    let mut cluster = hooked(&receiver.url, &[]);
+    let logged_before = cluster.log().len();
+    cluster.restart();
+    let user = cluster.signup("after-restart@example.com");
+    cluster.wait_for_event(&user, "status = 'delivered'", WITHIN);
+    let log = cluster.log()[logged_before..].to_string();
+    assert!(log.contains("delivery worker started"), "{log}");
+    assert!(
+        !log.contains("WARNING"),
+        "a healthy start logged a warning:\n{log}"
+    );
+}
