@@ -448,7 +448,11 @@ impl Worker {
             pg_sys::ResetLatch(pg_sys::MyLatch);
             rc
         };
-        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+        // Woken by a commit, or the fallback poll ran out: look for due events. The
+        // poll catches events whose commit woke nobody (COMMIT PREPARED, a wake-up
+        // lost to a race); other timers only serve what they were set for.
+        let polled = rc & pg_sys::WL_TIMEOUT as i32 != 0 && timeout == POLL;
+        if rc & pg_sys::WL_LATCH_SET as i32 != 0 || polled {
             self.maybe_due = true;
         }
         pg_sys::check_for_interrupts!();

@@ -34,6 +34,8 @@ unmount_all() {
   mounts=()
 }
 trap unmount_all EXIT
+# Interrupted or terminated, still unmount (the EXIT trap runs on exit).
+trap 'exit 130' INT TERM
 bind() { # bind SRC DST [ro]: SRC of the host at DST inside the root
   $SUDO mkdir -p "$root$2"
   $SUDO mount --bind "$1" "$root$2"
@@ -61,7 +63,7 @@ create() {
     $SUDO apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
   }
-  echo "pg17-root: building a Debian 13 root with PostgreSQL 17 in $root (about a minute)"
+  echo "pg17-root: building a Debian 13 root with PostgreSQL 17 in $root (a few minutes, once)"
   $SUDO rm -rf "$root"
   $SUDO mkdir -p "$root/usr/sbin"
   # No service starts inside the root while packages install (the host's port 5432 stays free).

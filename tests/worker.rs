@@ -180,3 +180,29 @@ fn a_worker_starting_where_the_extension_is_installed_warns_of_nothing() {
         "a healthy start logged a warning:\n{log}"
     );
 }
+
+#[test]
+fn an_event_whose_commit_woke_nobody_is_found_by_the_fallback_poll() {
+    // COMMIT PREPARED runs no trigger and sets no latch: only the 5 s poll finds it.
+    let receiver = Receiver::ok();
+    let cluster = Cluster::with_hook(&["max_prepared_transactions = 2"]);
+    cluster.configure(&[("url", &receiver.url)]);
+    let mut gotrue = cluster.connect("supabase_auth_admin");
+    gotrue
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO users (instance_id, id, aud, role, email, created_at, updated_at, is_anonymous)
+             VALUES ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated',
+                     'authenticated', 'prepared@example.com', now(), now(), false);
+             PREPARE TRANSACTION 'signup';",
+        )
+        .unwrap();
+    let committed = Instant::now();
+    cluster
+        .connect("supabase_admin")
+        .batch_execute("COMMIT PREPARED 'signup'")
+        .unwrap();
+    let request = &receiver.wait_for_requests(1, Duration::from_secs(12))[0];
+    assert_eq!(request.json()["email"], "prepared@example.com");
+    assert!(committed.elapsed() < Duration::from_secs(12));
+}
