@@ -129,9 +129,11 @@ fn a_new_url_takes_effect_for_every_request_not_yet_on_the_wire() {
 
 #[test]
 fn a_fast_shutdown_is_fast_whatever_the_timeout() {
-    let hanging = Receiver::start(|_, _| Reply::Hang);
-    let mut cluster = hooked(&hanging.url, &[("timeout_ms", "60s")]);
+    // Events queued first, then the URL: the reload starts the whole batch at once.
+    let mut cluster = Cluster::with_hook(&[]);
     let users = cluster.bulk_signups("stop", 40, 40);
+    let hanging = Receiver::start(|_, _| Reply::Hang);
+    cluster.configure(&[("url", &hanging.url), ("timeout_ms", "60s")]);
     hanging.wait_for_requests(32, WITHIN);
     let started = Instant::now();
     cluster.stop();
