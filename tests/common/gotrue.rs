@@ -1,0 +1,110 @@
+//! Users created the way Supabase Auth (GoTrue) creates them.
+
+use super::*;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var("SUPABASE_AUTH_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/supabase-auth")
+        });
+    assert!(
+        dir.join("load.sh").exists(),
+        "the Supabase Auth fixtures are not at {} (set SUPABASE_AUTH_FIXTURES)",
+        dir.display()
+    );
+    dir
+}
+
+impl Cluster {
+    /// Runs GoTrue's signup statements (example-signup.sql) as supabase_auth_admin
+    /// and returns the new user's id.
+    pub fn signup(&self, email: &str) -> String {
+        let mut gotrue = self.connect("supabase_auth_admin");
+        gotrue.batch_execute(&signup_sql(email)).unwrap();
+        let row = gotrue
+            .query_one("SELECT id::text FROM users WHERE email = $1", &[&email])
+            .unwrap();
+        row.get(0)
+    }
+
+    /// A GoTrue signup that reports failure instead of panicking, and its duration.
+    pub fn try_signup(&self, email: &str) -> Result<(String, Duration), String> {
+        try_signup_on(self.port, email)
+    }
+
+    /// Inserts `n` users the way GoTrue does, `per_tx` per transaction; returns their ids.
+    pub fn bulk_signups(&self, prefix: &str, n: usize, per_tx: usize) -> Vec<String> {
+        let mut gotrue = self.connect("supabase_auth_admin");
+        let mut ids = Vec::with_capacity(n);
+        for chunk in 0..n.div_ceil(per_tx) {
+            let count = per_tx.min(n - chunk * per_tx) as i64;
+            let rows = gotrue
+                .query(
+                    "INSERT INTO users (instance_id, id, aud, role, email, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous)
+                     SELECT '00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', 'authenticated',
+                            $1 || '-' || $2::int8 || '-' || g || '@example.com', '{\"provider\":\"email\",\"providers\":[\"email\"]}', '{}', now(), now(), false
+                       FROM generate_series(1, $3::int8) g
+                     RETURNING id::text",
+                    &[&prefix, &(chunk as i64), &count],
+                )
+                .unwrap();
+            ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
+        ids
+    }
+}
+
+/// Just enough of a cluster to sign up from another thread.
+pub struct ClusterHandle {
+    pub port: u16,
+}
+
+impl ClusterHandle {
+    pub fn try_signup(&self, email: &str) -> Result<(String, Duration), String> {
+        try_signup_on(self.port, email)
+    }
+}
+
+fn try_signup_on(port: u16, email: &str) -> Result<(String, Duration), String> {
+    let describe = |e: postgres::Error| {
+        e.as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string())
+    };
+    let mut gotrue = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("supabase_auth_admin")
+        .dbname("postgres")
+        .connect(postgres::NoTls)
+        .map_err(describe)?;
+    // GoTrue signs up over pooled connections: the signup is the transaction, not the connect.
+    let started = Instant::now();
+    gotrue.batch_execute(&signup_sql(email)).map_err(describe)?;
+    let took = started.elapsed();
+    let row = gotrue
+        .query_one("SELECT id::text FROM users WHERE email = $1", &[&email])
+        .map_err(describe)?;
+    Ok((row.get(0), took))
+}
+
+/// example-signup.sql with its email replaced, so every test user is distinct.
+pub fn signup_sql(email: &str) -> String {
+    static SQL: OnceLock<String> = OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        let full = std::fs::read_to_string(fixtures().join("example-signup.sql")).unwrap();
+        // Keep the transaction; the final SELECT only displays the result.
+        let end = full
+            .find("COMMIT;")
+            .expect("example-signup.sql has a COMMIT")
+            + "COMMIT;".len();
+        full[..end].to_string()
+    });
+    sql.replace(
+        "'alice@example.com'",
+        &format!("'{}'", email.replace('\'', "''")),
+    )
+}
