@@ -21,6 +21,8 @@ CREATE TABLE new_user_hook.outbox (
 CREATE INDEX outbox_due ON new_user_hook.outbox (next_attempt_at) WHERE status = 'pending';
 -- The status view's "last error" without scanning every event (since 0.2.0).
 CREATE INDEX outbox_last_error ON new_user_hook.outbox (last_attempt_at DESC NULLS LAST) WHERE last_error IS NOT NULL;
+-- The purge of delivered events past the retention, oldest first (since 0.3.0).
+CREATE INDEX outbox_delivered ON new_user_hook.outbox (delivered_at) WHERE status = 'delivered';
 COMMENT ON TABLE new_user_hook.outbox IS
     'Events for new users, delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 -- Queued events are data: pg_dump keeps them.
@@ -78,6 +80,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel regclass := to_regclass(target);
     id_type regtype;
+    problem text;
 BEGIN
     IF rel IS NULL THEN
         RAISE EXCEPTION 'table "%" does not exist', target
@@ -102,8 +105,9 @@ BEGIN
     END IF;
     EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook AFTER INSERT ON %s '
                    'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
-    IF new_user_hook.config_problem() IS NOT NULL THEN
-        RAISE WARNING 'new users of % will be queued but not delivered yet: %', rel, new_user_hook.config_problem();
+    problem := new_user_hook.config_problem_after_reload();
+    IF problem IS NOT NULL THEN
+        RAISE WARNING 'new users of % will be queued but not delivered yet: %', rel, problem;
     END IF;
     RETURN format('pg_new_user_hook installed on %s', rel);
 END
@@ -164,8 +168,7 @@ SELECT w.pid                      AS worker_pid,
        e.last_attempt_at          AS last_error_at,
        CASE
            WHEN new_user_hook.config_problem() IS NOT NULL THEN new_user_hook.config_problem()
-           WHEN w.pid IS NULL THEN 'the delivery worker is not running (it restarts by itself within seconds; '
-                                   'if it does not, see the server log)'
+           WHEN w.pid IS NULL THEN new_user_hook.missing_worker()
            WHEN w.datname <> current_database() THEN format(
                 'the worker delivers from database %I (pg_new_user_hook.database), not this one', w.datname)
        END                        AS problem
@@ -213,7 +216,8 @@ $$;
 -- The status helpers reveal no secret and are needed by whoever may read the status view.
 REVOKE ALL ON ALL TABLES IN SCHEMA new_user_hook FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA new_user_hook FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION new_user_hook.preloaded(), new_user_hook.config_problem(), new_user_hook.in_flight() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION new_user_hook.preloaded(), new_user_hook.config_problem(), new_user_hook.in_flight(),
+                           new_user_hook.missing_worker() TO PUBLIC;
 
 DO $$
 BEGIN

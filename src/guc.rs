@@ -27,11 +27,44 @@ pub mod defaults {
     }
 }
 
+/// The setting names, in one place: `&str` for messages, `&CStr` for definitions.
+pub mod names {
+    macro_rules! names {
+        ($($id:ident = $name:literal;)*) => {
+            $(#[allow(dead_code)] pub const $id: &str = concat!("pg_new_user_hook.", $name);)*
+            pub(super) mod c {
+                use std::ffi::CStr;
+                $(pub const $id: &CStr = match CStr::from_bytes_with_nul(
+                    concat!("pg_new_user_hook.", $name, "\0").as_bytes(),
+                ) {
+                    Ok(name) => name,
+                    Err(_) => panic!("a setting name contains NUL"),
+                };)*
+            }
+        };
+    }
+    names! {
+        URL = "url";
+        API_KEY = "api_key";
+        API_KEY_SECRET = "api_key_secret";
+        API_KEY_HEADER = "api_key_header";
+        SIGNING_SECRET = "signing_secret";
+        SIGNING_SECRET_NAME = "signing_secret_name";
+        PAYLOAD_FORMAT = "payload_format";
+        FIELDS = "fields";
+        CA_FILE = "ca_file";
+        TIMEOUT_MS = "timeout_ms";
+        CONCURRENCY = "concurrency";
+        RETRY_BASE_MS = "retry_base_ms";
+        RETRY_MAX_MS = "retry_max_ms";
+        MAX_ATTEMPTS = "max_attempts";
+        RETENTION = "retention";
+        DATABASE = "database";
+    }
+}
+
 /// The settings that hold a secret (or name one); their values are hidden from logs.
-pub const SECRET_SETTINGS: &[&str] = &[
-    "pg_new_user_hook.api_key",
-    "pg_new_user_hook.signing_secret",
-];
+pub const SECRET_SETTINGS: &[&str] = &[names::API_KEY, names::SIGNING_SECRET];
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PayloadFormat {
@@ -116,44 +149,44 @@ fn int(
 pub fn define(preloading: bool) {
     let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
     text(
-        c"pg_new_user_hook.url",
+        names::c::URL,
         c"URL that receives a POST for every new user; empty: events wait.",
         &URL,
         GucFlags::default(),
     );
     text(
-        c"pg_new_user_hook.api_key",
+        names::c::API_KEY,
         c"API key sent with every request (superusers only).",
         &API_KEY,
         secret,
     );
     text(
-        c"pg_new_user_hook.api_key_secret",
+        names::c::API_KEY_SECRET,
         c"Name of a Supabase Vault secret holding the API key (instead of api_key).",
         &API_KEY_SECRET,
         GucFlags::default(),
     );
     text(
-        c"pg_new_user_hook.api_key_header",
+        names::c::API_KEY_HEADER,
         c"Header carrying the API key.",
         &API_KEY_HEADER,
         GucFlags::default(),
     );
     checked_text(
-        c"pg_new_user_hook.signing_secret",
+        names::c::SIGNING_SECRET,
         c"Standard Webhooks secret(s), whsec_<base64>, space-separated during a rotation (superusers only).",
         &SIGNING_SECRET,
         secret,
         Some(check_signing_secret),
     );
     text(
-        c"pg_new_user_hook.signing_secret_name",
+        names::c::SIGNING_SECRET_NAME,
         c"Name of a Supabase Vault secret holding the signing secret (instead of signing_secret).",
         &SIGNING_SECRET_NAME,
         GucFlags::default(),
     );
     GucRegistry::define_enum_guc(
-        c"pg_new_user_hook.payload_format",
+        names::c::PAYLOAD_FORMAT,
         c"Body of each request: minimal, fields, supabase or standard.",
         c"",
         &PAYLOAD_FORMAT,
@@ -161,20 +194,20 @@ pub fn define(preloading: bool) {
         GucFlags::default(),
     );
     checked_text(
-        c"pg_new_user_hook.fields",
+        names::c::FIELDS,
         c"Columns sent by the fields, supabase and standard formats; empty: all allowed columns.",
         &FIELDS,
         GucFlags::default(),
         Some(check_fields),
     );
     text(
-        c"pg_new_user_hook.ca_file",
+        names::c::CA_FILE,
         c"PEM file of CA certificates to trust for https:// URLs.",
         &CA_FILE,
         GucFlags::default(),
     );
     int(
-        c"pg_new_user_hook.timeout_ms",
+        names::c::TIMEOUT_MS,
         c"Time limit for one request, connection included.",
         &TIMEOUT_MS,
         100,
@@ -182,7 +215,7 @@ pub fn define(preloading: bool) {
         GucFlags::UNIT_MS,
     );
     int(
-        c"pg_new_user_hook.concurrency",
+        names::c::CONCURRENCY,
         c"Requests in flight at once.",
         &CONCURRENCY,
         1,
@@ -190,7 +223,7 @@ pub fn define(preloading: bool) {
         GucFlags::default(),
     );
     int(
-        c"pg_new_user_hook.retry_base_ms",
+        names::c::RETRY_BASE_MS,
         c"Delay before the first retry; doubles per attempt.",
         &RETRY_BASE_MS,
         10,
@@ -198,7 +231,7 @@ pub fn define(preloading: bool) {
         GucFlags::UNIT_MS,
     );
     int(
-        c"pg_new_user_hook.retry_max_ms",
+        names::c::RETRY_MAX_MS,
         c"Longest delay between two attempts.",
         &RETRY_MAX_MS,
         10,
@@ -206,7 +239,7 @@ pub fn define(preloading: bool) {
         GucFlags::UNIT_MS,
     );
     int(
-        c"pg_new_user_hook.max_attempts",
+        names::c::MAX_ATTEMPTS,
         c"Attempts before an event is marked failed.",
         &MAX_ATTEMPTS,
         1,
@@ -214,7 +247,7 @@ pub fn define(preloading: bool) {
         GucFlags::default(),
     );
     int(
-        c"pg_new_user_hook.retention",
+        names::c::RETENTION,
         c"How long delivered events are kept.",
         &RETENTION_S,
         0,
@@ -223,7 +256,7 @@ pub fn define(preloading: bool) {
     );
     if preloading {
         GucRegistry::define_string_guc(
-            c"pg_new_user_hook.database",
+            names::c::DATABASE,
             c"Database the delivery worker connects to (where CREATE EXTENSION pg_new_user_hook ran).",
             c"",
             &DATABASE,
@@ -331,16 +364,16 @@ impl Settings {
             url: string(&URL),
             api_key: secret_source(
                 &API_KEY,
-                "pg_new_user_hook.api_key",
+                names::API_KEY,
                 &API_KEY_SECRET,
-                "pg_new_user_hook.api_key_secret",
+                names::API_KEY_SECRET,
             ),
             api_key_header: string(&API_KEY_HEADER),
             signing_secret: secret_source(
                 &SIGNING_SECRET,
-                "pg_new_user_hook.signing_secret",
+                names::SIGNING_SECRET,
                 &SIGNING_SECRET_NAME,
-                "pg_new_user_hook.signing_secret_name",
+                names::SIGNING_SECRET_NAME,
             ),
             format: match PAYLOAD_FORMAT.get() {
                 PayloadFormat::Minimal => Format::Minimal,

@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 
 mod backoff;
 mod classify;
+mod config;
 mod delivery;
 mod guc;
 mod outbox;
@@ -66,6 +67,36 @@ fn config_problem() -> Option<String> {
     guc::Settings::read()
         .problem()
         .or_else(shared::worker_problem)
+}
+
+/// `config_problem()` after reading the configuration files, as a reload is about
+/// to: right after `ALTER SYSTEM ...; SELECT pg_reload_conf()`, this session may
+/// not have received the reload yet, and would warn about a problem already fixed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn config_problem_after_reload() -> Option<String> {
+    unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    config_problem()
+}
+
+/// Why no delivery worker runs, for the status view when none does.
+#[pg_extern(stable, parallel_safe)]
+fn missing_worker() -> String {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return "this server is a standby (in recovery): events are delivered by the primary's worker; \
+                a worker starts here if this server is promoted"
+            .to_string();
+    }
+    let up_for_ms = unsafe { pg_sys::GetCurrentTimestamp() - pg_sys::PgStartTime } / 1000;
+    if shared::preloaded() && !shared::worker_ever_started() && up_for_ms > 10_000 {
+        return format!(
+            "the delivery worker has not started since PostgreSQL did: when every background worker slot is taken, \
+             the server log says \"too many background workers\" at start-up; raise max_worker_processes (now {}) \
+             and restart PostgreSQL",
+            unsafe { pg_sys::max_worker_processes }
+        );
+    }
+    "the delivery worker is not running (it restarts by itself within seconds; if it does not, see the server log)"
+        .to_string()
 }
 
 #[cfg(any(test, feature = "pg_test"))]

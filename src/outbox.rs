@@ -20,9 +20,15 @@ pub struct Claimed {
 /// for the WAL flush: losing the last of them in a crash only means an event is
 /// sent again, never lost, since the event itself was made durable by the signup's
 /// commit. Not waiting keeps the worker's fsyncs out of the signups' way.
+///
+/// A lock held on the outbox (a long transaction, a manual LOCK) fails the round
+/// after a second instead of blocking it: the worker then retries with what it
+/// knows, and stays able to answer a shutdown.
 pub fn configure_session() {
-    Spi::run("SET synchronous_commit = off; SET application_name = 'pg_new_user_hook'")
-        .expect("configuring the worker's session");
+    Spi::run(
+        "SET synchronous_commit = off; SET lock_timeout = '1s'; SET application_name = 'pg_new_user_hook'",
+    )
+    .expect("configuring the worker's session");
 }
 
 /// Whether the extension's objects exist in this database.
@@ -145,15 +151,17 @@ pub fn record(outcomes: &[(String, u32, Decision)]) {
     .expect("recording delivery outcomes");
 }
 
-/// Deletes delivered events older than the retention, a bounded batch at a time.
-pub fn purge_delivered(retention: Duration) -> i64 {
-    let args: [DatumWithOid; 1] = [(retention.as_secs() as i64).into()];
+/// Deletes up to `limit` delivered events older than the retention, oldest first
+/// (through index outbox_delivered); returns how many.
+pub fn purge_delivered(retention: Duration, limit: i64) -> i64 {
+    let args: [DatumWithOid; 2] = [(retention.as_secs() as i64).into(), limit.into()];
     Spi::get_one_with_args::<i64>(
         "WITH gone AS (
              DELETE FROM new_user_hook.outbox WHERE id IN (
                  SELECT id FROM new_user_hook.outbox
-                 WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
-                 LIMIT 10000)
+                  WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
+                  ORDER BY delivered_at
+                  LIMIT $2)
              RETURNING 1)
          SELECT count(*) FROM gone",
         &args,

@@ -10,6 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 static WORKER_PROCNO: PgAtomic<AtomicI32> =
     unsafe { PgAtomic::new(c"pg_new_user_hook_worker_procno") };
 
+/// How often a worker started since the server did (0: never, e.g. when no
+/// background worker slot was free).
+static WORKER_STARTS: PgAtomic<AtomicI32> =
+    unsafe { PgAtomic::new(c"pg_new_user_hook_worker_starts") };
+
 /// Events the worker has claimed and not yet recorded.
 static IN_FLIGHT: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_new_user_hook_in_flight") };
 
@@ -45,6 +50,7 @@ pub fn init() {
     pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(WORKER_PROBLEM);
     pg_shmem_init!(IN_FLIGHT = AtomicI32::new(0));
+    pg_shmem_init!(WORKER_STARTS = AtomicI32::new(0));
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -56,6 +62,14 @@ pub fn preloaded() -> bool {
 pub fn announce_worker(running: bool) {
     let procno = if running { my_procno() } else { -1 };
     WORKER_PROCNO.get().store(procno, Ordering::SeqCst);
+    if running {
+        WORKER_STARTS.get().fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Whether a worker ever started since the server did.
+pub fn worker_ever_started() -> bool {
+    WORKER_STARTS.get().load(Ordering::SeqCst) > 0
 }
 
 /// This process's slot in `ProcGlobal->allProcs`: `MyProc->pgprocno` until

@@ -1,23 +1,31 @@
-//! The delivery worker: claims due events, hands them to the sending threads,
-//! records what happened, and sleeps on its latch when there is nothing to do.
+//! The delivery worker. Its loop, like pg_cron's, is a table of contents:
+//! plan the round → run it in one transaction → apply what came back → wait.
+//!
+//! The sending happens on the pool's threads (`delivery`), the SQL in `outbox`,
+//! and what the settings and secrets make of the target in `config`.
 
 use crate::backoff::random_jitter;
 use crate::classify::{self, Decision};
-use crate::delivery::{Channel, Job, Outcome, Pool};
-use crate::guc::{self, SecretSource, Settings};
-use crate::{outbox, request, shared};
+use crate::config::Config;
+use crate::delivery::{Job, Outcome, Pool};
+use crate::guc::{self, Settings};
+use crate::{outbox, shared};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Fallback poll: catches events committed without a wake-up (e.g. prepared transactions).
 const POLL: Duration = Duration::from_secs(5);
-/// How often delivered events past the retention are purged.
+/// How often delivered events past the retention are purged, when the last purge
+/// found no more than one batch.
 const PURGE_EVERY: Duration = Duration::from_secs(600);
+/// Delivered events deleted per purge transaction; full batches follow each other
+/// between rounds until the expired events are gone.
+const PURGE_BATCH: i64 = 10_000;
 /// Outcomes are recorded in batches of this many, or after RECORD_DELAY.
 const RECORD_BATCH: usize = 64;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
@@ -25,6 +33,9 @@ const RECORD_DELAY: Duration = Duration::from_millis(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Delay before the postmaster restarts a worker that died.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
+/// Pause after a round that failed (a lock timeout, the extension being dropped, a
+/// full disk) before the next try: what was decided is kept and recorded then.
+const RETRY_FAILED_ROUND: Duration = Duration::from_secs(1);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_new_user_hook delivery worker")
@@ -46,7 +57,6 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     shared::announce_worker(true);
     log!("pg_new_user_hook: delivery worker started for database \"{database}\"");
 
-    transaction(outbox::configure_session);
     let mut worker = Worker::new();
     worker.run();
 
@@ -59,16 +69,30 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
 }
 
 /// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
-fn transaction<R>(
+/// A database error (or a panic) rolls the transaction back and comes back as the
+/// error's message: the worker goes on with what it knows instead of restarting.
+pub fn transaction<R>(
     work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> R {
+) -> Result<R, String> {
     unsafe {
         pg_sys::pgstat_report_activity(
             pg_sys::BackendState::STATE_RUNNING,
             c"pg_new_user_hook: claiming and recording events".as_ptr(),
         )
     };
-    let result = BackgroundWorker::transaction(work);
+    let result = PgTryBuilder::new(|| Ok(BackgroundWorker::transaction(work)))
+        .catch_others(|error| {
+            // Releases the locks, snapshot and SPI state of the failed transaction.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match error {
+                CaughtError::PostgresError(report)
+                | CaughtError::ErrorReport(report)
+                | CaughtError::RustPanic {
+                    ereport: report, ..
+                } => report.message().to_string(),
+            })
+        })
+        .execute();
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
     result
 }
@@ -84,161 +108,121 @@ fn flush_statistics(force: bool) -> Option<Instant> {
     (retry_in_ms > 0).then(|| Instant::now() + Duration::from_millis(retry_in_ms as u64))
 }
 
-/// How often secrets stored in Supabase Vault are read again (a rotation needs no reload).
-const SECRET_REFRESH: Duration = Duration::from_secs(10);
+/// When the worker has something to do without being woken.
+struct Timers {
+    /// The earliest pending event not in flight is due.
+    due: Option<Instant>,
+    /// Expired delivered events are to be purged.
+    purge: Instant,
+    /// Statistics that could not be flushed yet are to be flushed.
+    statistics: Option<Instant>,
+    /// A failed round is to be tried again.
+    retry_round: Option<Instant>,
+}
 
-/// Secret values, resolved from the settings or from Vault.
-#[derive(Clone, PartialEq, Eq)]
-struct Secrets {
-    api_key: String,
-    signing_secret: String,
+impl Timers {
+    fn new() -> Timers {
+        Timers {
+            due: None,
+            purge: Instant::now(),
+            statistics: None,
+            retry_round: None,
+        }
+    }
+
+    fn reached(at: Option<Instant>, now: Instant) -> bool {
+        at.is_some_and(|at| at <= now)
+    }
+
+    /// How long the worker may sleep. A due event only counts when one can be
+    /// claimed: with delivery paused by configuration, or the in-flight window full,
+    /// an overdue event would turn the wait into a spin (finished requests wake the
+    /// worker through the pool). The fallback poll bounds every sleep.
+    fn sleep(&self, now: Instant, can_claim: bool, secrets_refresh: Option<Instant>) -> Duration {
+        let due = self.due.filter(|_| can_claim);
+        [
+            due,
+            Some(self.purge),
+            self.statistics,
+            self.retry_round,
+            secrets_refresh,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|at| at.saturating_duration_since(now))
+        .fold(POLL, Duration::min)
+    }
+}
+
+/// What one round does in its transaction.
+struct Round {
+    /// Outcomes to record: (event id, attempt, decision).
+    record: Vec<(String, u32, Decision)>,
+    /// How many due events to claim.
+    claim: usize,
+    /// Events not to claim: in flight, or decided and not yet recorded.
+    busy: Vec<String>,
+    /// Whether to look whether the extension (still) exists first.
+    check_installed: bool,
+}
+
+/// What a round found.
+struct RoundResult {
+    installed: bool,
+    /// How many the round tried to claim.
+    wanted: usize,
+    claimed: Vec<outbox::Claimed>,
+    /// Until the next pending event not claimed is due (None: nothing pending).
+    next_due: Option<Duration>,
 }
 
 struct Worker {
-    settings: Settings,
-    /// Resolved secrets, or why they cannot be had.
-    secrets: Result<Secrets, String>,
-    next_secret_refresh: Instant,
-    /// Where to send, or why delivery is paused (configuration problem).
-    channel: Result<Arc<Channel>, String>,
+    config: Config,
     pool: Pool,
-    /// Ids of the events claimed and not yet recorded (claims live in memory only).
+    /// Ids of the events claimed and not yet decided (claims live in memory only).
     in_flight: HashSet<String>,
-    /// Outcomes waiting to be recorded in one batch, and since when.
+    /// Outcomes waiting to be decided and recorded in one batch, and since when.
     outcomes: Vec<Outcome>,
     outcomes_since: Instant,
-    installed: bool,
+    /// Decided and not recorded yet: a failed round keeps them for the next one.
+    unrecorded: Vec<(String, u32, Decision)>,
+    /// Whether the extension exists in the worker's database (None: look again).
+    installed: Option<bool>,
     /// Something may be due now: woken by a commit, a timer, or a full claim.
     maybe_due: bool,
-    next_due: Option<Instant>,
-    next_purge: Instant,
-    /// When statistics that could not be flushed yet are to be flushed.
-    statistics_due: Option<Instant>,
+    timers: Timers,
     /// The problem reported last (log and status view), so each is reported once.
     problem: Option<String>,
+    /// The error of the last failed round, so a repeated one is logged once.
+    round_error: Option<String>,
     backend_failing: bool,
 }
 
 impl Worker {
     fn new() -> Worker {
+        if let Err(e) = transaction(outbox::configure_session) {
+            warning!("pg_new_user_hook: configuring the worker's session failed: {e}");
+        }
         let settings = Settings::read();
         let pool = Pool::new(settings.concurrency).expect("starting delivery threads");
         let mut worker = Worker {
-            settings,
-            secrets: Err(String::new()),
-            next_secret_refresh: Instant::now(),
-            channel: Err(String::new()),
+            config: Config::new(settings),
             pool,
             in_flight: HashSet::new(),
             outcomes: Vec::new(),
             outcomes_since: Instant::now(),
+            unrecorded: Vec::new(),
             // Known before the first report, which would otherwise warn that the
             // extension is missing at every start.
-            installed: transaction(outbox::installed),
+            installed: transaction(outbox::installed).ok(),
             maybe_due: true,
-            next_due: None,
-            next_purge: Instant::now(),
-            statistics_due: None,
+            timers: Timers::new(),
             problem: None,
+            round_error: None,
             backend_failing: false,
         };
-        worker.configure();
+        worker.apply_config(true);
         worker
-    }
-
-    fn max_in_flight(&self) -> usize {
-        (self.settings.concurrency * 32).clamp(64, 2048)
-    }
-
-    /// Applies the current settings: secrets, HTTP agent, thread count.
-    fn configure(&mut self) {
-        if let Err(e) = self.pool.resize(self.settings.concurrency) {
-            warning!("pg_new_user_hook: could not start delivery threads: {e}");
-        }
-        self.next_secret_refresh = Instant::now();
-        self.refresh_secrets(true);
-        self.maybe_due = true;
-        // A new retention applies now, not at the next periodic purge.
-        self.next_purge = Instant::now();
-    }
-
-    /// Reads the secrets (from Vault when configured so) and rebuilds the HTTP
-    /// channel if they changed, or always when `settings_changed`.
-    fn refresh_secrets(&mut self, settings_changed: bool) {
-        if Instant::now() < self.next_secret_refresh {
-            return;
-        }
-        self.next_secret_refresh = Instant::now() + SECRET_REFRESH;
-        let api_key = self.settings.api_key.clone();
-        let signing = self.settings.signing_secret.clone();
-        let uses_vault = [&api_key, &signing]
-            .iter()
-            .any(|s| matches!(s, Ok(SecretSource::Vault(_))));
-        let resolve = move || -> Result<Secrets, String> {
-            let value = |source: &Result<SecretSource, String>, setting: &str| match source {
-                Err(e) => Err(e.clone()),
-                Ok(SecretSource::None) => Ok(String::new()),
-                Ok(SecretSource::Value(v)) => Ok(v.clone()),
-                Ok(SecretSource::Vault(name)) => outbox::vault_secret(name, setting),
-            };
-            Ok(Secrets {
-                api_key: value(&api_key, "pg_new_user_hook.api_key_secret")?,
-                signing_secret: value(&signing, "pg_new_user_hook.signing_secret_name")?,
-            })
-        };
-        let secrets = if uses_vault {
-            transaction(resolve)
-        } else {
-            resolve()
-        };
-        if settings_changed || self.secrets != secrets {
-            self.secrets = secrets;
-            self.rebuild_channel();
-        }
-    }
-
-    fn rebuild_channel(&mut self) {
-        let s = &self.settings;
-        self.channel = self.secrets.clone().and_then(|secrets| {
-            let target = s.target(&secrets.api_key, &secrets.signing_secret)?;
-            Ok(Arc::new(Channel::new(
-                target,
-                s.timeout,
-                s.concurrency,
-                &s.ca_file,
-            )?))
-        });
-        // Requests not yet on the wire go to the new target (or stay pending).
-        self.pool.set_channel(self.channel.as_ref().ok().cloned());
-        self.report();
-    }
-
-    /// Logs and publishes (for new_user_hook.status) what stops delivery, once per change.
-    fn report(&mut self) {
-        let problem = if !self.installed {
-            Some(format!(
-                "extension pg_new_user_hook is not installed in database \"{}\" (pg_new_user_hook.database): \
-                 run CREATE EXTENSION pg_new_user_hook there, or point pg_new_user_hook.database at the database that has it and restart",
-                guc::database()
-            ))
-        } else {
-            self.channel.as_ref().err().cloned()
-        };
-        if problem == self.problem {
-            return;
-        }
-        match (&problem, &self.channel) {
-            (Some(p), _) => warning!("pg_new_user_hook: {p}"),
-            (None, Ok(channel)) => {
-                log!(
-                    "pg_new_user_hook: delivering to {}",
-                    request::redact_userinfo(&channel.target.url)
-                )
-            }
-            (None, Err(_)) => {}
-        }
-        shared::set_worker_problem(problem.as_deref());
-        self.problem = problem;
     }
 
     fn run(&mut self) {
@@ -248,23 +232,85 @@ impl Worker {
                 return;
             }
             if BackgroundWorker::sighup_received() {
-                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-                let settings = Settings::read();
-                if settings != self.settings {
-                    self.settings = settings;
-                    self.configure();
-                }
+                self.reload();
             }
-            self.cycle();
+            if let Some(changed) = self.config.refresh_secrets(false) {
+                self.apply_config(changed);
+            }
+            if Timers::reached(self.timers.statistics, Instant::now()) {
+                self.timers.statistics = flush_statistics(true);
+            }
+            self.collect_outcomes();
+            if let Some(round) = self.plan() {
+                let result = transaction(move || run_round(round));
+                self.apply(result);
+            }
+            if Instant::now() >= self.timers.purge && self.installed == Some(true) {
+                self.purge();
+            }
             self.wait();
         }
+    }
+
+    /// SIGHUP: read the settings again; a change applies to every request not yet on the wire.
+    fn reload(&mut self) {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        let settings = Settings::read();
+        if settings != *self.config.settings() {
+            if let Err(e) = self.pool.resize(settings.concurrency) {
+                warning!("pg_new_user_hook: could not start delivery threads: {e}");
+            }
+            self.config.set_settings(settings);
+            self.config.refresh_secrets(true);
+            self.apply_config(true);
+            // A new retention applies now, not at the next periodic purge.
+            self.timers.purge = Instant::now();
+        }
+    }
+
+    /// Hands the current target to the sending threads and reports what changed.
+    fn apply_config(&mut self, changed: bool) {
+        if changed {
+            self.pool.set_channel(self.config.channel().ok());
+            self.maybe_due = true;
+        }
+        self.report();
+    }
+
+    /// Logs and publishes (for new_user_hook.status) what stops delivery, once per change.
+    fn report(&mut self) {
+        let problem = if self.installed == Some(false) {
+            Some(format!(
+                "extension pg_new_user_hook is not installed in database \"{}\" (pg_new_user_hook.database): \
+                 run CREATE EXTENSION pg_new_user_hook there, or point pg_new_user_hook.database at the database that has it and restart",
+                guc::database()
+            ))
+        } else {
+            self.config.problem()
+        };
+        if problem == self.problem {
+            return;
+        }
+        match &problem {
+            Some(p) => warning!("pg_new_user_hook: {p}"),
+            None => log!(
+                "pg_new_user_hook: delivering to {}",
+                self.config.describe_target()
+            ),
+        }
+        shared::set_worker_problem(problem.as_deref());
+        self.problem = problem;
+    }
+
+    fn max_in_flight(&self) -> usize {
+        (self.config.settings().concurrency * 32).clamp(64, 2048)
     }
 
     /// How many events may be claimed now (0: not worth a round trip yet). Under
     /// load, claims wait until a quarter of the window is free, so each round trip
     /// carries a batch; when nothing is in flight, any due event is claimed at once.
     fn claimable(&self) -> usize {
-        if self.channel.is_err() {
+        if self.config.channel().is_err() || self.installed == Some(false) {
             return 0;
         }
         let max = self.max_in_flight();
@@ -273,6 +319,17 @@ impl Worker {
             free
         } else {
             0
+        }
+    }
+
+    /// Moves finished requests from the pool into the batch to record.
+    fn collect_outcomes(&mut self) {
+        let arrived = self.pool.take_outcomes();
+        if !arrived.is_empty() {
+            if self.outcomes.is_empty() {
+                self.outcomes_since = Instant::now();
+            }
+            self.outcomes.extend(arrived);
         }
     }
 
@@ -285,81 +342,77 @@ impl Worker {
                 || self.outcomes_since.elapsed() >= RECORD_DELAY)
     }
 
-    /// One round trip to the database: record finished attempts, claim more.
-    fn cycle(&mut self) {
-        if self.statistics_due.is_some_and(|due| due <= Instant::now()) {
-            self.statistics_due = flush_statistics(true);
+    /// What this round does, or None when there is nothing worth a transaction.
+    fn plan(&mut self) -> Option<Round> {
+        let now = Instant::now();
+        if self.timers.retry_round.is_some_and(|at| at > now) {
+            return None;
         }
-        self.refresh_secrets(false);
-        let arrived = self.pool.take_outcomes();
-        if !arrived.is_empty() {
-            if self.outcomes.is_empty() {
-                self.outcomes_since = Instant::now();
-            }
-            self.outcomes.extend(arrived);
-        }
-        let timer_fired = self.next_due.is_some_and(|due| due <= Instant::now());
-        let want = if self.maybe_due || timer_fired {
+        let claim = if self.maybe_due || Timers::reached(self.timers.due, now) {
             self.claimable()
         } else {
             0
         };
-        let record = self.record_due();
-        if !record && want == 0 && self.installed && Instant::now() < self.next_purge {
-            return;
+        if self.record_due() {
+            let outcomes = std::mem::take(&mut self.outcomes);
+            let decisions = self.decide(outcomes);
+            self.unrecorded.extend(decisions);
         }
-        let outcomes = if record {
-            std::mem::take(&mut self.outcomes)
-        } else {
-            Vec::new()
+        let check_installed = self.installed != Some(true);
+        if claim == 0 && self.unrecorded.is_empty() && !check_installed {
+            return None;
+        }
+        let mut busy: Vec<String> = self.in_flight.iter().cloned().collect();
+        busy.extend(self.unrecorded.iter().map(|(id, _, _)| id.clone()));
+        Some(Round {
+            record: self.unrecorded.clone(),
+            claim,
+            busy,
+            check_installed,
+        })
+    }
+
+    /// Takes in what a round found (or that it failed) and hands claims to the pool.
+    fn apply(&mut self, result: Result<RoundResult, String>) {
+        let result = match result {
+            Ok(result) => result,
+            Err(error) => {
+                if self.round_error.as_ref() != Some(&error) {
+                    warning!(
+                        "pg_new_user_hook: a delivery round failed and is retried in {} s, with the outcomes it had to record: {error}",
+                        RETRY_FAILED_ROUND.as_secs()
+                    );
+                    self.round_error = Some(error);
+                }
+                self.timers.retry_round = Some(Instant::now() + RETRY_FAILED_ROUND);
+                // The extension may be gone (DROP EXTENSION): look before the next round.
+                self.installed = None;
+                return;
+            }
         };
-        let decisions = self.decide(outcomes);
-        let purge = Instant::now() >= self.next_purge;
-        let retention = self.settings.retention;
-        let was_installed = self.installed;
-        let in_flight: Vec<String> = self.in_flight.iter().cloned().collect();
-
-        let (installed, claimed, next_due) = transaction(move || {
-            if !was_installed && !outbox::installed() {
-                return (false, Vec::new(), None);
-            }
-            outbox::record(&decisions);
-            let claimed = if want > 0 {
-                outbox::claim(want, &in_flight)
-            } else {
-                Vec::new()
-            };
-            if purge {
-                outbox::purge_delivered(retention);
-            }
-            let next_due = if claimed.len() < want || want == 0 {
-                let mut busy = in_flight;
-                busy.extend(claimed.iter().map(|c| c.id.clone()));
-                outbox::next_due(&busy)
-            } else {
-                Some(Duration::ZERO)
-            };
-            (true, claimed, next_due)
-        });
-
-        self.statistics_due = flush_statistics(false);
-        if purge {
-            self.next_purge = Instant::now() + PURGE_EVERY;
+        if self.round_error.take().is_some() {
+            log!("pg_new_user_hook: delivery rounds succeed again");
         }
-        if installed != self.installed {
-            self.installed = installed;
+        self.timers.retry_round = None;
+        self.timers.statistics = flush_statistics(false);
+        if self.installed != Some(result.installed) {
+            self.installed = Some(result.installed);
             self.report();
         }
-        if !installed {
+        if !result.installed {
+            // Nothing to record into: the events went with the extension.
+            self.unrecorded.clear();
             self.maybe_due = false;
-            self.next_due = None;
+            self.timers.due = None;
             return;
         }
-        if want > 0 {
-            self.maybe_due = claimed.len() == want;
+        self.unrecorded.clear();
+        if result.wanted > 0 {
+            // A full claim suggests more are due right now.
+            self.maybe_due = result.claimed.len() >= result.wanted;
         }
-        self.next_due = next_due.map(|d| Instant::now() + d);
-        for event in claimed {
+        self.timers.due = result.next_due.map(|d| Instant::now() + d);
+        for event in result.claimed {
             self.in_flight.insert(event.id.clone());
             self.pool.submit(Job {
                 id: event.id,
@@ -370,6 +423,28 @@ impl Worker {
             });
         }
         shared::set_in_flight(self.in_flight.len());
+    }
+
+    /// Deletes one batch of expired delivered events; when the batch was full, the
+    /// next follows right after the next round, so a large purge keeps up with the
+    /// drain without holding up deliveries.
+    fn purge(&mut self) {
+        let retention = self.config.settings().retention;
+        match transaction(move || outbox::purge_delivered(retention, PURGE_BATCH)) {
+            Ok(purged) => {
+                self.timers.statistics = flush_statistics(false);
+                self.timers.purge = if purged >= PURGE_BATCH {
+                    Instant::now()
+                } else {
+                    Instant::now() + PURGE_EVERY
+                };
+            }
+            Err(error) => {
+                warning!("pg_new_user_hook: purging delivered events failed, retried in a minute: {error}");
+                self.timers.purge = Instant::now() + Duration::from_secs(60);
+                self.installed = None;
+            }
+        }
     }
 
     /// Turns outcomes into decisions (id, attempt, decision). An unsent event needs
@@ -387,7 +462,7 @@ impl Worker {
             let decision = classify::decide(
                 &outcome.result,
                 outcome.attempt,
-                &self.settings.retry,
+                &self.config.settings().retry,
                 random_jitter(),
                 now,
             );
@@ -417,27 +492,22 @@ impl Worker {
     }
 
     fn wait(&mut self) {
-        let mut timeout = POLL;
-        // A due event only matters when one can be claimed: with delivery paused by
-        // configuration, or the in-flight window full, an overdue event would turn
-        // the wait into a spin. Finished requests wake the worker through the pool.
-        if let Some(due) = self.next_due.filter(|_| self.claimable() > 0) {
-            timeout = timeout.min(due.saturating_duration_since(Instant::now()));
-        }
-        if let Some(due) = self.statistics_due {
-            timeout = timeout.min(due.saturating_duration_since(Instant::now()));
-        }
+        let now = Instant::now();
+        let can_claim = self.claimable() > 0;
+        let mut timeout = self
+            .timers
+            .sleep(now, can_claim, self.config.next_secret_refresh());
         if !self.outcomes.is_empty() {
             timeout = timeout.min(RECORD_DELAY.saturating_sub(self.outcomes_since.elapsed()));
         }
-        if self.maybe_due && self.claimable() > 0 {
+        if self.maybe_due && can_claim {
             timeout = Duration::ZERO;
         }
         let events = pg_sys::WL_LATCH_SET
             | pg_sys::WL_SOCKET_READABLE
             | pg_sys::WL_TIMEOUT
             | pg_sys::WL_EXIT_ON_PM_DEATH;
-        let rc = unsafe {
+        let (rc, latch_was_set) = unsafe {
             let rc = pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
                 events as i32,
@@ -445,14 +515,17 @@ impl Worker {
                 timeout.as_millis().min(i64::MAX as u128) as _,
                 pg_sys::PG_WAIT_EXTENSION,
             );
+            // A commit may set the latch after WaitLatchOrSocket returned for another
+            // reason: read it before clearing it, or that wake-up is lost.
+            let latch_was_set = (*pg_sys::MyLatch).is_set != 0;
             pg_sys::ResetLatch(pg_sys::MyLatch);
-            rc
+            (rc, latch_was_set)
         };
         // Woken by a commit, or the fallback poll ran out: look for due events. The
         // poll catches events whose commit woke nobody (COMMIT PREPARED, a wake-up
         // lost to a race); other timers only serve what they were set for.
         let polled = rc & pg_sys::WL_TIMEOUT as i32 != 0 && timeout == POLL;
-        if rc & pg_sys::WL_LATCH_SET as i32 != 0 || polled {
+        if latch_was_set || rc & pg_sys::WL_LATCH_SET as i32 != 0 || polled {
             self.maybe_due = true;
         }
         pg_sys::check_for_interrupts!();
@@ -463,11 +536,48 @@ impl Worker {
     /// again (at least once), and a fast shutdown stays fast whatever `timeout_ms` is.
     fn shutdown(&mut self) {
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        outcomes.extend(self.pool.stop(SHUTDOWN_GRACE.min(self.settings.timeout)));
-        if !self.installed {
+        outcomes.extend(
+            self.pool
+                .stop(SHUTDOWN_GRACE.min(self.config.settings().timeout)),
+        );
+        if self.installed == Some(false) {
             return;
         }
-        let decisions = self.decide(outcomes);
-        transaction(move || outbox::record(&decisions));
+        let mut record = std::mem::take(&mut self.unrecorded);
+        record.extend(self.decide(outcomes));
+        if let Err(e) = transaction(move || outbox::record(&record)) {
+            warning!("pg_new_user_hook: recording the last outcomes failed, those events will be sent again: {e}");
+        }
+    }
+}
+
+/// One round's transaction: record outcomes, claim due events, find the next due.
+fn run_round(round: Round) -> RoundResult {
+    if round.check_installed && !outbox::installed() {
+        return RoundResult {
+            installed: false,
+            wanted: round.claim,
+            claimed: Vec::new(),
+            next_due: None,
+        };
+    }
+    outbox::record(&round.record);
+    let claimed = if round.claim > 0 {
+        outbox::claim(round.claim, &round.busy)
+    } else {
+        Vec::new()
+    };
+    let next_due = if claimed.len() < round.claim || round.claim == 0 {
+        let mut busy = round.busy;
+        busy.extend(claimed.iter().map(|c| c.id.clone()));
+        outbox::next_due(&busy)
+    } else {
+        Some(Duration::ZERO)
+    };
+    RoundResult {
+        installed: true,
+        wanted: round.claim,
+        claimed,
+        next_due,
     }
 }

@@ -16,6 +16,10 @@ pgdata="/var/tmp/pg_new_user_hook-pgrx-tests-$major"
 $SUDO rm -rf "$pgdata"
 $SUDO install -d -o postgres -g postgres "$pgdata"
 
+# The upgrade suite installs earlier releases and updates them in place: their
+# install scripts go where cargo pgrx test puts the current one.
+$SUDO install -m 644 sql/releases/pg_new_user_hook--*.sql "$("$pg_config" --sharedir)/extension/"
+
 summary="${CARGO_TARGET_DIR:-$repo/target}/tmp/faults-summary.tsv"
 rm -f "$summary"
 echo "== PostgreSQL $major: unit, #[pg_test], e2e, faults, security, upgrade, NestJS and worker suites"

@@ -1,6 +1,6 @@
-//! Upgrades: an installed 0.1.0 (the first release, its install script kept in
-//! sql/releases/) is updated in place with ALTER EXTENSION ... UPDATE while events
-//! are queued; nothing is lost, and the result matches a fresh install.
+//! Upgrades: an installed earlier release (its install script kept in sql/releases/)
+//! is updated in place with ALTER EXTENSION ... UPDATE while events are queued;
+//! nothing is lost, and the result matches a fresh install.
 
 mod common;
 
@@ -11,35 +11,23 @@ use std::time::Duration;
 
 const WITHIN: Duration = Duration::from_secs(30);
 
-/// Puts an old release's install script next to the installed extension.
-fn install_release_script(version: &str) {
-    let name = format!("pg_new_user_hook--{version}.sql");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("sql/releases")
-        .join(&name);
+/// Fails with what to do if an earlier release's install script is not installed
+/// (tests/suite.sh installs them from sql/releases/; a test never writes into the
+/// system's extension directory itself).
+fn require_release_script(version: &str) {
     let out = Command::new("pg_config")
         .arg("--sharedir")
         .output()
         .unwrap();
-    let target = Path::new(String::from_utf8(out.stdout).unwrap().trim())
+    let installed = Path::new(String::from_utf8(out.stdout).unwrap().trim())
         .join("extension")
-        .join(&name);
-    if std::fs::copy(&source, &target).is_err() {
-        // Not root: the extension directory belongs to root.
-        let ok = Command::new("sudo")
-            .arg("cp")
-            .arg(&source)
-            .arg(&target)
-            .status()
-            .unwrap()
-            .success();
-        assert!(
-            ok,
-            "could not copy {} to {}",
-            source.display(),
-            target.display()
-        );
-    }
+        .join(format!("pg_new_user_hook--{version}.sql"));
+    assert!(
+        installed.exists(),
+        "{} is missing: install the earlier releases' scripts first \
+         (sudo install -m 644 sql/releases/*.sql \"$(pg_config --sharedir)/extension/\"), as tests/suite.sh does",
+        installed.display()
+    );
 }
 
 /// Every definition in schema new_user_hook, as text: tables' columns, indexes,
@@ -62,23 +50,36 @@ const SCHEMA_FINGERPRINT: &str = "
          WHERE c.relnamespace = 'new_user_hook'::regnamespace AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped
     ) s";
 
+const CURRENT: &str = env!("CARGO_PKG_VERSION");
+
 #[test]
 fn an_installed_0_1_0_upgrades_in_place_without_losing_queued_events() {
-    install_release_script("0.1.0");
+    upgrades_in_place_from("0.1.0");
+}
+
+#[test]
+fn an_installed_0_2_0_upgrades_in_place_without_losing_queued_events() {
+    upgrades_in_place_from("0.2.0");
+}
+
+fn upgrades_in_place_from(release: &str) {
+    require_release_script(release);
     let cluster = Cluster::new(&[]);
     let mut admin = cluster.connect("supabase_admin");
     admin
-        .batch_execute(
-            "CREATE EXTENSION pg_new_user_hook VERSION '0.1.0'; SELECT new_user_hook.install();",
-        )
+        .batch_execute(&format!(
+            "CREATE EXTENSION pg_new_user_hook VERSION '{release}'; SELECT new_user_hook.install();"
+        ))
         .unwrap();
-    // Events queued under 0.1.0 (no URL yet).
+    // Events queued under the old release (no URL yet).
     let ids: Vec<String> = (0..5)
         .map(|i| cluster.signup(&format!("before-upgrade-{i}@example.com")))
         .collect();
 
     admin
-        .batch_execute("ALTER EXTENSION pg_new_user_hook UPDATE TO '0.2.0'")
+        .batch_execute(&format!(
+            "ALTER EXTENSION pg_new_user_hook UPDATE TO '{CURRENT}'"
+        ))
         .unwrap();
     let version: String = admin
         .query_one(
@@ -87,14 +88,14 @@ fn an_installed_0_1_0_upgrades_in_place_without_losing_queued_events() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, CURRENT);
     let pending: i64 = admin
         .query_one("SELECT pending FROM new_user_hook.status", &[])
         .unwrap()
         .get(0);
     assert_eq!(pending, 5, "the queued events survived the update");
 
-    // The upgraded schema is the one a fresh 0.2.0 install creates.
+    // The upgraded schema is the one a fresh install of this version creates.
     admin.batch_execute("CREATE DATABASE fresh").unwrap();
     let upgraded: String = admin.query_one(SCHEMA_FINGERPRINT, &[]).unwrap().get(0);
     let mut fresh = postgres::Config::new()

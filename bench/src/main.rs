@@ -1,6 +1,6 @@
 //! pg_new_user_hook benchmark. Starts its own PostgreSQL 15 cluster (fsync on) with
 //! the extension preloaded and the real Supabase Auth schema, and a receiver in this
-//! process (tiny_http, several threads, answering 204 at once), then prints:
+//! process (the test suite's, answering 204 at once), then prints:
 //! signup overhead (pgbench), drain rate, commit → receipt latency, worker memory,
 //! and throughput against a slow backend.
 
@@ -8,77 +8,69 @@
 #[allow(dead_code)]
 mod common;
 
-use common::{wait_for, Cluster};
+use common::{wait_for, Cluster, Receiver, Reply};
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const LONG: Duration = Duration::from_secs(600);
 
-/// Receipt time of every request, by user id.
-struct Receiver {
-    url: String,
-    received: Arc<Mutex<HashMap<String, Instant>>>,
-    _server: Arc<tiny_http::Server>,
+/// A backend answering 204 after `delay` (a slow backend when not zero).
+fn backend(delay: Duration) -> Receiver {
+    Receiver::start(move |_, _| {
+        std::thread::sleep(delay);
+        Reply::Status(204)
+    })
 }
 
-impl Receiver {
-    /// `delay`: how long each answer takes (a slow backend); requests are then
-    /// handled on a thread each, so they overlap.
-    fn start(delay: Duration) -> Receiver {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-        let port = server.server_addr().to_ip().unwrap().port();
-        let received = Arc::new(Mutex::new(HashMap::new()));
-        for _ in 0..4 {
-            let (server, received) = (Arc::clone(&server), Arc::clone(&received));
-            std::thread::spawn(move || loop {
-                let Ok(mut request) = server.recv() else {
-                    return;
-                };
-                let at = Instant::now();
-                let mut body = String::new();
-                let _ = request.as_reader().read_to_string(&mut body);
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) {
-                    if let Some(id) = json["id"].as_str() {
-                        received.lock().unwrap().entry(id.to_string()).or_insert(at);
-                    }
-                }
-                if delay.is_zero() {
-                    let _ = request.respond(tiny_http::Response::empty(204));
-                } else {
-                    std::thread::spawn(move || {
-                        std::thread::sleep(delay);
-                        let _ = request.respond(tiny_http::Response::empty(204));
-                    });
-                }
-            });
-        }
-        Receiver {
-            url: format!("http://127.0.0.1:{port}/users"),
-            received,
-            _server: server,
-        }
-    }
+/// First receipt of each user id, read from the receiver's requests as they come
+/// (each request is parsed once, however often this is polled).
+#[derive(Default)]
+struct Receipts {
+    seen: usize,
+    first: HashMap<String, Instant>,
+}
 
-    /// Waits until every one of `ids` was received (polling memory, not the database,
-    /// so the wait costs the measurement nothing).
-    fn wait_for_users(&self, ids: &[String]) {
-        let mut last_report = Instant::now();
-        wait_for(&format!("{} users received", ids.len()), LONG, || {
-            let r = self.received.lock().unwrap();
-            let missing = ids.iter().filter(|id| !r.contains_key(*id)).count();
-            if last_report.elapsed() > Duration::from_secs(10) {
-                eprintln!(
-                    "  ... {missing} of {} not received yet ({} received in all)",
-                    ids.len(),
-                    r.len()
-                );
-                last_report = Instant::now();
-            }
-            (missing == 0).then_some(())
+impl Receipts {
+    fn update(&mut self, receiver: &Receiver) -> &HashMap<String, Instant> {
+        let seen = self.seen;
+        let (new, total): (Vec<(String, Instant)>, usize) = receiver.inspect(|all| {
+            let new = all[seen..]
+                .iter()
+                .filter_map(|r| {
+                    let json: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+                    Some((json["id"].as_str()?.to_string(), r.at))
+                })
+                .collect();
+            (new, all.len())
         });
+        self.seen = total;
+        for (id, at) in new {
+            self.first.entry(id).or_insert(at);
+        }
+        &self.first
     }
+}
+
+/// Waits until every one of `ids` was received (polling memory, not the database,
+/// so the wait costs the measurement nothing); returns when each first arrived.
+fn wait_for_users(receiver: &Receiver, ids: &[String]) -> HashMap<String, Instant> {
+    let mut receipts = Receipts::default();
+    let mut last_report = Instant::now();
+    wait_for(&format!("{} users received", ids.len()), LONG, || {
+        let first = receipts.update(receiver);
+        let missing = ids.iter().filter(|id| !first.contains_key(*id)).count();
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "  ... {missing} of {} not received yet ({} received in all)",
+                ids.len(),
+                first.len()
+            );
+            last_report = Instant::now();
+        }
+        (missing == 0).then_some(())
+    });
+    receipts.first
 }
 
 fn bindir() -> String {
@@ -243,17 +235,11 @@ fn paced_signups(
 
 /// (p50, p99, max) of commit → receipt, in milliseconds.
 fn latencies(receiver: &Receiver, commits: &[(String, Instant)]) -> (f64, f64, f64) {
-    wait_for("every paced signup received", LONG, || {
-        let r = receiver.received.lock().unwrap();
-        commits
-            .iter()
-            .all(|(id, _)| r.contains_key(id))
-            .then_some(())
-    });
-    let r = receiver.received.lock().unwrap();
+    let ids: Vec<String> = commits.iter().map(|(id, _)| id.clone()).collect();
+    let first = wait_for_users(receiver, &ids);
     let mut ms: Vec<f64> = commits
         .iter()
-        .map(|(id, at)| r[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        .map(|(id, at)| first[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
         .collect();
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pick = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
@@ -278,7 +264,7 @@ fn main() {
         "max_connections = 200",
     ]);
     let version: String = cluster.one_row("SHOW server_version").get(0);
-    let receiver = Receiver::start(Duration::ZERO);
+    let receiver = backend(Duration::ZERO);
     let mut admin = cluster.connect("supabase_admin");
     admin
         .batch_execute("CREATE EXTENSION pg_new_user_hook")
@@ -286,7 +272,9 @@ fn main() {
     let concurrency = std::env::var("BENCH_CONCURRENCY").unwrap_or_else(|_| "32".into());
     cluster.configure(&[("url", &receiver.url), ("concurrency", &concurrency)]);
     println!("pg_new_user_hook benchmark — {cores} cores, PostgreSQL {version}, fsync on, synchronous_commit on");
-    println!("receiver: in-process Rust server (tiny_http, 4 threads, 204 at once); defaults unless stated");
+    println!(
+        "receiver: the test suite's in-process server (hyper, 204 at once); defaults unless stated"
+    );
     println!();
 
     // 1. Signup overhead: the three set-ups alternate, three rounds, median of each,
@@ -370,7 +358,7 @@ fn main() {
     let ids = bulk_users(&cluster, 20_000);
     let started = Instant::now();
     cluster.configure(&[("url", &receiver.url)]);
-    receiver.wait_for_users(&ids);
+    wait_for_users(&receiver, &ids);
     let drain = started.elapsed();
     wait_for("20,000 recorded as delivered", LONG, || {
         (delivered(&cluster) - before >= 20_000).then_some(())
@@ -420,7 +408,7 @@ fn main() {
         ids.extend(bulk_users(&cluster, 10_000));
     }
     cluster.configure(&[("url", &receiver.url)]);
-    receiver.wait_for_users(&ids);
+    wait_for_users(&receiver, &ids);
     wait_for("100,000 recorded as delivered", LONG, || {
         (delivered(&cluster) - before >= 100_000).then_some(())
     });
@@ -438,7 +426,7 @@ fn main() {
 
     // 5. Slow backend.
     eprintln!("slow backend: 200 ms per answer...");
-    let slow = Receiver::start(Duration::from_millis(200));
+    let slow = backend(Duration::from_millis(200));
     println!("Slow backend (answers after 200 ms)");
     for concurrency in [1usize, 8, 32] {
         pause(&cluster);
@@ -454,7 +442,7 @@ fn main() {
         } else {
             None
         };
-        slow.wait_for_users(&ids);
+        wait_for_users(&slow, &ids);
         let rate = n as f64 / started.elapsed().as_secs_f64();
         row(
             &format!("concurrency {concurrency}: deliveries/s"),
