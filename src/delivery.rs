@@ -6,6 +6,7 @@
 //! soon as a result is ready without polling.
 
 use crate::classify::{excerpt, Attempt};
+use crate::guc::names;
 use crate::request::{self, Target};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -40,7 +41,7 @@ pub struct Channel {
 }
 
 impl Channel {
-    /// `ca_file`: extra CA certificates (PEM) to trust for https, besides the system's.
+    /// `ca_file`: extra CA certificates (PEM) to trust for https, besides the bundled roots.
     pub fn new(
         target: Target,
         timeout: Duration,
@@ -159,38 +160,36 @@ fn tls_advice(error: &str) -> Option<&'static str> {
     }
 }
 
-/// The system's CA bundle (when present) plus the certificates in `ca_file`.
+/// The certificates in `ca_file` plus the Mozilla roots bundled in the library (the
+/// ones trusted without `ca_file`): adding your own CA never drops the public ones,
+/// whatever the distribution keeps, or does not keep, in /etc/ssl.
 fn trusted_roots(ca_file: &str) -> Result<ureq::tls::RootCerts, String> {
+    let pem = std::fs::read(ca_file)
+        .map_err(|e| format!("{} = '{ca_file}' cannot be read: {e}", names::CA_FILE))?;
     let mut certs = Vec::new();
-    let mut load = |path: &str, required: bool| -> Result<usize, String> {
-        let pem = match std::fs::read(path) {
-            Ok(pem) => pem,
-            Err(_) if !required => return Ok(0),
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(cert)) => certs.push(cert.to_owned()),
+            Ok(_) => {}
             Err(e) => {
                 return Err(format!(
-                    "pg_new_user_hook.ca_file = '{path}' cannot be read: {e}"
+                    "{} = '{ca_file}' is not valid PEM: {e}",
+                    names::CA_FILE
                 ))
             }
-        };
-        let before = certs.len();
-        for item in ureq::tls::parse_pem(&pem) {
-            match item {
-                Ok(ureq::tls::PemItem::Certificate(cert)) => certs.push(cert.to_owned()),
-                Ok(_) => {}
-                Err(e) if required => {
-                    return Err(format!(
-                        "pg_new_user_hook.ca_file = '{path}' is not valid PEM: {e}"
-                    ))
-                }
-                Err(_) => {}
-            }
         }
-        Ok(certs.len() - before)
-    };
-    if load(ca_file, true)? == 0 {
-        return Err(format!("pg_new_user_hook.ca_file = '{ca_file}' contains no certificate (expected PEM, -----BEGIN CERTIFICATE-----)"));
     }
-    load("/etc/ssl/certs/ca-certificates.crt", false)?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} = '{ca_file}' contains no certificate (expected PEM, -----BEGIN CERTIFICATE-----)",
+            names::CA_FILE
+        ));
+    }
+    certs.extend(
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned()),
+    );
     Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
@@ -636,6 +635,32 @@ mod tests {
         let got = outcomes_within(&mut pool, 5, Duration::from_secs(10));
         assert_eq!(got.len(), 5);
         assert!(got.iter().all(|o| !o.sent), "unsent events stay pending");
+    }
+
+    #[test]
+    fn a_ca_file_adds_to_the_bundled_roots_instead_of_replacing_them() {
+        use base64::Engine;
+        let dir =
+            std::env::temp_dir().join(format!("pg_new_user_hook-ca-add-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Any certificate does as "your own CA": one of the bundled ones, as PEM.
+        let der = webpki_root_certs::TLS_SERVER_ROOT_CERTS[0].as_ref();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            base64::engine::general_purpose::STANDARD.encode(der)
+        );
+        let file = dir.join("own-ca.pem");
+        std::fs::write(&file, pem).unwrap();
+        let roots = trusted_roots(file.to_str().unwrap()).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+        let ureq::tls::RootCerts::Specific(certs) = roots else {
+            panic!("expected a specific set of roots");
+        };
+        assert_eq!(
+            certs.len(),
+            1 + webpki_root_certs::TLS_SERVER_ROOT_CERTS.len(),
+            "the CA file's certificate and every bundled root"
+        );
     }
 
     #[test]

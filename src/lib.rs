@@ -69,13 +69,18 @@ fn config_problem() -> Option<String> {
         .or_else(shared::worker_problem)
 }
 
-/// `config_problem()` after reading the configuration files, as a reload is about
-/// to: right after `ALTER SYSTEM ...; SELECT pg_reload_conf()`, this session may
-/// not have received the reload yet, and would warn about a problem already fixed.
+/// The problem the settings show after reading the configuration files, as a
+/// reload is about to: right after `ALTER SYSTEM ...; SELECT pg_reload_conf()`,
+/// neither this session nor the worker may have received the reload yet, and
+/// install() would warn about a problem already fixed. What only the worker can
+/// see (a Vault secret) is left to the status view.
 #[pg_extern(volatile, parallel_unsafe)]
 fn config_problem_after_reload() -> Option<String> {
+    if !shared::preloaded() {
+        return config_problem();
+    }
     unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-    config_problem()
+    guc::Settings::read().problem()
 }
 
 /// Why no delivery worker runs, for the status view when none does.

@@ -208,3 +208,157 @@ fn an_event_whose_commit_woke_nobody_is_found_by_the_fallback_poll() {
     assert_eq!(request.json()["email"], "prepared@example.com");
     assert!(committed.elapsed() < Duration::from_secs(12));
 }
+
+fn count(cluster: &Cluster, sql: &str) -> i64 {
+    cluster.one_row(sql).get(0)
+}
+
+fn status_problem(cluster: &Cluster) -> Option<String> {
+    cluster
+        .one_row("SELECT problem FROM new_user_hook.status")
+        .get(0)
+}
+
+#[test]
+fn thirty_thousand_expired_deliveries_are_purged_within_seconds() {
+    let cluster = Cluster::with_hook(&[]);
+    // Delivered an hour ago (written directly: the purge is what is measured), and
+    // a few pending events, which the purge must leave alone.
+    cluster
+        .connect("supabase_admin")
+        .batch_execute(
+            "INSERT INTO new_user_hook.outbox (user_id, source, record, status, attempts, next_attempt_at, delivered_at)
+             SELECT gen_random_uuid(), 'auth.users', '{}', 'delivered', 1, NULL, now() - interval '1 hour'
+               FROM generate_series(1, 30000)",
+        )
+        .unwrap();
+    cluster.bulk_signups("kept", 10, 10);
+    cluster.configure(&[("retention", "1s")]);
+    let started = Instant::now();
+    wait_for("the expired deliveries to be purged", WITHIN, || {
+        (count(
+            &cluster,
+            "SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'",
+        ) == 0)
+            .then_some(())
+    });
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "purging 30,000 took {took:?}"
+    );
+    assert_eq!(pending(&cluster), 10, "the purge took pending events");
+}
+
+#[test]
+fn a_lock_on_the_outbox_delays_recording_without_a_restart_or_a_resend() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::with_hook(&[]);
+    let users = cluster.bulk_signups("locked", 50, 50);
+    let worker = cluster.worker_pid().expect("the worker runs");
+    // Row locks on every queued event: claims (plain reads) go through, recording
+    // the outcomes waits for the lock, times out, and is tried again.
+    let mut locker = cluster.connect("supabase_admin");
+    locker
+        .batch_execute("BEGIN; SELECT 1 FROM new_user_hook.outbox FOR UPDATE")
+        .unwrap();
+    cluster.configure(&[("url", &receiver.url)]);
+    receiver.wait_for_requests(users.len(), WITHIN);
+    wait_for("a failed round in the log", WITHIN, || {
+        cluster
+            .log()
+            .contains("a delivery round failed and is retried")
+            .then_some(())
+    });
+    locker.batch_execute("COMMIT").unwrap();
+    wait_for("every event recorded as delivered", WITHIN, || {
+        (pending(&cluster) == 0).then_some(())
+    });
+    assert_eq!(cluster.worker_pid(), Some(worker), "the worker restarted");
+    assert_eq!(
+        receiver.count(),
+        users.len(),
+        "an event delivered before the failed round was sent again"
+    );
+    let log = cluster.log();
+    assert!(log.contains("lock timeout"), "{log}");
+    assert!(!log.contains("exited with exit code"), "{log}");
+}
+
+#[test]
+fn drop_extension_mid_delivery_leaves_the_worker_running() {
+    let (receiver, gate) = Receiver::holding_after(0);
+    let cluster = hooked(&receiver.url, &[]);
+    cluster.bulk_signups("dropped", 20, 20);
+    receiver.wait_for_requests(20, WITHIN);
+    let worker = cluster.worker_pid().expect("the worker runs");
+    let mut admin = cluster.connect("supabase_admin");
+    admin
+        .batch_execute("DROP EXTENSION pg_new_user_hook CASCADE")
+        .unwrap();
+    // The answers come after the outbox is gone: nothing to record them in.
+    gate.open();
+    wait_for("the worker to report the missing extension", WITHIN, || {
+        cluster
+            .log()
+            .contains("extension pg_new_user_hook is not installed")
+            .then_some(())
+    });
+    admin
+        .batch_execute("CREATE EXTENSION pg_new_user_hook; SELECT new_user_hook.install();")
+        .unwrap();
+    let user = cluster.signup("after-recreate@example.com");
+    cluster.wait_for_event(&user, "status = 'delivered'", WITHIN);
+    assert_eq!(cluster.worker_pid(), Some(worker), "the worker restarted");
+    let log = cluster.log();
+    assert!(!log.contains("exited with exit code"), "{log}");
+}
+
+#[test]
+fn the_status_tells_a_worker_without_a_slot_from_a_restarting_one() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::with_hook(&["max_worker_processes = 0"]);
+    cluster.configure(&[("url", &receiver.url)]);
+    let problem = wait_for("the status to name max_worker_processes", WITHIN, || {
+        status_problem(&cluster).filter(|p| p.contains("max_worker_processes"))
+    });
+    assert!(problem.contains("too many background workers"), "{problem}");
+}
+
+#[test]
+fn the_status_of_a_standby_says_the_primary_delivers() {
+    let receiver = Receiver::ok();
+    let mut cluster = hooked(&receiver.url, &[]);
+    cluster.shut_down();
+    std::fs::write(cluster.root.join("data/standby.signal"), "").unwrap();
+    cluster.start();
+    let problem = status_problem(&cluster).expect("a standby has no worker");
+    assert!(problem.contains("standby"), "{problem}");
+    assert!(problem.contains("primary"), "{problem}");
+}
+
+#[test]
+fn install_right_after_a_reload_does_not_warn_about_the_setting_just_made() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::new(&[]);
+    let mut admin = cluster.connect("supabase_admin");
+    admin
+        .batch_execute("CREATE EXTENSION pg_new_user_hook")
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET pg_new_user_hook.url = '{}'",
+            receiver.url
+        ))
+        .unwrap();
+    let logged_before = cluster.log().len();
+    // As the demo and the README do it: reload and install in one go.
+    admin
+        .batch_execute("SELECT pg_reload_conf(); SELECT new_user_hook.install();")
+        .unwrap();
+    let log = cluster.log()[logged_before..].to_string();
+    assert!(
+        !log.contains("will be queued but not delivered yet"),
+        "install() warned about a setting already made:\n{log}"
+    );
+}
