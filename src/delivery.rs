@@ -5,7 +5,8 @@
 //! read end the main thread waits on together with its latch, so it wakes as
 //! soon as a result is ready without polling.
 
-use crate::classify::{excerpt, Attempt};
+use crate::classify::excerpt;
+use crate::event::Event;
 use crate::guc::names;
 use crate::request::{self, Target};
 use std::io::{ErrorKind, Read, Write};
@@ -16,13 +17,24 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// One event to send.
-pub struct Job {
-    pub id: String,
-    pub attempt: u32,
-    pub record: String,
-    pub source: String,
-    pub created_at: String,
+/// What one HTTP attempt produced, as seen by the sending thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// The backend answered with this status.
+    Response {
+        status: u16,
+        reason: String,
+        /// Raw `Retry-After` header, if any.
+        retry_after: Option<String>,
+        /// `Location` header of a redirect, if any.
+        location: Option<String>,
+        /// The start of the response body, for `last_error`.
+        body_excerpt: String,
+    },
+    /// No usable answer: connection refused, DNS failure, timeout, TLS error...
+    Transport(String),
+    /// The event cannot be turned into a request (it will never work).
+    Unsendable(String),
 }
 
 /// What happened to a job. `sent` is false when the pool stopped before sending it.
@@ -67,13 +79,8 @@ impl Channel {
     }
 
     /// One POST; never panics, never blocks longer than the timeout.
-    pub fn send(&self, job: &Job) -> Attempt {
-        let event = request::Event {
-            record: &job.record,
-            source: &job.source,
-            created_at: &job.created_at,
-        };
-        let body = match request::body(&self.target, &event) {
+    pub fn send(&self, event: &Event) -> Attempt {
+        let body = match request::body(&self.target, event) {
             Ok(body) => body,
             Err(why) => return Attempt::Unsendable(why),
         };
@@ -82,7 +89,7 @@ impl Channel {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let mut req = self.agent.post(&self.target.url);
-        for (name, value) in request::headers(&self.target, &job.id, timestamp, &body) {
+        for (name, value) in request::headers(&self.target, &event.id, timestamp, &body) {
             req = req.header(name, value);
         }
         match req.send(body.as_bytes()) {
@@ -194,7 +201,7 @@ fn trusted_roots(ca_file: &str) -> Result<ureq::tls::RootCerts, String> {
 }
 
 enum Message {
-    Send(Job),
+    Send(Event),
     Exit,
 }
 
@@ -284,9 +291,9 @@ impl Pool {
         *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
     }
 
-    pub fn submit(&mut self, job: Job) {
+    pub fn submit(&mut self, event: Event) {
         self.in_flight += 1;
-        if let Err(mpsc::SendError(Message::Send(job))) = self.jobs.send(Message::Send(job)) {
+        if let Err(mpsc::SendError(Message::Send(job))) = self.jobs.send(Message::Send(event)) {
             // Cannot happen while the pool owns its queue; report it as unsent rather than lose it.
             let _ = self.outcome_sender.send(Outcome {
                 id: job.id,
@@ -438,8 +445,8 @@ mod tests {
         (url, handle)
     }
 
-    fn job() -> Job {
-        Job {
+    fn job() -> Event {
+        Event {
             id: "evt-1".into(),
             attempt: 1,
             record: r#"{"id":"u-1","email":"a@example.com"}"#.into(),
@@ -545,7 +552,7 @@ mod tests {
         let mut pool = Pool::new(4).unwrap();
         pool.set_channel(Some(channel));
         for i in 0..20 {
-            pool.submit(Job {
+            pool.submit(Event {
                 id: format!("e{i}"),
                 record: "{}".into(),
                 ..job()
@@ -595,7 +602,7 @@ mod tests {
             Duration::from_millis(500),
         ))));
         for i in 0..3 {
-            pool.submit(Job {
+            pool.submit(Event {
                 id: format!("e{i}"),
                 ..job()
             });
@@ -627,7 +634,7 @@ mod tests {
         let mut pool = Pool::new(2).unwrap();
         pool.set_channel(None);
         for i in 0..5 {
-            pool.submit(Job {
+            pool.submit(Event {
                 id: format!("e{i}"),
                 ..job()
             });

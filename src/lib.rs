@@ -11,6 +11,7 @@ mod backoff;
 mod classify;
 mod config;
 mod delivery;
+mod event;
 mod guc;
 mod outbox;
 mod redact;

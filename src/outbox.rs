@@ -2,19 +2,10 @@
 //! Each function runs inside a transaction the caller opened.
 
 use crate::classify::Decision;
+use crate::event::Event;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::time::Duration;
-
-/// An event claimed for one delivery attempt.
-pub struct Claimed {
-    pub id: String,
-    pub attempt: u32,
-    pub record: String,
-    pub source: String,
-    /// RFC 3339.
-    pub created_at: String,
-}
 
 /// Session settings of the worker. Its own commits (claims, outcomes) need not wait
 /// for the WAL flush: losing the last of them in a crash only means an event is
@@ -47,7 +38,7 @@ pub fn installed() -> bool {
 /// outcome is recorded, so an event whose worker dies mid-request (or whose server
 /// crashes) is simply due again when the worker starts — at least once, and no
 /// write per claim.
-pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Claimed> {
+pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Event> {
     Spi::connect(|client| {
         let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
         client
@@ -65,7 +56,7 @@ pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Claimed> {
                 &args,
             )
             .expect("claiming due events")
-            .map(|row| Claimed {
+            .map(|row| Event {
                 id: row.get::<String>(1).ok().flatten().unwrap_or_default(),
                 attempt: row.get::<i32>(2).ok().flatten().unwrap_or(1) as u32,
                 record: row.get::<String>(3).ok().flatten().unwrap_or_default(),

@@ -1,5 +1,6 @@
 //! Turns an outbox event into the HTTP request sent to the backend. Pure: no I/O.
 
+use crate::event::Event;
 use crate::sign::{self, Keys};
 use serde_json::{Map, Value};
 
@@ -181,19 +182,9 @@ fn excerpt_ascii(s: &str) -> String {
         .collect()
 }
 
-/// An event as claimed from the outbox.
-pub struct Event<'a> {
-    /// The allow-listed snapshot the trigger stored (JSON).
-    pub record: &'a str,
-    /// `schema.table` the user was inserted into.
-    pub source: &'a str,
-    /// When the signup committed, RFC 3339.
-    pub created_at: &'a str,
-}
-
 /// The JSON body for an event, in the configured format.
 pub fn body(target: &Target, event: &Event) -> Result<String, String> {
-    let record: Value = serde_json::from_str(event.record)
+    let record: Value = serde_json::from_str(&event.record)
         .map_err(|e| format!("stored event is not valid JSON: {e}"))?;
     let Value::Object(record) = record else {
         return Err("stored event is not a JSON object".into());
@@ -218,7 +209,7 @@ pub fn body(target: &Target, event: &Event) -> Result<String, String> {
             let (schema, table) = event
                 .source
                 .split_once('.')
-                .unwrap_or(("auth", event.source));
+                .unwrap_or(("auth", event.source.as_str()));
             serde_json::json!({
                 "type": "INSERT",
                 "table": table.trim_matches('"'),
@@ -266,6 +257,34 @@ mod tests {
     use super::*;
 
     const URL: &str = "http://127.0.0.1:3000/users";
+    /// The trigger (sql/outbox.sql) stores exactly the fields this module allows:
+    /// the keys of its `jsonb_build_object('name', u.name, ...)` for auth.users.
+    #[test]
+    fn the_trigger_stores_exactly_the_allowed_fields() {
+        let sql = include_str!("../sql/outbox.sql");
+        let start = sql
+            .find("SELECT jsonb_build_object(")
+            .expect("the trigger builds the record");
+        let end = start + sql[start..].find("INTO snapshot").unwrap();
+        let built = &sql[start..end];
+        // A key is a quoted name followed by `, u.` (its column); nested keys
+        // (raw_app_meta_data's provider names) are followed by `, u.raw_app_meta_data ->`.
+        let mut stored: Vec<&str> = built
+            .split('\'')
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| {
+                w[1].trim_start().starts_with(", u.") && !w[1].contains("->")
+                    || w[1].trim_start().starts_with(", jsonb_build_object")
+            })
+            .map(|w| w[0])
+            .collect();
+        stored.sort();
+        let mut allowed = ALLOWED_FIELDS.to_vec();
+        allowed.sort();
+        assert_eq!(stored, allowed);
+    }
+
     const RECORD: &str = r#"{"id":"8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80","email":"a@example.com","phone":null,
         "role":"authenticated","created_at":"2026-11-28T10:00:00+00:00","raw_user_meta_data":{"name":"A"},
         "raw_app_meta_data":{"provider":"email","providers":["email"]},"is_anonymous":false}"#;
@@ -290,11 +309,13 @@ mod tests {
         .unwrap()
     }
 
-    fn event(record: &str) -> Event<'_> {
+    fn event(record: &str) -> Event {
         Event {
-            record,
-            source: "auth.users",
-            created_at: "2026-11-28T10:00:00.5+00:00",
+            id: "evt-1".into(),
+            attempt: 1,
+            record: record.into(),
+            source: "auth.users".into(),
+            created_at: "2026-11-28T10:00:00.5+00:00".into(),
         }
     }
 

@@ -7,7 +7,8 @@
 use crate::backoff::random_jitter;
 use crate::classify::{self, Decision};
 use crate::config::Config;
-use crate::delivery::{Job, Outcome, Pool};
+use crate::delivery::{Outcome, Pool};
+use crate::event::Event;
 use crate::guc::{self, Settings};
 use crate::{outbox, shared};
 use pgrx::bgworkers::{
@@ -171,7 +172,7 @@ struct RoundResult {
     installed: bool,
     /// How many the round tried to claim.
     wanted: usize,
-    claimed: Vec<outbox::Claimed>,
+    claimed: Vec<Event>,
     /// Until the next pending event not claimed is due (None: nothing pending).
     next_due: Option<Duration>,
 }
@@ -414,13 +415,7 @@ impl Worker {
         self.timers.due = result.next_due.map(|d| Instant::now() + d);
         for event in result.claimed {
             self.in_flight.insert(event.id.clone());
-            self.pool.submit(Job {
-                id: event.id,
-                attempt: event.attempt,
-                record: event.record,
-                source: event.source,
-                created_at: event.created_at,
-            });
+            self.pool.submit(event);
         }
         shared::set_in_flight(self.in_flight.len());
     }
