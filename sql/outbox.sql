@@ -217,7 +217,7 @@ $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA new_user_hook FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA new_user_hook FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION new_user_hook.preloaded(), new_user_hook.config_problem(), new_user_hook.in_flight(),
-                           new_user_hook.missing_worker() TO PUBLIC;
+                           new_user_hook.missing_worker(), new_user_hook.config_problem_after_reload() TO PUBLIC;
 
 DO $$
 BEGIN

@@ -11,7 +11,9 @@ CREATE FUNCTION new_user_hook."config_problem_after_reload"() RETURNS TEXT
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'config_problem_after_reload_wrapper';
-REVOKE ALL ON FUNCTION new_user_hook.config_problem_after_reload() FROM PUBLIC;
+-- Whoever may run install() may run it: it reveals no secret (as config_problem()).
+REVOKE ALL ON FUNCTION new_user_hook.config_problem_after_reload() FROM PUBLIC; -- as a fresh install does, before the grant
+GRANT EXECUTE ON FUNCTION new_user_hook.config_problem_after_reload() TO PUBLIC;
 
 CREATE OR REPLACE FUNCTION new_user_hook.install(target text DEFAULT 'auth.users') RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
