@@ -44,9 +44,10 @@ impl Config {
         &self.settings
     }
 
-    /// New settings; `refresh_secrets(true)` then builds the target from them.
-    pub fn set_settings(&mut self, settings: Settings) {
+    /// New settings: the secrets are resolved again and the channel rebuilt.
+    pub fn reload(&mut self, settings: Settings) {
         self.settings = settings;
+        self.refresh_secrets(true);
     }
 
     pub fn channel(&self) -> Result<Arc<Channel>, String> {

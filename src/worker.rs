@@ -135,15 +135,23 @@ impl Timers {
         at.is_some_and(|at| at <= now)
     }
 
-    /// How long the worker may sleep. A due event only counts when one can be
-    /// claimed: with delivery paused by configuration, or the in-flight window full,
-    /// an overdue event would turn the wait into a spin (finished requests wake the
-    /// worker through the pool). The fallback poll bounds every sleep.
-    fn sleep(&self, now: Instant, can_claim: bool, secrets_refresh: Option<Instant>) -> Duration {
+    /// How long the worker may sleep. A timer only counts when its work can be
+    /// done: with delivery paused by configuration or the in-flight window full, an
+    /// overdue event, and without the extension, an overdue purge, would turn the
+    /// wait into a spin (finished requests wake the worker through the pool). The
+    /// fallback poll bounds every sleep.
+    fn sleep(
+        &self,
+        now: Instant,
+        can_claim: bool,
+        can_purge: bool,
+        secrets_refresh: Option<Instant>,
+    ) -> Duration {
         let due = self.due.filter(|_| can_claim);
+        let purge = Some(self.purge).filter(|_| can_purge);
         [
             due,
-            Some(self.purge),
+            purge,
             self.statistics,
             self.retry_round,
             secrets_refresh,
@@ -261,8 +269,7 @@ impl Worker {
             if let Err(e) = self.pool.resize(settings.concurrency) {
                 warning!("pg_new_user_hook: could not start delivery threads: {e}");
             }
-            self.config.set_settings(settings);
-            self.config.refresh_secrets(true);
+            self.config.reload(settings);
             self.apply_config(true);
             // A new retention applies now, not at the next periodic purge.
             self.timers.purge = Instant::now();
@@ -400,14 +407,13 @@ impl Worker {
             self.installed = Some(result.installed);
             self.report();
         }
+        // Recorded; or, without the extension, nothing to record into.
+        self.unrecorded.clear();
         if !result.installed {
-            // Nothing to record into: the events went with the extension.
-            self.unrecorded.clear();
             self.maybe_due = false;
             self.timers.due = None;
             return;
         }
-        self.unrecorded.clear();
         if result.wanted > 0 {
             // A full claim suggests more are due right now.
             self.maybe_due = result.claimed.len() >= result.wanted;
@@ -489,9 +495,12 @@ impl Worker {
     fn wait(&mut self) {
         let now = Instant::now();
         let can_claim = self.claimable() > 0;
-        let mut timeout = self
-            .timers
-            .sleep(now, can_claim, self.config.next_secret_refresh());
+        let mut timeout = self.timers.sleep(
+            now,
+            can_claim,
+            self.installed == Some(true),
+            self.config.next_secret_refresh(),
+        );
         if !self.outcomes.is_empty() {
             timeout = timeout.min(RECORD_DELAY.saturating_sub(self.outcomes_since.elapsed()));
         }

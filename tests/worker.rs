@@ -362,3 +362,17 @@ fn install_right_after_a_reload_does_not_warn_about_the_setting_just_made() {
         "install() warned about a setting already made:\n{log}"
     );
 }
+
+#[test]
+fn a_worker_in_a_database_without_the_extension_sleeps() {
+    // Preloaded, but CREATE EXTENSION not run yet (or the extension dropped): the
+    // worker reports it and waits to be woken.
+    let cluster = Cluster::new(&[]);
+    wait_for("the worker to report the missing extension", WITHIN, || {
+        cluster
+            .log()
+            .contains("extension pg_new_user_hook is not installed")
+            .then_some(())
+    });
+    assert!(worker_cpu_share(&cluster, Duration::from_secs(3)) < 0.05);
+}
