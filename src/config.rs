@@ -4,7 +4,7 @@
 
 use crate::delivery::Channel;
 use crate::guc::{names, SecretSource, Settings};
-use crate::{outbox, request, worker};
+use crate::{outbox, request};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,7 +95,7 @@ impl Config {
             })
         };
         let secrets = if uses_vault {
-            worker::transaction(resolve).unwrap_or_else(|e| {
+            outbox::transaction(resolve).unwrap_or_else(|e| {
                 Err(format!(
                     "reading the secrets from Supabase Vault failed: {e}"
                 ))

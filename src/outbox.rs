@@ -1,11 +1,42 @@
 //! All of the worker's SQL: claiming due events, recording outcomes, housekeeping.
-//! Each function runs inside a transaction the caller opened.
+//! Each function runs inside a transaction the caller opened with `transaction`.
 
 use crate::classify::Decision;
 use crate::event::Event;
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::time::Duration;
+
+/// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
+/// A database error (or a panic) rolls the transaction back and comes back as the
+/// error's message: the worker goes on with what it knows instead of restarting.
+pub fn transaction<R>(
+    work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
+    unsafe {
+        pg_sys::pgstat_report_activity(
+            pg_sys::BackendState::STATE_RUNNING,
+            c"pg_new_user_hook: claiming and recording events".as_ptr(),
+        )
+    };
+    let result = PgTryBuilder::new(|| Ok(BackgroundWorker::transaction(work)))
+        .catch_others(|error| {
+            // Releases the locks, snapshot and SPI state of the failed transaction.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match error {
+                CaughtError::PostgresError(report)
+                | CaughtError::ErrorReport(report)
+                | CaughtError::RustPanic {
+                    ereport: report, ..
+                } => report.message().to_string(),
+            })
+        })
+        .execute();
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
+    result
+}
 
 /// Session settings of the worker. Its own commits (claims, outcomes) need not wait
 /// for the WAL flush: losing the last of them in a crash only means an event is

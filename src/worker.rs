@@ -10,11 +10,11 @@ use crate::config::Config;
 use crate::delivery::{Outcome, Pool};
 use crate::event::Event;
 use crate::guc::{self, Settings};
-use crate::{outbox, shared};
+use crate::outbox::{self, transaction};
+use crate::shared;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
@@ -67,35 +67,6 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     // Exit code 1 makes the postmaster start the worker again if only the worker
     // was terminated (pg_terminate_backend); during shutdown it is not restarted.
     unsafe { pg_sys::proc_exit(1) };
-}
-
-/// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
-/// A database error (or a panic) rolls the transaction back and comes back as the
-/// error's message: the worker goes on with what it knows instead of restarting.
-pub fn transaction<R>(
-    work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> Result<R, String> {
-    unsafe {
-        pg_sys::pgstat_report_activity(
-            pg_sys::BackendState::STATE_RUNNING,
-            c"pg_new_user_hook: claiming and recording events".as_ptr(),
-        )
-    };
-    let result = PgTryBuilder::new(|| Ok(BackgroundWorker::transaction(work)))
-        .catch_others(|error| {
-            // Releases the locks, snapshot and SPI state of the failed transaction.
-            unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(match error {
-                CaughtError::PostgresError(report)
-                | CaughtError::ErrorReport(report)
-                | CaughtError::RustPanic {
-                    ereport: report, ..
-                } => report.message().to_string(),
-            })
-        })
-        .execute();
-    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
-    result
 }
 
 /// Hands the statistics of the worker's transactions (rows updated and deleted in the
