@@ -7,10 +7,6 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{PgBuiltInOids, PgOid};
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::time::Duration;
 
 /// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
@@ -41,92 +37,6 @@ pub fn transaction<R>(
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
     result
 }
-
-/// One of the worker's statements, with its parameter types.
-struct Statement {
-    sql: &'static str,
-    types: &'static [PgBuiltInOids],
-}
-
-thread_local! {
-    /// The worker's statements, planned once per worker (SPI_keepplan) instead of at
-    /// every round. PostgreSQL re-plans a saved plan by itself when what it depends
-    /// on changes (an index added, the extension dropped and created again).
-    static SAVED: RefCell<HashMap<&'static str, &'static OwnedPreparedStatement>> =
-        RefCell::new(HashMap::new());
-}
-
-/// The saved plan of `statement`, prepared on first use (kept for the worker's life).
-fn saved(client: &SpiClient<'_>, statement: &Statement) -> &'static OwnedPreparedStatement {
-    if let Some(plan) = SAVED.with(|saved| saved.borrow().get(statement.sql).copied()) {
-        return plan;
-    }
-    let types: Vec<PgOid> = statement.types.iter().map(|t| PgOid::BuiltIn(*t)).collect();
-    let plan: &'static OwnedPreparedStatement = Box::leak(Box::new(
-        client
-            .prepare_mut(statement.sql, &types)
-            .expect("preparing the worker's statement")
-            .keep(),
-    ));
-    SAVED.with(|saved| saved.borrow_mut().insert(statement.sql, plan));
-    plan
-}
-
-const CLAIM: Statement = Statement {
-    // Pick the ids first: the planner may sort every due row, and the (costly)
-    // text of the records is then made for the batch only.
-    sql: "WITH due AS MATERIALIZED (
-              SELECT id FROM new_user_hook.outbox
-               WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
-               ORDER BY next_attempt_at
-               LIMIT $1)
-          SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{}'
-            FROM new_user_hook.outbox AS o JOIN due USING (id)",
-    types: &[PgBuiltInOids::INT8OID, PgBuiltInOids::TEXTARRAYOID],
-};
-
-const NEXT_DUE: Statement = Statement {
-    // NULL (not 0) when nothing is pending: then the worker sleeps until woken.
-    sql: "SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp())::float8
-            FROM new_user_hook.outbox
-           WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])",
-    types: &[PgBuiltInOids::TEXTARRAYOID],
-};
-
-const RECORD: Statement = Statement {
-    sql: "UPDATE new_user_hook.outbox AS o SET
-              status = r.status,
-              attempts = r.attempt,
-              last_attempt_at = clock_timestamp(),
-              last_status_code = r.code,
-              last_error = r.error,
-              delivered_at = CASE WHEN r.status = 'delivered' THEN clock_timestamp() END,
-              next_attempt_at = CASE WHEN r.status = 'pending'
-                                     THEN clock_timestamp() + r.delay_ms * interval '1 millisecond' END
-          FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[])
-               AS r(id, status, code, error, delay_ms, attempt)
-          WHERE o.id = r.id::uuid AND o.status = 'pending'",
-    types: &[
-        PgBuiltInOids::TEXTARRAYOID,
-        PgBuiltInOids::TEXTARRAYOID,
-        PgBuiltInOids::INT4ARRAYOID,
-        PgBuiltInOids::TEXTARRAYOID,
-        PgBuiltInOids::INT8ARRAYOID,
-        PgBuiltInOids::INT4ARRAYOID,
-    ],
-};
-
-const PURGE: Statement = Statement {
-    sql: "WITH gone AS (
-              DELETE FROM new_user_hook.outbox WHERE id IN (
-                  SELECT id FROM new_user_hook.outbox
-                   WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
-                   ORDER BY delivered_at
-                   LIMIT $2)
-              RETURNING 1)
-          SELECT count(*) FROM gone",
-    types: &[PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID],
-};
 
 /// Session settings of the worker. Its own commits (claims, outcomes) need not wait
 /// for the WAL flush: losing the last of them in a crash only means an event is
@@ -163,7 +73,19 @@ pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Event> {
     Spi::connect(|client| {
         let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
         client
-            .select(saved(client, &CLAIM), None, &args)
+            .select(
+                // Pick the ids first: the planner may sort every due row, and the
+                // (costly) text of the records is then made for the batch only.
+                "WITH due AS MATERIALIZED (
+                     SELECT id FROM new_user_hook.outbox
+                      WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
+                      ORDER BY next_attempt_at
+                      LIMIT $1)
+                 SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{}'
+                   FROM new_user_hook.outbox AS o JOIN due USING (id)",
+                None,
+                &args,
+            )
             .expect("claiming due events")
             .map(|row| Event {
                 id: row.get::<String>(1).ok().flatten().unwrap_or_default(),
@@ -179,12 +101,14 @@ pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Event> {
 /// Time until the earliest pending event not in flight is due (zero if overdue).
 pub fn next_due(in_flight: &[String]) -> Option<Duration> {
     let args: [DatumWithOid; 1] = [in_flight.to_vec().into()];
-    Spi::connect(|client| {
-        client
-            .select(saved(client, &NEXT_DUE), None, &args)
-            .and_then(|table| table.first().get_one::<f64>())
-            .expect("finding the next due event")
-    })
+    Spi::get_one_with_args::<f64>(
+        // NULL (not 0) when nothing is pending: then the worker sleeps until woken.
+        "SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp())::float8
+           FROM new_user_hook.outbox
+          WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])",
+        &args,
+    )
+    .expect("finding the next due event")
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
 
@@ -231,26 +155,41 @@ pub fn record(outcomes: &[(String, u32, Decision)]) {
         delays.into(),
         attempts.into(),
     ];
-    Spi::connect_mut(|client| {
-        let plan = saved(client, &RECORD);
-        client
-            .update(plan, None, &args)
-            .expect("recording delivery outcomes");
-    });
+    Spi::run_with_args(
+        "UPDATE new_user_hook.outbox AS o SET
+             status = r.status,
+             attempts = r.attempt,
+             last_attempt_at = clock_timestamp(),
+             last_status_code = r.code,
+             last_error = r.error,
+             delivered_at = CASE WHEN r.status = 'delivered' THEN clock_timestamp() END,
+             next_attempt_at = CASE WHEN r.status = 'pending'
+                                    THEN clock_timestamp() + r.delay_ms * interval '1 millisecond' END
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[])
+              AS r(id, status, code, error, delay_ms, attempt)
+         WHERE o.id = r.id::uuid AND o.status = 'pending'",
+        &args,
+    )
+    .expect("recording delivery outcomes");
 }
 
 /// Deletes up to `limit` delivered events older than the retention, oldest first
 /// (through index outbox_delivered); returns how many.
 pub fn purge_delivered(retention: Duration, limit: i64) -> i64 {
     let args: [DatumWithOid; 2] = [(retention.as_secs() as i64).into(), limit.into()];
-    Spi::connect_mut(|client| {
-        let plan = saved(client, &PURGE);
-        client
-            .update(plan, None, &args)
-            .and_then(|table| table.first().get_one::<i64>())
-            .expect("purging delivered events")
-            .unwrap_or(0)
-    })
+    Spi::get_one_with_args::<i64>(
+        "WITH gone AS (
+             DELETE FROM new_user_hook.outbox WHERE id IN (
+                 SELECT id FROM new_user_hook.outbox
+                  WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
+                  ORDER BY delivered_at
+                  LIMIT $2)
+             RETURNING 1)
+         SELECT count(*) FROM gone",
+        &args,
+    )
+    .expect("purging delivered events")
+    .unwrap_or(0)
 }
 
 /// The value of a Supabase Vault secret (`vault.decrypted_secrets`, by name).
