@@ -122,11 +122,13 @@ run() {
   [ -d "$fixtures" ] && bind "$fixtures" "$fixtures" ro
   $SUDO cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
   $SUDO cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
-  # Build output of its own (another libc and libclang than the host's).
+  # Build output of its own (another libc and libclang than the host's), one per
+  # checkout: a directory shared by two checkouts can pass one's stale build off as
+  # the other's (cargo compares file times, and a clone's files may be older).
   $SUDO chroot "$root" env -i \
     HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" CI="${CI:-}" \
     RUSTUP_HOME=/opt/host-rustup CARGO_HOME=/root/cargo-home \
-    CARGO_TARGET_DIR=/root/target \
+    CARGO_TARGET_DIR="/root/target$repo" \
     PATH=/root/cargo-home/bin:/opt/host-cargo/bin:/usr/lib/postgresql/17/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     SUPABASE_AUTH_FIXTURES="$fixtures" PG_CONFIG=/usr/lib/postgresql/17/bin/pg_config \
     PG_MAJOR=17 PG_NEW_USER_HOOK_ROOT=1 \
