@@ -135,8 +135,9 @@ impl Channel {
         }
         match error {
             ureq::Error::Timeout(_) => format!(
-                "no answer from {url} within {} ms (pg_new_user_hook.timeout_ms)",
-                self.timeout.as_millis()
+                "no answer from {url} within {} ms ({})",
+                self.timeout.as_millis(),
+                names::TIMEOUT_MS
             ),
             ureq::Error::HostNotFound => format!("host not found: {url}"),
             ureq::Error::ConnectionFailed => format!("could not connect to {url}"),

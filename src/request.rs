@@ -1,6 +1,7 @@
 //! Turns an outbox event into the HTTP request sent to the backend. Pure: no I/O.
 
 use crate::event::Event;
+use crate::guc::names;
 use crate::sign::{self, Keys};
 use serde_json::{Map, Value};
 
@@ -47,13 +48,15 @@ pub fn parse_fields(list: &str) -> Result<Vec<String>, String> {
         let lower = name.to_ascii_lowercase();
         if lower == "encrypted_password" || lower.contains("token") || lower.contains("secret") {
             return Err(format!(
-                "pg_new_user_hook.fields: \"{name}\" is a credential and is never sent; allowed: {}",
+                "{}: \"{name}\" is a credential and is never sent; allowed: {}",
+                names::FIELDS,
                 ALLOWED_FIELDS.join(", ")
             ));
         }
         if !ALLOWED_FIELDS.contains(&lower.as_str()) {
             return Err(format!(
-                "pg_new_user_hook.fields: \"{name}\" is not a field that can be sent; allowed: {}",
+                "{}: \"{name}\" is not a field that can be sent; allowed: {}",
+                names::FIELDS,
                 ALLOWED_FIELDS.join(", ")
             ));
         }
@@ -93,13 +96,16 @@ pub struct Config<'a> {
 pub fn target(config: &Config) -> Result<Target, String> {
     let url = config.url.trim();
     if url.is_empty() {
-        return Err("pg_new_user_hook.url is not set: new users are queued and will be delivered once it is \
-             (ALTER SYSTEM SET pg_new_user_hook.url = 'https://api.example.com/users'; SELECT pg_reload_conf();)"
-            .to_string());
+        return Err(format!(
+            "{url} is not set: new users are queued and will be delivered once it is \
+             (ALTER SYSTEM SET {url} = 'https://api.example.com/users'; SELECT pg_reload_conf();)",
+            url = names::URL
+        ));
     }
     validate_url(url).map_err(|why| {
         format!(
-            "pg_new_user_hook.url = '{}' is not a valid URL: {why}; new users are queued until it is fixed",
+            "{} = '{}' is not a valid URL: {why}; new users are queued until it is fixed",
+            names::URL,
             redact_userinfo(url)
         )
     })?;
@@ -109,7 +115,8 @@ pub fn target(config: &Config) -> Result<Target, String> {
         let name = config.api_key_header.trim();
         if ureq::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(format!(
-                "pg_new_user_hook.api_key_header = '{}' is not a valid HTTP header name (e.g. X-API-Key)",
+                "{} = '{}' is not a valid HTTP header name (e.g. X-API-Key)",
+                names::API_KEY_HEADER,
                 excerpt_ascii(name)
             ));
         }

@@ -260,9 +260,10 @@ impl Worker {
     fn report(&mut self) {
         let problem = if self.installed == Some(false) {
             Some(format!(
-                "extension pg_new_user_hook is not installed in database \"{}\" (pg_new_user_hook.database): \
-                 run CREATE EXTENSION pg_new_user_hook there, or point pg_new_user_hook.database at the database that has it and restart",
-                guc::database()
+                "extension pg_new_user_hook is not installed in database \"{}\" ({database}): \
+                 run CREATE EXTENSION pg_new_user_hook there, or point {database} at the database that has it and restart",
+                guc::database(),
+                database = guc::names::DATABASE
             ))
         } else {
             self.config.problem()
