@@ -98,12 +98,17 @@ fn the_event_reflects_the_user_as_committed() {
     let cluster = hooked(&receiver, &[]);
     let mut gotrue = cluster.connect("supabase_auth_admin");
     // GoTrue-like: INSERT then UPDATE in the same transaction, plus a phone user.
+    let phone_user = common::insert_users(&[
+        ("phone", "'15551234567'"),
+        ("raw_app_meta_data", r#"'{"provider":"phone"}'"#),
+    ]);
     let sql = common::signup_sql("before@example.com").replace(
         "COMMIT;",
-        "UPDATE users SET email = 'after@example.com' WHERE email = 'before@example.com';
-         INSERT INTO users (id, aud, role, phone, raw_app_meta_data, created_at, updated_at, is_anonymous)
-         VALUES (gen_random_uuid(), 'authenticated', 'authenticated', '15551234567', '{\"provider\":\"phone\"}', now(), now(), false);
-         COMMIT;",
+        &format!(
+            "UPDATE users SET email = 'after@example.com' WHERE email = 'before@example.com';
+             {phone_user};
+             COMMIT;"
+        ),
     );
     gotrue.batch_execute(&sql).unwrap();
     let requests = receiver.wait_for_requests(2, WITHIN);
@@ -328,15 +333,14 @@ fn a_server_crash_in_the_middle_of_a_backlog_loses_nothing() {
     let mut cluster = hooked(&receiver, &[("concurrency", "2")]);
     let mut gotrue = cluster.connect("supabase_auth_admin");
     let mut ids = HashSet::new();
+    let insert = common::insert_users(&[
+        ("email", "$1"),
+        ("raw_app_meta_data", r#"'{"provider":"email"}'"#),
+    ]) + " RETURNING id::text";
     let mut tx = gotrue.transaction().unwrap();
     for i in 0..USERS {
         let row = tx
-            .query_one(
-                "INSERT INTO users (id, aud, role, email, raw_app_meta_data, created_at, updated_at, is_anonymous)
-                 VALUES (gen_random_uuid(), 'authenticated', 'authenticated', $1, '{\"provider\":\"email\"}', now(), now(), false)
-                 RETURNING id::text",
-                &[&format!("backlog{i}@example.com")],
-            )
+            .query_one(&insert, &[&format!("backlog{i}@example.com")])
             .unwrap();
         ids.insert(row.get::<_, String>(0));
     }

@@ -190,14 +190,9 @@ fn an_event_whose_commit_woke_nobody_is_found_by_the_fallback_poll() {
     let cluster = Cluster::with_hook(&["max_prepared_transactions = 2"]);
     cluster.configure(&[("url", &receiver.url)]);
     let mut gotrue = cluster.connect("supabase_auth_admin");
+    let insert = common::insert_users(&[("email", "'prepared@example.com'")]);
     gotrue
-        .batch_execute(
-            "BEGIN;
-             INSERT INTO users (instance_id, id, aud, role, email, created_at, updated_at, is_anonymous)
-             VALUES ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated',
-                     'authenticated', 'prepared@example.com', now(), now(), false);
-             PREPARE TRANSACTION 'signup';",
-        )
+        .batch_execute(&format!("BEGIN; {insert}; PREPARE TRANSACTION 'signup';"))
         .unwrap();
     let committed = Instant::now();
     cluster

@@ -78,18 +78,31 @@ fn bindir() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-const SIGNUP_SCRIPT: &str = r#"BEGIN;
-INSERT INTO users (instance_id, id, aud, role, email, encrypted_password, confirmation_token, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous, is_sso_user)
-VALUES ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', '', gen_random_uuid() || '@bench.example.com', '$2a$10$abcdefghijklmnopqrstuv', '', '{"provider":"email","providers":["email"]}', '{}', now(), now(), false, false) RETURNING id AS uid \gset
+/// GoTrue's signup transaction (insert, role update, identity) as a pgbench script.
+fn signup_script() -> String {
+    let insert = common::insert_users(&[
+        ("role", "''"),
+        ("email", "gen_random_uuid() || '@bench.example.com'"),
+        ("encrypted_password", "'$2a$10$abcdefghijklmnopqrstuv'"),
+        ("confirmation_token", "''"),
+        ("raw_app_meta_data", r#"'{"provider":"email","providers":["email"]}'"#),
+        ("raw_user_meta_data", "'{}'"),
+        ("is_sso_user", "false"),
+    ]);
+    format!(
+        "BEGIN;
+{insert} RETURNING id AS uid \\gset
 UPDATE users SET role = 'authenticated', updated_at = now() WHERE id = ':uid';
 INSERT INTO identities (provider_id, user_id, identity_data, provider, last_sign_in_at, created_at, updated_at) VALUES (':uid', ':uid', jsonb_build_object('sub', ':uid'), 'email', now(), now(), now());
 COMMIT;
-"#;
+"
+    )
+}
 
 /// pgbench TPS of GoTrue's signup transaction, as supabase_auth_admin.
 fn pgbench(cluster: &Cluster, clients: u32, seconds: u64) -> f64 {
     let script = cluster.root.join("signup.pgbench");
-    std::fs::write(&script, SIGNUP_SCRIPT).unwrap();
+    std::fs::write(&script, signup_script()).unwrap();
     let out = Command::new(format!("{}/pgbench", bindir()))
         .args([
             "-n",
@@ -138,16 +151,13 @@ fn pgbench(cluster: &Cluster, clients: u32, seconds: u64) -> f64 {
 }
 
 fn bulk_users(cluster: &Cluster, n: usize) -> Vec<String> {
+    let sql = common::insert_users(&[
+        ("email", "gen_random_uuid() || '@bulk.example.com'"),
+        ("raw_app_meta_data", r#"'{"provider":"email"}'"#),
+        ("raw_user_meta_data", "'{}'"),
+    ]) + " FROM generate_series(1, $1::int8) RETURNING id::text";
     let mut client = cluster.connect("supabase_auth_admin");
-    let rows = client
-        .query(
-            "INSERT INTO users (instance_id, id, aud, role, email, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous)
-             SELECT '00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', 'authenticated',
-                    gen_random_uuid() || '@bulk.example.com', '{\"provider\":\"email\"}', '{}', now(), now(), false
-               FROM generate_series(1, $1::int8) RETURNING id::text",
-            &[&(n as i64)],
-        )
-        .unwrap();
+    let rows = client.query(&sql, &[&(n as i64)]).unwrap();
     rows.iter().map(|r| r.get(0)).collect()
 }
 
@@ -196,25 +206,23 @@ fn paced_signups(
     duration: Duration,
 ) -> Vec<(String, Instant)> {
     let interval = Duration::from_secs_f64(threads as f64 / rate);
+    let insert = common::insert_users(&[
+        ("role", "''"),
+        ("email", "gen_random_uuid() || '@paced.example.com'"),
+        ("raw_app_meta_data", r#"'{"provider":"email"}'"#),
+        ("raw_user_meta_data", "'{}'"),
+    ]) + " RETURNING id::text";
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let mut client = cluster.connect("supabase_auth_admin");
+            let insert = insert.clone();
             std::thread::spawn(move || {
                 let mut out = Vec::new();
                 let start = Instant::now();
                 let mut next = start;
                 while start.elapsed() < duration {
                     let mut tx = client.transaction().unwrap();
-                    let id: String = tx
-                        .query_one(
-                            "INSERT INTO users (instance_id, id, aud, role, email, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous)
-                             VALUES ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', '',
-                                     gen_random_uuid() || '@paced.example.com', '{\"provider\":\"email\"}', '{}', now(), now(), false)
-                             RETURNING id::text",
-                            &[],
-                        )
-                        .unwrap()
-                        .get(0);
+                    let id: String = tx.query_one(&insert, &[]).unwrap().get(0);
                     tx.execute("UPDATE users SET role = 'authenticated' WHERE id = $1::text::uuid", &[&id]).unwrap();
                     tx.commit().unwrap();
                     out.push((id, Instant::now()));

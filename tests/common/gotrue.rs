@@ -38,23 +38,56 @@ impl Cluster {
     /// Inserts `n` users the way GoTrue does, `per_tx` per transaction; returns their ids.
     pub fn bulk_signups(&self, prefix: &str, n: usize, per_tx: usize) -> Vec<String> {
         let mut gotrue = self.connect("supabase_auth_admin");
+        let sql = insert_users(&[
+            (
+                "email",
+                "$1 || '-' || $2::int8 || '-' || g || '@example.com'",
+            ),
+            (
+                "raw_app_meta_data",
+                r#"'{"provider":"email","providers":["email"]}'"#,
+            ),
+            ("raw_user_meta_data", "'{}'"),
+        ]) + " FROM generate_series(1, $3::int8) g RETURNING id::text";
         let mut ids = Vec::with_capacity(n);
         for chunk in 0..n.div_ceil(per_tx) {
             let count = per_tx.min(n - chunk * per_tx) as i64;
             let rows = gotrue
-                .query(
-                    "INSERT INTO users (instance_id, id, aud, role, email, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous)
-                     SELECT '00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', 'authenticated',
-                            $1 || '-' || $2::int8 || '-' || g || '@example.com', '{\"provider\":\"email\",\"providers\":[\"email\"]}', '{}', now(), now(), false
-                       FROM generate_series(1, $3::int8) g
-                     RETURNING id::text",
-                    &[&prefix, &(chunk as i64), &count],
-                )
+                .query(&sql, &[&prefix, &(chunk as i64), &count])
                 .unwrap();
             ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
         }
         ids
     }
+}
+
+/// The `INSERT INTO users … SELECT …` of one GoTrue user: the columns GoTrue always
+/// sets (instance_id, a new id, aud, role, timestamps, is_anonymous) plus `columns`,
+/// given as (name, SQL expression); a name among the fixed ones replaces its value.
+/// Append `FROM …` for many rows and `RETURNING …` as needed.
+pub fn insert_users(columns: &[(&str, &str)]) -> String {
+    let mut all: Vec<(&str, &str)> = vec![
+        ("instance_id", "'00000000-0000-0000-0000-000000000000'"),
+        ("id", "gen_random_uuid()"),
+        ("aud", "'authenticated'"),
+        ("role", "'authenticated'"),
+        ("created_at", "now()"),
+        ("updated_at", "now()"),
+        ("is_anonymous", "false"),
+    ];
+    for &(name, value) in columns {
+        match all.iter_mut().find(|(n, _)| *n == name) {
+            Some(fixed) => fixed.1 = value,
+            None => all.push((name, value)),
+        }
+    }
+    let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+    let values: Vec<&str> = all.iter().map(|(_, v)| *v).collect();
+    format!(
+        "INSERT INTO users ({}) SELECT {}",
+        names.join(", "),
+        values.join(", ")
+    )
 }
 
 /// Just enough of a cluster to sign up from another thread.
