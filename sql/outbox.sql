@@ -28,23 +28,14 @@ COMMENT ON TABLE new_user_hook.outbox IS
 -- Queued events are data: pg_dump keeps them.
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.outbox', '');
 
--- The trigger function. install() attaches it as a deferred constraint trigger,
--- so it runs at commit time, after GoTrue's UPDATEs of the same transaction, and
--- re-reads the row: the event holds the user as committed. A user deleted before
--- commit produces no event. SECURITY DEFINER with a pinned search_path: it works
--- for supabase_auth_admin (search_path = auth) and cannot be hijacked by objects
--- in other schemas.
-CREATE FUNCTION new_user_hook.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- The allow-listed snapshot of one user, or NULL if there is no such user: what an
+-- event holds. Used by capture() and backfill(); callers pin the search_path.
+CREATE FUNCTION new_user_hook.snapshot(table_schema name, table_name name, user_id uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    snapshot jsonb;
+    snap jsonb;
 BEGIN
-    IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'ROW' OR TG_OP <> 'INSERT' THEN
-        RAISE EXCEPTION 'new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not % % ... FOR EACH %',
-            TG_WHEN, TG_OP, TG_LEVEL
-            USING HINT = 'Use SELECT new_user_hook.install(''schema.table''), which creates the right trigger.';
-    END IF;
-    IF TG_TABLE_SCHEMA = 'auth' AND TG_TABLE_NAME = 'users' THEN
+    IF table_schema = 'auth' AND table_name = 'users' THEN
         -- The allow-list (request::ALLOWED_FIELDS): never the password hash, a token,
         -- or app metadata beyond the provider names.
         SELECT jsonb_build_object(
@@ -56,13 +47,39 @@ BEGIN
                    'raw_user_meta_data', u.raw_user_meta_data,
                    'raw_app_meta_data', jsonb_build_object('provider', u.raw_app_meta_data -> 'provider',
                                                            'providers', u.raw_app_meta_data -> 'providers'))
-          INTO snapshot
-          FROM auth.users AS u WHERE u.id = NEW.id;
+          INTO snap
+          FROM auth.users AS u WHERE u.id = snapshot.user_id;
     ELSE
         EXECUTE format('SELECT jsonb_build_object(''id'', t.id, ''email'', t.email) FROM %I.%I AS t WHERE t.id = $1',
-                       TG_TABLE_SCHEMA, TG_TABLE_NAME)
-           INTO snapshot USING NEW.id;
+                       table_schema, table_name)
+           INTO snap USING user_id;
     END IF;
+    RETURN snap;
+END
+$$;
+
+-- The trigger function. install() attaches it as a deferred constraint trigger,
+-- so it runs at commit time, after GoTrue's UPDATEs of the same transaction, and
+-- re-reads the row: the event holds the user as committed. A user deleted before
+-- commit produces no event, and neither does a user inserted by a session with
+-- pg_new_user_hook.capture off (a bulk load). SECURITY DEFINER with a pinned
+-- search_path: it works for supabase_auth_admin (search_path = auth) and cannot be
+-- hijacked by objects in other schemas.
+CREATE FUNCTION new_user_hook.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    snapshot jsonb;
+BEGIN
+    IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'ROW' OR TG_OP <> 'INSERT' THEN
+        RAISE EXCEPTION 'new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not % % ... FOR EACH %',
+            TG_WHEN, TG_OP, TG_LEVEL
+            USING HINT = 'Use SELECT new_user_hook.install(''schema.table''), which creates the right trigger.';
+    END IF;
+    -- Reading the setting is cheap; capturing() confirms an "off" with the library loaded.
+    IF current_setting('pg_new_user_hook.capture', true) = 'off' AND NOT new_user_hook.capturing() THEN
+        RETURN NULL;
+    END IF;
+    snapshot := new_user_hook.snapshot(TG_TABLE_SCHEMA, TG_TABLE_NAME, NEW.id);
     IF snapshot IS NULL THEN
         RETURN NULL;
     END IF;
@@ -70,6 +87,47 @@ BEGIN
     VALUES (NEW.id, format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), snapshot);
     PERFORM new_user_hook.wake_on_commit();
     RETURN NULL;
+END
+$$;
+
+-- Announces users that are already in the table, once, as new users: after a bulk
+-- load made with pg_new_user_hook.capture off, or for users from before the hook.
+-- Users that already have an event (in any state) are skipped, so running it again
+-- queues nothing new; an event's id is derived from the table and the user id, so
+-- even a repeat after the retention purged the first event carries the same
+-- webhook-id. Returns how many events it queued. Runs with the caller's rights.
+CREATE FUNCTION new_user_hook.backfill(user_ids uuid[], target text DEFAULT 'auth.users') RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := to_regclass(target);
+    rel_schema name;
+    rel_name name;
+    source text;
+    n bigint;
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'table "%" does not exist', target
+            USING HINT = 'Pass the schema-qualified name of the users table, as given to new_user_hook.install().';
+    END IF;
+    SELECT c.relname, ns.nspname INTO rel_name, rel_schema
+      FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace WHERE c.oid = rel;
+    source := format('%I.%I', rel_schema, rel_name);
+    INSERT INTO new_user_hook.outbox (id, user_id, source, record)
+    SELECT encode(set_byte(set_byte(h, 6, (get_byte(h, 6) & 15) | 128), 8, (get_byte(h, 8) & 63) | 128), 'hex')::uuid,
+           u.id, backfill.source, u.record
+      FROM (SELECT DISTINCT id FROM unnest(user_ids) AS ids(id) WHERE id IS NOT NULL) AS chosen,
+           LATERAL (SELECT chosen.id, new_user_hook.snapshot(rel_schema, rel_name, chosen.id) AS record) AS u,
+           -- A name-based UUID (version 8): the first 16 bytes of a SHA-256.
+           LATERAL (SELECT substring(sha256(convert_to('pg_new_user_hook backfill ' || backfill.source || ' ' || u.id, 'UTF8'))
+                                     FROM 1 FOR 16) AS h) AS digest
+     WHERE u.record IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o WHERE o.user_id = u.id AND o.source = backfill.source)
+    ON CONFLICT (id) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM new_user_hook.wake_on_commit();
+    END IF;
+    RETURN n;
 END
 $$;
 

@@ -1,5 +1,6 @@
 //! Every `pg_new_user_hook.*` setting: definitions, defaults and one snapshot type.
-//! All are reloadable (SIGHUP) except `database`, which picks the worker's connection.
+//! All are reloadable (SIGHUP) except `database`, which picks the worker's connection,
+//! and `capture`, which a superuser sets in a session (a bulk load).
 
 use crate::backoff::Policy;
 use crate::request::{self, Format};
@@ -60,6 +61,7 @@ pub mod names {
         MAX_ATTEMPTS = "max_attempts";
         RETENTION = "retention";
         DATABASE = "database";
+        CAPTURE = "capture";
     }
 }
 
@@ -96,6 +98,7 @@ static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETRY_B
 static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETRY_MAX_MS);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(defaults::MAX_ATTEMPTS);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETENTION_S);
+static CAPTURE: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 fn text(name: &'static CStr, short: &'static CStr, setting: &'static Text, flags: GucFlags) {
     GucRegistry::define_string_guc(name, short, c"", setting, GucContext::Sighup, flags);
@@ -148,11 +151,12 @@ fn int(
 /// only when the library is preloaded (Postgres refuses postmaster settings later).
 pub fn define(preloading: bool) {
     let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
-    text(
+    checked_text(
         names::c::URL,
         c"URL that receives a POST for every new user; empty: events wait.",
         &URL,
         GucFlags::default(),
+        Some(check_url),
     );
     text(
         names::c::API_KEY,
@@ -254,6 +258,16 @@ pub fn define(preloading: bool) {
         i32::MAX,
         GucFlags::UNIT_S,
     );
+    // Superuser-only (PGC_SUSET): whoever may load users unannounced is chosen with
+    // GRANT SET ON PARAMETER, not by whoever can insert into the table.
+    GucRegistry::define_bool_guc(
+        names::c::CAPTURE,
+        c"Whether inserted users are queued for delivery; off in a session loading users that must not be announced.",
+        c"",
+        &CAPTURE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     if preloading {
         GucRegistry::define_string_guc(
             names::c::DATABASE,
@@ -287,6 +301,15 @@ unsafe extern "C-unwind" fn check_fields(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     unsafe { check_with(newval, |v| request::parse_fields(v).map(drop)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_url(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_with(newval, request::refuse_credentials_in_url) }
 }
 
 #[pg_guard]
@@ -425,6 +448,11 @@ impl Settings {
         };
         self.target(&api_key, &signing).err()
     }
+}
+
+/// Whether this session queues the users it inserts (`capture`).
+pub fn capturing() -> bool {
+    CAPTURE.get()
 }
 
 pub fn database() -> String {

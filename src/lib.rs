@@ -46,6 +46,14 @@ fn preloaded() -> bool {
     shared::preloaded()
 }
 
+/// Whether this session queues the users it inserts (`pg_new_user_hook.capture`).
+/// The trigger asks when the setting reads off: calling into the library loads it,
+/// so a value set before it was loaded is checked against the setting's privileges.
+#[pg_extern(stable, parallel_safe)]
+fn capturing() -> bool {
+    guc::capturing()
+}
+
 /// How many events the worker is sending right now.
 #[pg_extern(stable, parallel_safe)]
 fn in_flight() -> Option<i32> {

@@ -3,7 +3,8 @@
 //! (`log_statement`, the STATEMENT line of an error) show `ALTER SYSTEM SET …`
 //! verbatim; an emit_log_hook cuts the value from such messages.
 
-use crate::guc::SECRET_SETTINGS;
+use crate::guc::{names, SECRET_SETTINGS};
+use crate::request::redact_userinfo;
 use pgrx::{pg_guard, pg_sys};
 use std::ffi::{CStr, CString};
 
@@ -45,16 +46,21 @@ unsafe extern "C-unwind" fn hide_secrets(edata: *mut pg_sys::ErrorData) {
     }
 }
 
-/// The text with everything after a secret setting's name cut, or None if it names none.
+/// The text with everything after a secret setting's name cut, or None if it names
+/// none. A URL is no secret, but one given with credentials (refused when set) is:
+/// the statement that tried still shows them.
 pub fn redact(text: &str) -> Option<String> {
     let lower = text.to_ascii_lowercase();
     let mut cut = None;
-    for name in SECRET_SETTINGS {
+    let secret_names = SECRET_SETTINGS.iter().map(|name| (*name, false));
+    for (name, only_with_credentials) in secret_names.chain([(names::URL, true)]) {
         let mut from = 0;
         while let Some(pos) = lower[from..].find(name) {
             let end = from + pos + name.len();
             let next = lower[end..].chars().next();
-            if !next.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            let whole_name = !next.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            let rest = &text[end..];
+            if whole_name && (!only_with_credentials || redact_userinfo(rest) != rest) {
                 cut = Some(cut.map_or(end, |c: usize| c.min(end)));
                 break;
             }
@@ -110,6 +116,17 @@ mod tests {
         ] {
             assert_eq!(redact(text), None, "{text}");
         }
+    }
+
+    #[test]
+    fn a_url_is_cut_only_when_it_carries_credentials() {
+        let hidden =
+            redact("statement: ALTER SYSTEM SET pg_new_user_hook.url = 'http://alice:pw@h/users'")
+                .unwrap();
+        assert!(!hidden.contains("pw@"), "{hidden}");
+        let plain =
+            r#"parameter "pg_new_user_hook.url" changed to "https://h.example/users?a=b@c""#;
+        assert_eq!(redact(plain), None);
     }
 
     #[test]

@@ -159,9 +159,26 @@ fn validate_url(url: &str) -> Result<(), String> {
         }
     }
     match uri.host() {
-        Some(host) if !host.is_empty() => Ok(()),
-        _ => Err("it has no host".into()),
+        Some(host) if !host.is_empty() => {}
+        _ => return Err("it has no host".into()),
     }
+    refuse_credentials_in_url(url)
+}
+
+/// A URL may not carry `user:password@`: every role can read the setting and the
+/// server log prints it on each reload, so the secret would leak.
+pub fn refuse_credentials_in_url(url: &str) -> Result<(), String> {
+    if redact_userinfo(url) == url {
+        return Ok(());
+    }
+    Err(format!(
+        "{} must not contain credentials (user:password@host): every role can read this setting \
+         and the server log prints it; send the key in a header instead, from a Vault secret \
+         named by {} or from the api_key setting (superusers only), in the header {} names",
+        names::URL,
+        names::API_KEY_SECRET,
+        names::API_KEY_HEADER
+    ))
 }
 
 /// The URL with any `user:password@` removed, for messages.
@@ -272,7 +289,7 @@ mod tests {
         let start = sql
             .find("SELECT jsonb_build_object(")
             .expect("the trigger builds the record");
-        let end = start + sql[start..].find("INTO snapshot").unwrap();
+        let end = start + sql[start..].find("FROM auth.users AS u").unwrap();
         let built = &sql[start..end];
         // A key is a quoted name followed by `, u.` (its column); nested keys
         // (raw_app_meta_data's provider names) are followed by `, u.raw_app_meta_data ->`.
@@ -557,6 +574,24 @@ mod tests {
             err.contains("signing secret") && !err.contains("hunter2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_url_with_credentials_is_refused_without_repeating_them() {
+        for url in [
+            "http://alice:pw@h.example/users",
+            "https://token@h.example/",
+        ] {
+            let err = refuse_credentials_in_url(url).unwrap_err();
+            assert!(err.contains("must not contain credentials"), "{err}");
+            assert!(!err.contains("pw") && !err.contains("token@"), "{err}");
+            // The log redaction would cut a message naming a secret setting.
+            assert_eq!(crate::redact::redact(&err), None, "{err}");
+            let err = target(&config(url)).unwrap_err();
+            assert!(err.contains("must not contain credentials"), "{err}");
+            assert!(!err.contains("alice") && !err.contains("token"), "{err}");
+        }
+        assert!(refuse_credentials_in_url("https://h.example/users?next=a@b").is_ok());
     }
 
     #[test]

@@ -639,3 +639,129 @@ fn secrets_never_reach_the_log_last_error_or_pg_stat_activity() {
         "the reload messages were redacted, not dropped"
     );
 }
+
+fn server_major(client: &mut postgres::Client) -> i32 {
+    let version: String = client
+        .query_one("SHOW server_version_num", &[])
+        .unwrap()
+        .get(0);
+    version.parse::<i32>().unwrap() / 10_000
+}
+
+fn db_message(e: postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
+#[test]
+fn a_url_with_credentials_is_refused_and_never_logged() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::hooked_to(&receiver.url, &[]);
+    let mut admin = cluster.connect("supabase_admin");
+    let with_password = "http://alice:pw-Zq81@127.0.0.1:9/users";
+    let err = admin
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET pg_new_user_hook.url = '{with_password}'"
+        ))
+        .unwrap_err();
+    let message = db_message(err);
+    assert!(
+        message.contains("must not contain credentials")
+            && message.contains("pg_new_user_hook.api_key_secret"),
+        "{message}"
+    );
+    // Written into postgresql.conf by hand: refused at the reload, the old URL stays.
+    let conf = cluster.root.join("data/postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!("pg_new_user_hook.url = '{with_password}'\n"));
+    std::fs::write(&conf, text).unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for("the refusal in the server log", WITHIN, || {
+        cluster
+            .log()
+            .contains("must not contain credentials")
+            .then_some(())
+    });
+    let url: String = admin
+        .query_one("SHOW pg_new_user_hook.url", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(url, receiver.url);
+    let id = cluster.signup("after-refused-url@example.com");
+    delivered_body(&receiver, &id);
+    let log = cluster.log();
+    assert!(
+        !log.contains("pw-Zq81"),
+        "the password reached the log:\n{log}"
+    );
+}
+
+/// On PostgreSQL 15 a CREATEROLE role may grant itself any non-superuser role, the
+/// predefined ones included; from 16 on only roles it holds with ADMIN OPTION. With
+/// the key in Vault, as README recommends, the settings hold only the secret's name.
+#[test]
+fn a_createrole_role_granting_itself_pg_read_all_settings_finds_no_key_kept_in_vault() {
+    let cluster = Cluster::with_hook(&[]);
+    let mut admin = cluster.connect("supabase_admin");
+    admin.batch_execute(VAULT_SHAPE).unwrap();
+    admin
+        .execute(
+            "INSERT INTO vault.secrets (name, secret) VALUES ('backend_api_key', $1)",
+            &[&API_KEY],
+        )
+        .unwrap();
+    cluster.configure(&[("api_key_secret", "backend_api_key")]);
+    let major = server_major(&mut admin);
+    for role in ["postgres", "supabase_auth_admin"] {
+        let mut client = cluster.connect(role);
+        let granted = client.batch_execute(&format!("GRANT pg_read_all_settings TO {role}"));
+        match major {
+            15 => granted.unwrap_or_else(|e| panic!("{role}: {}", db_message(e))),
+            _ => assert!(
+                db_message(granted.unwrap_err()).contains("permission denied"),
+                "{role} granted itself pg_read_all_settings on PostgreSQL {major}"
+            ),
+        }
+        let mut client = cluster.connect(role);
+        if major == 15 {
+            // Whether the role inherits or not (supabase_auth_admin does not).
+            client
+                .batch_execute("SET ROLE pg_read_all_settings")
+                .unwrap();
+        }
+        let settings: String = client
+            .query_one(
+                "SELECT string_agg(name || '=' || setting, ' ') FROM pg_settings WHERE name LIKE 'pg_new_user_hook.%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(
+            !settings.contains(API_KEY),
+            "{role} read the key: {settings}"
+        );
+        let named: String = client
+            .query_one("SHOW pg_new_user_hook.api_key_secret", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(named, "backend_api_key");
+        expect_denied(&mut client, role, "SELECT * FROM vault.decrypted_secrets");
+        if major == 15 {
+            // What README warns of: a key kept in api_key itself is open to that role.
+            cluster.configure(&[("api_key_secret", ""), ("api_key", "in-settings")]);
+            wait_for("the key to show to the self-granted role", WITHIN, || {
+                let mut client = cluster.connect(role);
+                client
+                    .batch_execute("SET ROLE pg_read_all_settings")
+                    .unwrap();
+                let shown: String = client
+                    .query_one("SHOW pg_new_user_hook.api_key", &[])
+                    .unwrap()
+                    .get(0);
+                (shown == "in-settings").then_some(())
+            });
+            cluster.configure(&[("api_key", ""), ("api_key_secret", "backend_api_key")]);
+        }
+    }
+}

@@ -62,6 +62,11 @@ fn an_installed_0_2_0_upgrades_in_place_without_losing_queued_events() {
     upgrades_in_place_from("0.2.0");
 }
 
+#[test]
+fn an_installed_0_3_0_upgrades_in_place_without_losing_queued_events() {
+    upgrades_in_place_from("0.3.0");
+}
+
 fn upgrades_in_place_from(release: &str) {
     require_release_script(release);
     let cluster = Cluster::new(&[]);
