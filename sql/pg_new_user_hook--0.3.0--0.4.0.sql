@@ -70,7 +70,7 @@ DECLARE
     rel regclass := to_regclass(target);
     rel_schema name;
     rel_name name;
-    source text;
+    event_source text;
     n bigint;
 BEGIN
     IF rel IS NULL THEN
@@ -79,17 +79,17 @@ BEGIN
     END IF;
     SELECT c.relname, ns.nspname INTO rel_name, rel_schema
       FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace WHERE c.oid = rel;
-    source := format('%I.%I', rel_schema, rel_name);
+    event_source := format('%I.%I', rel_schema, rel_name);
     INSERT INTO new_user_hook.outbox (id, user_id, source, record)
     SELECT encode(set_byte(set_byte(h, 6, (get_byte(h, 6) & 15) | 128), 8, (get_byte(h, 8) & 63) | 128), 'hex')::uuid,
-           u.id, backfill.source, u.record
+           u.id, event_source, u.record
       FROM (SELECT DISTINCT id FROM unnest(user_ids) AS ids(id) WHERE id IS NOT NULL) AS chosen,
            LATERAL (SELECT chosen.id, new_user_hook.snapshot(rel_schema, rel_name, chosen.id) AS record) AS u,
            -- A name-based UUID (version 8): the first 16 bytes of a SHA-256.
-           LATERAL (SELECT substring(sha256(convert_to('pg_new_user_hook backfill ' || backfill.source || ' ' || u.id, 'UTF8'))
+           LATERAL (SELECT substring(sha256(convert_to('pg_new_user_hook backfill ' || event_source || ' ' || u.id, 'UTF8'))
                                      FROM 1 FOR 16) AS h) AS digest
      WHERE u.record IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o WHERE o.user_id = u.id AND o.source = backfill.source)
+       AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o WHERE o.user_id = u.id AND o.source = event_source)
     ON CONFLICT (id) DO NOTHING;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN

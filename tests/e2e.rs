@@ -510,3 +510,94 @@ fn the_worker_sleeps_when_there_is_nothing_to_do() {
         "an idle worker used {used:?} of CPU in 3 s"
     );
 }
+
+/// The webhook-id of each received request, by the user id in its body.
+fn webhook_ids(receiver: &Receiver) -> std::collections::HashMap<String, Vec<String>> {
+    let mut ids: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for r in receiver.requests() {
+        let user = r.json()["id"].as_str().unwrap().to_string();
+        ids.entry(user)
+            .or_default()
+            .push(r.header("webhook-id").unwrap().to_string());
+    }
+    ids
+}
+
+#[test]
+fn a_bulk_load_with_capture_off_is_not_announced_and_backfill_announces_chosen_users_once() {
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver, &[]);
+    for role in ["supabase_auth_admin", "postgres"] {
+        let err = cluster
+            .connect(role)
+            .batch_execute("SET pg_new_user_hook.capture = off")
+            .unwrap_err();
+        let message = err.as_db_error().unwrap().message().to_string();
+        assert!(
+            message.contains("permission denied to set parameter \"pg_new_user_hook.capture\""),
+            "{role}: {message}"
+        );
+    }
+    // A superuser's session loads 100 users unannounced; a signup meanwhile is announced.
+    let mut loader = cluster.connect("supabase_admin");
+    let bulk = common::insert_users(&[("email", "'bulk-' || g || '@example.com'")])
+        + " FROM generate_series(1, 100) g RETURNING id::text";
+    loader
+        .batch_execute("SET search_path = auth; SET pg_new_user_hook.capture = off")
+        .unwrap();
+    let loaded: Vec<String> = loader
+        .query(&bulk, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let live = cluster.signup("live-during-load@example.com");
+    receiver.wait_for_requests(1, WITHIN);
+    let queued: i64 = cluster
+        .one_row("SELECT count(*) FROM new_user_hook.outbox")
+        .get(0);
+    assert_eq!(queued, 1, "only the live signup is queued");
+    // The setting can be delegated, per role.
+    loader
+        .batch_execute("GRANT SET ON PARAMETER pg_new_user_hook.capture TO postgres")
+        .unwrap();
+    cluster
+        .connect("postgres")
+        .batch_execute("SET pg_new_user_hook.capture = off")
+        .unwrap();
+
+    // Backfill ten of them (and the live user, who already has an event): ten queued.
+    let mut chosen: Vec<String> = loaded[..10].to_vec();
+    chosen.push(live.clone());
+    let backfill = "SELECT new_user_hook.backfill($1::text[]::uuid[])";
+    let mut admin = cluster.connect("supabase_admin");
+    let n: i64 = admin.query_one(backfill, &[&chosen]).unwrap().get(0);
+    assert_eq!(n, 10);
+    receiver.wait_for_requests(11, WITHIN);
+    let n: i64 = admin.query_one(backfill, &[&chosen]).unwrap().get(0);
+    assert_eq!(n, 0, "a second backfill queues nothing new");
+    let first = webhook_ids(&receiver);
+    for user in &loaded[..10] {
+        assert_eq!(first.get(user).map(Vec::len), Some(1), "{user}");
+    }
+    assert_eq!(first[&live].len(), 1);
+    // Once the retention has purged those events, a repeat sends the same webhook-ids.
+    admin
+        .execute(
+            "DELETE FROM new_user_hook.outbox WHERE user_id = ANY($1::text[]::uuid[])",
+            &[&loaded[..10].to_vec()],
+        )
+        .unwrap();
+    let n: i64 = admin.query_one(backfill, &[&chosen]).unwrap().get(0);
+    assert_eq!(n, 10);
+    receiver.wait_for_requests(21, WITHIN);
+    for (user, ids) in webhook_ids(&receiver) {
+        assert!(ids.iter().all(|id| *id == ids[0]), "{user}: {ids:?}");
+    }
+    assert_eq!(receiver.count(), 21, "no other user was announced");
+    // A wrong table name says what to pass.
+    let err = admin
+        .batch_execute("SELECT new_user_hook.backfill('{}', 'auth.userz')")
+        .unwrap_err();
+    assert!(err.as_db_error().unwrap().message().contains("table \"auth.userz\" does not exist"));
+}
