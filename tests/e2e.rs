@@ -599,5 +599,9 @@ fn a_bulk_load_with_capture_off_is_not_announced_and_backfill_announces_chosen_u
     let err = admin
         .batch_execute("SELECT new_user_hook.backfill('{}', 'auth.userz')")
         .unwrap_err();
-    assert!(err.as_db_error().unwrap().message().contains("table \"auth.userz\" does not exist"));
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("table \"auth.userz\" does not exist"));
 }

@@ -259,15 +259,20 @@ impl Cluster {
         pid.lines().next().unwrap().trim().parse().unwrap()
     }
 
-    /// `kill -9` of the postmaster (its children exit when they notice), then a start
-    /// once the old processes are gone: crash recovery replays the WAL.
-    pub fn kill9_and_restart(&mut self) {
+    /// `kill -9` of the postmaster; its children exit when they notice.
+    pub fn kill9(&mut self) {
         let pid = self.postmaster_pid();
         Command::new("kill")
             .args(["-9", &pid.to_string()])
             .status()
             .unwrap();
         self.running = false;
+    }
+
+    /// `kill -9` of the postmaster, then a start once the old processes are gone:
+    /// crash recovery replays the WAL.
+    pub fn kill9_and_restart(&mut self) {
+        self.kill9();
         wait_for(
             "the crashed server's processes to exit",
             Duration::from_secs(30),
@@ -279,6 +284,28 @@ impl Cluster {
             },
         );
         self.running = true;
+    }
+
+    /// A streaming-replication standby of this cluster (`pg_basebackup -R`), started,
+    /// with `extra` lines added to its own postgresql.auto.conf.
+    pub fn standby(&self, extra: &[&str]) -> Cluster {
+        let root = scratch_dir("standby");
+        let mut backup = as_pg_user(&self.bindir.join("pg_basebackup"));
+        backup
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "supabase_admin", "-R", "-X", "stream", "-D"])
+            .arg(root.join("data"));
+        run(backup, "pg_basebackup");
+        Cluster::start_at(&self.bindir, root, extra)
+    }
+
+    /// Promotes a standby to primary and waits until it is one.
+    pub fn promote(&self) {
+        let mut c = as_pg_user(&self.bindir.join("pg_ctl"));
+        c.arg("-D")
+            .arg(self.root.join("data"))
+            .args(["-w", "promote"]);
+        run(c, "pg_ctl promote");
     }
 
     pub fn one_row(&self, sql: &str) -> postgres::Row {
