@@ -69,6 +69,14 @@ for v in none bare hook; do
   [ "$v" = bare ] && extra="+$((per[bare] - per[none])) over none (the floor)"
   printf '%-6s %16d   %s\n' "$v" "${per[$v]}" "$extra"
 done
+# A variant that failed would look cheap: check that the hook queued an event per INSERT.
+as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/server.log" -w start >/dev/null
+queued=$(as_pg "$bindir/psql" -X -A -t -U supabase_admin -c "SELECT count(*) FROM new_user_hook.outbox")
+as_pg "$bindir/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
+if [ "$queued" -ne $((4 * n)) ]; then
+  echo "capture-cost: the hook queued $queued events for $((4 * n)) inserts: its figure is not valid" >&2
+  exit 1
+fi
 if [ -n "${PROFILE:-}" ]; then
   mkdir -p "$repo/target/capture-cost"
   cp "$work"/cg.* "$repo/target/capture-cost/"

@@ -7,9 +7,10 @@ CREATE TABLE new_user_hook.outbox (
     id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(), -- sent as webhook-id
     user_id          uuid        NOT NULL,
     source           text        NOT NULL,          -- table the user was inserted into
-    record           jsonb       NOT NULL,          -- allow-listed snapshot of the user at commit
-    status           text        NOT NULL DEFAULT 'pending'
-                                 CHECK (status IN ('pending', 'delivered', 'failed')),
+    record           json        NOT NULL,          -- allow-listed snapshot of the user at commit
+    -- 'pending', 'delivered' or 'failed'. No CHECK constraint: only this extension
+    -- writes the outbox, and a CHECK is re-read and compiled at each signup's insert.
+    status           text        NOT NULL DEFAULT 'pending',
     attempts         integer     NOT NULL DEFAULT 0,
     next_attempt_at  timestamptz DEFAULT now(),     -- when a pending event is due
     last_attempt_at  timestamptz,
@@ -19,8 +20,6 @@ CREATE TABLE new_user_hook.outbox (
     delivered_at     timestamptz
 );
 CREATE INDEX outbox_due ON new_user_hook.outbox (next_attempt_at) WHERE status = 'pending';
--- The status view's "last error" without scanning every event (since 0.2.0).
-CREATE INDEX outbox_last_error ON new_user_hook.outbox (last_attempt_at DESC NULLS LAST) WHERE last_error IS NOT NULL;
 -- The purge of delivered events past the retention, oldest first (since 0.3.0).
 CREATE INDEX outbox_delivered ON new_user_hook.outbox (delivered_at) WHERE status = 'delivered';
 COMMENT ON TABLE new_user_hook.outbox IS
@@ -28,67 +27,21 @@ COMMENT ON TABLE new_user_hook.outbox IS
 -- Queued events are data: pg_dump keeps them.
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.outbox', '');
 
--- The allow-listed snapshot of one user, or NULL if there is no such user: what an
--- event holds. Used by capture() and backfill(); callers pin the search_path.
-CREATE FUNCTION new_user_hook.snapshot(table_schema name, table_name name, user_id uuid) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    snap jsonb;
-BEGIN
-    IF table_schema = 'auth' AND table_name = 'users' THEN
-        -- The allow-list (request::ALLOWED_FIELDS): never the password hash, a token,
-        -- or app metadata beyond the provider names.
-        SELECT jsonb_build_object(
-                   'id', u.id, 'email', u.email, 'phone', u.phone, 'aud', u.aud, 'role', u.role,
-                   'created_at', u.created_at, 'updated_at', u.updated_at, 'confirmed_at', u.confirmed_at,
-                   'email_confirmed_at', u.email_confirmed_at, 'phone_confirmed_at', u.phone_confirmed_at,
-                   'last_sign_in_at', u.last_sign_in_at,
-                   'is_anonymous', u.is_anonymous, 'is_sso_user', u.is_sso_user,
-                   'raw_user_meta_data', u.raw_user_meta_data,
-                   'raw_app_meta_data', jsonb_build_object('provider', u.raw_app_meta_data -> 'provider',
-                                                           'providers', u.raw_app_meta_data -> 'providers'))
-          INTO snap
-          FROM auth.users AS u WHERE u.id = snapshot.user_id;
-    ELSE
-        EXECUTE format('SELECT jsonb_build_object(''id'', t.id, ''email'', t.email) FROM %I.%I AS t WHERE t.id = $1',
-                       table_schema, table_name)
-           INTO snap USING user_id;
-    END IF;
-    RETURN snap;
-END
-$$;
-
--- The trigger function. install() attaches it as a deferred constraint trigger,
--- so it runs at commit time, after GoTrue's UPDATEs of the same transaction, and
--- re-reads the row: the event holds the user as committed. A user deleted before
--- commit produces no event, and neither does a user inserted by a session with
--- pg_new_user_hook.capture off (a bulk load). SECURITY DEFINER with a pinned
--- search_path: it works for supabase_auth_admin (search_path = auth) and cannot be
--- hijacked by objects in other schemas.
+-- The trigger function (src/capture.rs). install() attaches it as a deferred
+-- constraint trigger, so it runs at commit time, after GoTrue's UPDATEs of the same
+-- transaction, and reads the row's latest version: the event holds the user as
+-- committed. A user deleted before commit produces no event, and neither does a user
+-- inserted by a session with pg_new_user_hook.capture off (a bulk load). It writes
+-- the event as its own owner, as SECURITY DEFINER would (at a fraction of the cost
+-- per signup): the inserting role (supabase_auth_admin) needs no privilege on the
+-- outbox. It resolves no name at run time, so no search_path can hijack it.
 CREATE FUNCTION new_user_hook.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    snapshot jsonb;
-BEGIN
-    IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'ROW' OR TG_OP <> 'INSERT' THEN
-        RAISE EXCEPTION 'new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not % % ... FOR EACH %',
-            TG_WHEN, TG_OP, TG_LEVEL
-            USING HINT = 'Use SELECT new_user_hook.install(''schema.table''), which creates the right trigger.';
-    END IF;
-    -- Reading the setting is cheap; capturing() confirms an "off" with the library loaded.
-    IF current_setting('pg_new_user_hook.capture', true) = 'off' AND NOT new_user_hook.capturing() THEN
-        RETURN NULL;
-    END IF;
-    snapshot := new_user_hook.snapshot(TG_TABLE_SCHEMA, TG_TABLE_NAME, NEW.id);
-    IF snapshot IS NULL THEN
-        RETURN NULL;
-    END IF;
-    INSERT INTO new_user_hook.outbox (user_id, source, record)
-    VALUES (NEW.id, format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), snapshot);
-    PERFORM new_user_hook.wake_on_commit();
-    RETURN NULL;
-END
-$$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
+
+-- The record an event of this row would hold (the allow-listed columns), or NULL if
+-- the row is gone: what backfill() queues. Needs SELECT on the table.
+CREATE FUNCTION new_user_hook.snapshot(target regclass, row_id tid) RETURNS json
+STRICT STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'snapshot_wrapper';
 
 -- Announces users that are already in the table, once, as new users: after a bulk
 -- load made with pg_new_user_hook.capture off, or for users from before the hook.
@@ -100,8 +53,6 @@ CREATE FUNCTION new_user_hook.backfill(user_ids uuid[], target text DEFAULT 'aut
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel regclass := to_regclass(target);
-    rel_schema name;
-    rel_name name;
     event_source text;
     n bigint;
 BEGIN
@@ -109,20 +60,20 @@ BEGIN
         RAISE EXCEPTION 'table "%" does not exist', target
             USING HINT = 'Pass the schema-qualified name of the users table, as given to new_user_hook.install().';
     END IF;
-    SELECT c.relname, ns.nspname INTO rel_name, rel_schema
+    SELECT format('%I.%I', ns.nspname, c.relname) INTO event_source
       FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace WHERE c.oid = rel;
-    event_source := format('%I.%I', rel_schema, rel_name);
-    INSERT INTO new_user_hook.outbox (id, user_id, source, record)
-    SELECT encode(set_byte(set_byte(h, 6, (get_byte(h, 6) & 15) | 128), 8, (get_byte(h, 8) & 63) | 128), 'hex')::uuid,
-           u.id, event_source, u.record
-      FROM (SELECT DISTINCT id FROM unnest(user_ids) AS ids(id) WHERE id IS NOT NULL) AS chosen,
-           LATERAL (SELECT chosen.id, new_user_hook.snapshot(rel_schema, rel_name, chosen.id) AS record) AS u,
-           -- A name-based UUID (version 8): the first 16 bytes of a SHA-256.
-           LATERAL (SELECT substring(sha256(convert_to('pg_new_user_hook backfill ' || event_source || ' ' || u.id, 'UTF8'))
-                                     FROM 1 FOR 16) AS h) AS digest
-     WHERE u.record IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o WHERE o.user_id = u.id AND o.source = event_source)
-    ON CONFLICT (id) DO NOTHING;
+    EXECUTE format($q$
+        INSERT INTO new_user_hook.outbox (id, user_id, source, record)
+        SELECT encode(set_byte(set_byte(h, 6, (get_byte(h, 6) & 15) | 128), 8, (get_byte(h, 8) & 63) | 128), 'hex')::uuid,
+               u.id, $2, u.record
+          FROM (SELECT t.id, new_user_hook.snapshot($3, t.ctid) AS record FROM %s AS t WHERE t.id = ANY ($1)) AS u,
+               -- A name-based UUID (version 8): the first 16 bytes of a SHA-256.
+               LATERAL (SELECT substring(sha256(convert_to('pg_new_user_hook backfill ' || $2 || ' ' || u.id, 'UTF8'))
+                                         FROM 1 FOR 16) AS h) AS digest
+         WHERE u.record IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o WHERE o.user_id = u.id AND o.source = $2)
+        ON CONFLICT (id) DO NOTHING$q$, rel)
+      USING user_ids, event_source, rel;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
         PERFORM new_user_hook.wake_on_commit();

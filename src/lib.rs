@@ -8,6 +8,7 @@
 use pgrx::prelude::*;
 
 mod backoff;
+mod capture;
 mod classify;
 mod config;
 mod delivery;
@@ -44,14 +45,6 @@ pub extern "C-unwind" fn _PG_init() {
 #[pg_extern(stable, parallel_safe)]
 fn preloaded() -> bool {
     shared::preloaded()
-}
-
-/// Whether this session queues the users it inserts (`pg_new_user_hook.capture`).
-/// The trigger asks when the setting reads off: calling into the library loads it,
-/// so a value set before it was loaded is checked against the setting's privileges.
-#[pg_extern(stable, parallel_safe)]
-fn capturing() -> bool {
-    guc::capturing()
 }
 
 /// How many events the worker is sending right now.
@@ -149,10 +142,41 @@ mod tests {
         assert_eq!(email.as_deref(), Some("final@example.com"));
         assert_eq!(status.as_deref(), Some("pending"));
         // Only id and email are taken from a custom table: never other columns.
-        let keys = Spi::get_one::<String>("SELECT string_agg(k, ',' ORDER BY k) FROM new_user_hook.outbox, jsonb_object_keys(record) k")
+        let keys = Spi::get_one::<String>("SELECT string_agg(k, ',' ORDER BY k) FROM new_user_hook.outbox, json_object_keys(record) k")
             .unwrap()
             .unwrap();
         assert_eq!(keys, "email,id");
+    }
+
+    #[pg_test]
+    fn an_auth_users_event_holds_the_allowed_fields_only_as_to_json_writes_them() {
+        Spi::run(
+            "CREATE SCHEMA auth;
+             CREATE TABLE auth.users (id uuid PRIMARY KEY, email varchar(255), phone text, encrypted_password varchar(255),
+                 confirmation_token varchar(255), raw_app_meta_data jsonb, raw_user_meta_data jsonb,
+                 created_at timestamptz, confirmed_at timestamptz, is_anonymous boolean NOT NULL DEFAULT false);
+             SELECT new_user_hook.install();
+             INSERT INTO auth.users VALUES ('11111111-1111-1111-1111-111111111111', 'a@example.com', NULL, '$2a$10$hash', 'tok',
+                 '{\"provider\": \"email\", \"providers\": [\"email\"], \"secret\": \"s\"}', '{\"name\": \"Zoë \\\"Z\\\"\"}',
+                 '2026-11-29 11:28:41.275+00', NULL);
+             SET CONSTRAINTS ALL IMMEDIATE;",
+        )
+        .unwrap();
+        let same = Spi::get_one::<bool>(
+            "SELECT o.record::jsonb = jsonb_build_object('id', u.id, 'email', u.email, 'phone', u.phone,
+                    'raw_app_meta_data', '{\"provider\": \"email\", \"providers\": [\"email\"]}'::jsonb,
+                    'raw_user_meta_data', u.raw_user_meta_data, 'created_at', u.created_at,
+                    'confirmed_at', u.confirmed_at, 'is_anonymous', u.is_anonymous)
+               FROM new_user_hook.outbox o JOIN auth.users u ON u.id = o.user_id",
+        )
+        .unwrap();
+        assert_eq!(same, Some(true));
+        let via_snapshot = Spi::get_one::<bool>(
+            "SELECT o.record::text = new_user_hook.snapshot('auth.users', u.ctid)::text
+               FROM new_user_hook.outbox o JOIN auth.users u ON u.id = o.user_id",
+        )
+        .unwrap();
+        assert_eq!(via_snapshot, Some(true));
     }
 
     #[pg_test]

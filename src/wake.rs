@@ -13,7 +13,7 @@ static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 /// Asks for the worker to be woken when the current transaction commits.
 /// The trigger calls it for every captured row; it costs a flag store.
 #[pg_extern(volatile, parallel_unsafe)]
-fn wake_on_commit() {
+pub fn wake_on_commit() {
     if !shared::preloaded() {
         return;
     }
