@@ -405,13 +405,18 @@ fn quote_identifier(name: &str) -> String {
 #[pg_extern(stable, parallel_safe, sql = false)]
 fn snapshot(target: pg_sys::Oid, row_id: pg_sys::ItemPointerData) -> Option<String> {
     unsafe {
-        if pg_sys::pg_class_aclcheck(
+        // The heap is read directly, so the privilege a query would need is checked here.
+        let allowed = pg_sys::pg_class_aclcheck(
             target,
             pg_sys::GetUserId(),
             pg_sys::ACL_SELECT as pg_sys::AclMode,
-        ) != pg_sys::AclResult::ACLCHECK_OK
-        {
-            error!("permission denied for table with OID {}", target.to_u32());
+        );
+        if allowed != pg_sys::AclResult::ACLCHECK_OK {
+            pg_sys::aclcheck_error(
+                allowed,
+                pg_sys::ObjectType::OBJECT_TABLE,
+                pg_sys::get_rel_name(target),
+            );
         }
         let rel = pg_sys::relation_open(target, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let found = latest_version(

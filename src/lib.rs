@@ -179,6 +179,19 @@ mod tests {
         assert_eq!(via_snapshot, Some(true));
     }
 
+    #[pg_test(error = "permission denied for table users")]
+    fn snapshot_reads_only_tables_the_caller_may_read() {
+        users_table();
+        Spi::run(
+            "INSERT INTO app.users VALUES (gen_random_uuid(), 'a@example.com');
+             CREATE ROLE snooper;
+             GRANT USAGE ON SCHEMA new_user_hook, app TO snooper;
+             GRANT EXECUTE ON FUNCTION new_user_hook.snapshot(regclass, tid) TO snooper;",
+        )
+        .unwrap();
+        Spi::run("SET ROLE snooper; SELECT new_user_hook.snapshot('app.users', '(0,1)')").unwrap();
+    }
+
     #[pg_test]
     fn user_deleted_before_commit_produces_no_event() {
         users_table();
