@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, varlena, PgTrigger};
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CStr};
+use std::rc::Rc;
 
 /// The varlena of a datum, decompressed or fetched from TOAST if need be.
 unsafe fn plain_varlena(datum: pg_sys::Datum) -> *const pg_sys::varlena {
@@ -86,16 +87,18 @@ fn providers_only(app_meta_data: &str) -> String {
     serde_json::json!({ "provider": all["provider"], "providers": all["providers"] }).to_string()
 }
 
-/// The record of the row in `slot` (all attributes fetched): the allow-listed columns
-/// of auth.users, or `id` and `email` of another users table.
+/// The record of the row in `slot` (all attributes fetched) — the allow-listed columns
+/// of auth.users, or `id` and `email` of another users table — and its uuid `id`
+/// (install() requires one).
 unsafe fn record_of(
     rel: pg_sys::Relation,
     slot: *mut pg_sys::TupleTableSlot,
     auth_users: bool,
-) -> String {
+) -> (String, Option<[u8; 16]>) {
     unsafe {
         let desc = (*rel).rd_att;
         let mut out = String::with_capacity(512);
+        let mut id = None;
         out.push('{');
         for i in 0..(*desc).natts as usize {
             let attr = &*(*desc).attrs.as_ptr().add(i);
@@ -103,6 +106,9 @@ unsafe fn record_of(
                 continue;
             }
             let name = CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes();
+            if name == b"id" && attr.atttypid == pg_sys::UUIDOID && !*(*slot).tts_isnull.add(i) {
+                id = Some(*(*(*slot).tts_values.add(i)).cast_mut_ptr::<[u8; 16]>());
+            }
             let wanted = if auth_users {
                 request::ALLOWED_FIELDS.iter().any(|f| f.as_bytes() == name)
             } else {
@@ -131,12 +137,11 @@ unsafe fn record_of(
             }
         }
         out.push('}');
-        out
+        (out, id)
     }
 }
 
 /// Where an event comes from: the table's quoted name, and whether it is auth.users.
-#[derive(Clone)]
 struct Source {
     relid: pg_sys::Oid,
     namespace: pg_sys::Oid,
@@ -147,7 +152,7 @@ struct Source {
 
 thread_local! {
     /// Sources already named in this backend (a schema's name is a catalog look-up).
-    static SOURCES: RefCell<Vec<Source>> = const { RefCell::new(Vec::new()) };
+    static SOURCES: RefCell<Vec<Rc<Source>>> = const { RefCell::new(Vec::new()) };
     static FORGET_ON_SCHEMA_CHANGE: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -157,7 +162,7 @@ unsafe extern "C-unwind" fn forget_sources(_arg: pg_sys::Datum, _cache: i32, _ha
     SOURCES.with(|s| s.borrow_mut().clear());
 }
 
-unsafe fn source(rel: pg_sys::Relation) -> Source {
+unsafe fn source(rel: pg_sys::Relation) -> Rc<Source> {
     unsafe {
         let form = &*(*rel).rd_rel;
         let relname = CStr::from_ptr(form.relname.data.as_ptr()).to_bytes();
@@ -184,13 +189,13 @@ unsafe fn source(rel: pg_sys::Relation) -> Source {
         let schema =
             CStr::from_ptr(pg_sys::get_namespace_name(form.relnamespace)).to_string_lossy();
         let table = String::from_utf8_lossy(relname);
-        let found = Source {
+        let found = Rc::new(Source {
             relid: (*rel).rd_id,
             namespace: form.relnamespace,
             relname: relname.to_vec(),
             name: format!("{}.{}", quote_identifier(&schema), quote_identifier(&table)),
             auth_users: schema == "auth" && table == "users",
-        };
+        });
         SOURCES.with(|s| s.borrow_mut().push(found.clone()));
         found
     }
@@ -213,25 +218,10 @@ unsafe fn latest_version(
         let found =
             pg_sys::table_tuple_fetch_row_version(rel, &mut tid, snapshot, slot).then(|| {
                 pg_sys::slot_getallattrs(slot);
-                (record_of(rel, slot, auth_users), uuid_id(rel, slot))
+                record_of(rel, slot, auth_users)
             });
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         found
-    }
-}
-
-/// The `id` column's value, if it is a uuid (install() requires it).
-unsafe fn uuid_id(rel: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot) -> Option<[u8; 16]> {
-    unsafe {
-        let desc = (*rel).rd_att;
-        (0..(*desc).natts as usize).find_map(|i| {
-            let attr = &*(*desc).attrs.as_ptr().add(i);
-            let is_id = !attr.attisdropped
-                && attr.atttypid == pg_sys::UUIDOID
-                && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == b"id";
-            (is_id && !*(*slot).tts_isnull.add(i))
-                .then(|| *(*(*slot).tts_values.add(i)).cast_mut_ptr::<[u8; 16]>())
-        })
     }
 }
 
@@ -340,7 +330,7 @@ fn capture<'a>(
             // as committed (the trigger's row is read afresh when it fires).
             let slot = data.tg_trigslot;
             pg_sys::slot_getallattrs(slot);
-            Some((record_of(rel, slot, auth_users), uuid_id(rel, slot)))
+            Some(record_of(rel, slot, auth_users))
         } else {
             // A snapshot that sees this transaction's every change, the insert's own
             // statement included (as a query in a PL/pgSQL trigger would).
