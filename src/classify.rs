@@ -19,6 +19,12 @@ pub enum Decision {
         status: Option<u16>,
         error: String,
     },
+    /// The event was the probe of a backend that is down, and it failed: recorded
+    /// (last error, status) without counting an attempt or moving its schedule.
+    Probed {
+        status: Option<u16>,
+        error: String,
+    },
 }
 
 /// Longest `Retry-After` honoured; a larger one is treated as this.
@@ -74,7 +80,7 @@ pub fn decide(
                 .and_then(|v| parse_retry_after(v, now));
             (Some(*status), error, wait)
         }
-        Attempt::Transport(error) => (None, error.clone(), None),
+        Attempt::Transport(error) | Attempt::Timeout(error) => (None, error.clone(), None),
         Attempt::Unsendable(error) => {
             return Decision::Failed {
                 status: None,
@@ -99,6 +105,33 @@ pub fn decide(
         status,
         error,
         delay,
+    }
+}
+
+/// The class an attempt is counted under in the metrics (`attempts_<class>_total`);
+/// None for an event that could not be turned into a request.
+pub fn class(result: &Attempt) -> Option<&'static str> {
+    match result {
+        Attempt::Response { status, .. } => Some(match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            500..=599 => "5xx",
+            _ => "4xx",
+        }),
+        Attempt::Timeout(_) => Some("timeout"),
+        Attempt::Transport(_) => Some("network"),
+        Attempt::Unsendable(_) => None,
+    }
+}
+
+/// What an attempt says about the backend, for the circuit breaker: true when it
+/// answered in a way a retry would not change (2xx, 3xx, most 4xx), false for a
+/// retryable failure, None when the request was never made.
+pub fn backend_up(result: &Attempt) -> Option<bool> {
+    match result {
+        Attempt::Response { status, .. } => Some(!is_retryable_status(*status)),
+        Attempt::Timeout(_) | Attempt::Transport(_) => Some(false),
+        Attempt::Unsendable(_) => None,
     }
 }
 
@@ -149,6 +182,29 @@ mod tests {
 
     fn decide_now(result: &Attempt, attempt: u32) -> Decision {
         decide(result, attempt, &policy(), 0.0, SystemTime::now())
+    }
+
+    #[test]
+    fn attempts_are_counted_by_class_and_only_retryable_failures_say_the_backend_is_down() {
+        let cases = [
+            (response(204), Some("2xx"), Some(true)),
+            (response(301), Some("3xx"), Some(true)),
+            (response(400), Some("4xx"), Some(true)),
+            (response(429), Some("4xx"), Some(false)),
+            (response(408), Some("4xx"), Some(false)),
+            (response(503), Some("5xx"), Some(false)),
+            (Attempt::Timeout("t".into()), Some("timeout"), Some(false)),
+            (
+                Attempt::Transport("refused".into()),
+                Some("network"),
+                Some(false),
+            ),
+            (Attempt::Unsendable("bad".into()), None, None),
+        ];
+        for (attempt, class_, up) in cases {
+            assert_eq!(class(&attempt), class_, "{attempt:?}");
+            assert_eq!(backend_up(&attempt), up, "{attempt:?}");
+        }
     }
 
     #[test]

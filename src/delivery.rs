@@ -31,8 +31,10 @@ pub enum Attempt {
         /// The start of the response body, for `last_error`.
         body_excerpt: String,
     },
-    /// No usable answer: connection refused, DNS failure, timeout, TLS error...
+    /// No usable answer: connection refused, DNS failure, TLS error...
     Transport(String),
+    /// No answer within `timeout_ms`.
+    Timeout(String),
     /// The event cannot be turned into a request (it will never work).
     Unsendable(String),
 }
@@ -123,6 +125,7 @@ impl Channel {
                     },
                 }
             }
+            Err(e @ ureq::Error::Timeout(_)) => Attempt::Timeout(self.describe(e)),
             Err(e) => Attempt::Transport(self.describe(e)),
         }
     }
@@ -220,6 +223,9 @@ pub struct Pool {
     wake_read: UnixStream,
     wake_write: UnixStream,
     stopping: Arc<AtomicBool>,
+    /// Set while delivery is paused or the backend is down: jobs not yet on the
+    /// wire come back unsent, except a probe.
+    holding: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     in_flight: usize,
 }
@@ -240,6 +246,7 @@ impl Pool {
             wake_read,
             wake_write,
             stopping: Arc::new(AtomicBool::new(false)),
+            holding: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
             in_flight: 0,
         };
@@ -276,11 +283,14 @@ impl Pool {
             let outcomes = self.outcome_sender.clone();
             let channel = Arc::clone(&self.channel);
             let wake = self.wake_write.try_clone()?;
-            let stopping = Arc::clone(&self.stopping);
+            let flags = Flags {
+                stopping: Arc::clone(&self.stopping),
+                holding: Arc::clone(&self.holding),
+            };
             let handle = with_signals_blocked(|| {
                 std::thread::Builder::new()
                     .name("pg_new_user_hook sender".into())
-                    .spawn(move || sender_loop(queue, channel, outcomes, wake, stopping))
+                    .spawn(move || sender_loop(queue, channel, outcomes, wake, flags))
             })?;
             self.threads.push(handle);
         }
@@ -290,6 +300,11 @@ impl Pool {
     /// Where requests not yet on the wire go from now on (None: they come back unsent).
     pub fn set_channel(&self, channel: Option<Arc<Channel>>) {
         *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+
+    /// Holds back (true) or lets go (false) the jobs not yet on the wire.
+    pub fn hold(&self, on: bool) {
+        self.holding.store(on, Ordering::SeqCst);
     }
 
     pub fn submit(&mut self, event: Event) {
@@ -353,12 +368,18 @@ fn with_signals_blocked<R>(spawn: impl FnOnce() -> R) -> R {
     }
 }
 
+/// What the worker tells the sending threads without a message.
+struct Flags {
+    stopping: Arc<AtomicBool>,
+    holding: Arc<AtomicBool>,
+}
+
 fn sender_loop(
     queue: Arc<Mutex<Receiver<Message>>>,
     current: CurrentChannel,
     outcomes: Sender<Outcome>,
     mut wake: UnixStream,
-    stopping: Arc<AtomicBool>,
+    flags: Flags,
 ) {
     loop {
         let message = match queue.lock() {
@@ -370,11 +391,13 @@ fn sender_loop(
             Ok(Message::Exit) | Err(_) => return,
         };
         let channel = current.lock().ok().and_then(|c| c.clone());
-        let (sent, result) = if stopping.load(Ordering::SeqCst) {
+        let (sent, result) = if flags.stopping.load(Ordering::SeqCst) {
             (
                 false,
                 Attempt::Transport("not sent: the worker is shutting down".into()),
             )
+        } else if !job.probe && flags.holding.load(Ordering::SeqCst) {
+            (false, Attempt::Transport("not sent: held back".into()))
         } else if let Some(channel) = channel {
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| channel.send(&job)))
@@ -453,6 +476,7 @@ mod tests {
             record: r#"{"id":"u-1","email":"a@example.com"}"#.into(),
             source: "auth.users".into(),
             created_at: "2026-11-28T10:00:00+00:00".into(),
+            probe: false,
         }
     }
 
@@ -534,7 +558,7 @@ mod tests {
         let channel = channel(&url, "", Duration::from_millis(300));
         let started = std::time::Instant::now();
         match channel.send(&job()) {
-            Attempt::Transport(e) => assert!(e.contains("within 300 ms"), "{e}"),
+            Attempt::Timeout(e) => assert!(e.contains("within 300 ms"), "{e}"),
             other => panic!("{other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(3));
@@ -643,6 +667,30 @@ mod tests {
         let got = outcomes_within(&mut pool, 5, Duration::from_secs(10));
         assert_eq!(got.len(), 5);
         assert!(got.iter().all(|o| !o.sent), "unsent events stay pending");
+    }
+
+    #[test]
+    fn while_holding_only_a_probe_is_sent() {
+        let (url, server) = serve(vec!["HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"]);
+        let mut pool = Pool::new(2).unwrap();
+        pool.set_channel(Some(Arc::new(channel(&url, "", Duration::from_secs(2)))));
+        pool.hold(true);
+        for i in 0..4 {
+            pool.submit(Event {
+                id: format!("e{i}"),
+                probe: i == 2,
+                ..job()
+            });
+        }
+        let got = outcomes_within(&mut pool, 4, Duration::from_secs(10));
+        assert_eq!(got.len(), 4);
+        let sent: Vec<&str> = got
+            .iter()
+            .filter(|o| o.sent)
+            .map(|o| o.id.as_str())
+            .collect();
+        assert_eq!(sent, ["e2"]);
+        assert_eq!(server.join().unwrap().len(), 1);
     }
 
     #[test]

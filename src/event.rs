@@ -13,4 +13,6 @@ pub struct Event {
     pub source: String,
     /// When the signup committed, RFC 3339.
     pub created_at: String,
+    /// Sent while the backend is down, to learn whether it is back: not held back.
+    pub probe: bool,
 }

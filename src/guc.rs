@@ -16,6 +16,8 @@ pub mod defaults {
     pub const RETRY_MAX_MS: i32 = 3_600_000;
     pub const MAX_ATTEMPTS: i32 = 50;
     pub const RETENTION_S: i32 = 7 * 24 * 3600;
+    pub const BREAKER_FAILURES: i32 = 5;
+    pub const PROBE_INTERVAL_MS: i32 = 30_000;
 
     #[cfg(test)]
     pub fn retry_policy() -> super::Policy {
@@ -62,6 +64,9 @@ pub mod names {
         RETENTION = "retention";
         DATABASE = "database";
         CAPTURE = "capture";
+        PAUSED = "paused";
+        BREAKER_FAILURES = "breaker_failures";
+        PROBE_INTERVAL_MS = "probe_interval_ms";
     }
 }
 
@@ -99,6 +104,9 @@ static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETRY_MA
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(defaults::MAX_ATTEMPTS);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(defaults::RETENTION_S);
 static CAPTURE: GucSetting<bool> = GucSetting::<bool>::new(true);
+static PAUSED: GucSetting<bool> = GucSetting::<bool>::new(false);
+static BREAKER_FAILURES: GucSetting<i32> = GucSetting::<i32>::new(defaults::BREAKER_FAILURES);
+static PROBE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(defaults::PROBE_INTERVAL_MS);
 
 fn text(name: &'static CStr, short: &'static CStr, setting: &'static Text, flags: GucFlags) {
     GucRegistry::define_string_guc(name, short, c"", setting, GucContext::Sighup, flags);
@@ -258,6 +266,30 @@ pub fn define(preloading: bool) {
         i32::MAX,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_bool_guc(
+        names::c::PAUSED,
+        c"Pause delivery: events keep being queued, none is sent until it is off again.",
+        c"",
+        &PAUSED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(
+        names::c::BREAKER_FAILURES,
+        c"Consecutive failed attempts (5xx, 408, 425, 429, timeouts, network errors) after which the backend is treated as down and only probed; 0: never.",
+        &BREAKER_FAILURES,
+        0,
+        100_000,
+        GucFlags::default(),
+    );
+    int(
+        names::c::PROBE_INTERVAL_MS,
+        c"Longest wait between two probes of a backend that is down.",
+        &PROBE_INTERVAL_MS,
+        100,
+        3_600_000,
+        GucFlags::UNIT_MS,
+    );
     // Superuser-only (PGC_SUSET): whoever may load users unannounced is chosen with
     // GRANT SET ON PARAMETER, not by whoever can insert into the table.
     GucRegistry::define_bool_guc(
@@ -370,6 +402,8 @@ pub struct Settings {
     pub concurrency: usize,
     pub retry: Policy,
     pub retention: Duration,
+    pub paused: bool,
+    pub breaker: crate::breaker::Policy,
 }
 
 // Secrets stay out of debug output.
@@ -414,6 +448,12 @@ impl Settings {
                 max_attempts: MAX_ATTEMPTS.get() as u32,
             },
             retention: Duration::from_secs(RETENTION_S.get() as u64),
+            paused: PAUSED.get(),
+            breaker: crate::breaker::Policy {
+                failures: BREAKER_FAILURES.get() as u32,
+                first_probe: Duration::from_millis(RETRY_BASE_MS.get() as u64),
+                max_probe: Duration::from_millis(PROBE_INTERVAL_MS.get() as u64),
+            },
         }
     }
 
@@ -448,6 +488,11 @@ impl Settings {
         };
         self.target(&api_key, &signing).err()
     }
+}
+
+/// Whether delivery is paused (`paused`), as this process last read the settings.
+pub fn paused() -> bool {
+    PAUSED.get()
 }
 
 /// Whether this session queues the users it inserts (`capture`).

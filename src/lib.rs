@@ -8,6 +8,7 @@
 use pgrx::prelude::*;
 
 mod backoff;
+mod breaker;
 mod capture;
 mod classify;
 mod config;
@@ -51,6 +52,34 @@ fn preloaded() -> bool {
 #[pg_extern(stable, parallel_safe)]
 fn in_flight() -> Option<i32> {
     shared::in_flight()
+}
+
+/// What the worker last published for the metrics view: the queue's gauges (when
+/// `published`), whether delivery is paused, and the circuit breaker's state
+/// (0 closed, 1 half-open: probing, 2 open: the backend is down).
+#[pg_extern(stable, parallel_safe)]
+fn worker_state() -> TableIterator<
+    'static,
+    (
+        name!(published, bool),
+        name!(paused, bool),
+        name!(backend_state, i32),
+        name!(pending, i64),
+        name!(failed, i64),
+        name!(oldest_pending, Option<f64>),
+        name!(captured, i64),
+    ),
+> {
+    let gauges = shared::queue_gauges().unwrap_or_default();
+    TableIterator::once((
+        gauges.published,
+        guc::paused(),
+        shared::backend_state(),
+        gauges.pending,
+        gauges.failed,
+        (!gauges.oldest_pending.is_nan()).then_some(gauges.oldest_pending),
+        gauges.captured,
+    ))
 }
 
 /// Why delivery is paused by configuration, or NULL when all is usable: what the

@@ -63,22 +63,29 @@ pub fn installed() -> bool {
     .unwrap_or(false)
 }
 
-/// Claims up to `limit` due events, oldest first, skipping those in flight.
+/// Claims up to `limit` due events, oldest first, skipping those in flight. A
+/// probe (`probe`: one event to learn whether a backend that is down is back)
+/// takes the event due first, even if not due yet.
 ///
 /// A claim lives in the worker's memory only: the row stays `pending` until the
 /// outcome is recorded, so an event whose worker dies mid-request (or whose server
 /// crashes) is simply due again when the worker starts — at least once, and no
 /// write per claim.
-pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Event> {
+pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
     Spi::connect(|client| {
-        let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
+        let args: [DatumWithOid; 3] = [
+            (limit as i64).into(),
+            in_flight.to_vec().into(),
+            probe.into(),
+        ];
         client
             .select(
                 // Pick the ids first: the planner may sort every due row, and the
                 // (costly) text of the records is then made for the batch only.
                 "WITH due AS MATERIALIZED (
                      SELECT id FROM new_user_hook.outbox
-                      WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
+                      WHERE status = 'pending' AND (next_attempt_at <= now() OR $3)
+                        AND id <> ALL ($2::text[]::uuid[])
                       ORDER BY next_attempt_at
                       LIMIT $1)
                  SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{}'
@@ -93,6 +100,7 @@ pub fn claim(limit: usize, in_flight: &[String]) -> Vec<Event> {
                 record: row.get::<String>(3).ok().flatten().unwrap_or_default(),
                 source: row.get::<String>(4).ok().flatten().unwrap_or_default(),
                 created_at: row.get::<String>(5).ok().flatten().unwrap_or_default(),
+                probe,
             })
             .collect()
     })
@@ -112,21 +120,37 @@ pub fn next_due(in_flight: &[String]) -> Option<Duration> {
     .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
 
-/// Records the outcome of many attempts in one statement.
-pub fn record(outcomes: &[(String, u32, Decision)]) {
+/// One outcome to record: the event, its attempt number, the decision, and the
+/// class the attempt is counted under (`classify::class`).
+#[derive(Clone)]
+pub struct Record {
+    pub id: String,
+    pub attempt: u32,
+    pub decision: Decision,
+    pub class: Option<&'static str>,
+}
+
+/// Records the outcome of many attempts in one statement, and adds them to the
+/// counters in the same transaction (so the metrics and the outbox never disagree,
+/// crash or not).
+pub fn record(outcomes: &[Record]) {
     if outcomes.is_empty() {
         return;
     }
-    let mut ids = Vec::with_capacity(outcomes.len());
-    let mut attempts = Vec::with_capacity(outcomes.len());
-    let mut statuses = Vec::with_capacity(outcomes.len());
-    let mut codes: Vec<Option<i32>> = Vec::with_capacity(outcomes.len());
-    let mut errors: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
-    let mut delays: Vec<Option<i64>> = Vec::with_capacity(outcomes.len());
-    for (id, attempt, decision) in outcomes {
-        ids.push(id.clone());
-        attempts.push(*attempt as i32);
-        let (status, code, error, delay) = match decision {
+    let n = outcomes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut codes: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut errors: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut delays: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut classes: Vec<Option<String>> = Vec::with_capacity(n);
+    for r in outcomes {
+        ids.push(r.id.clone());
+        // A failed probe keeps the event's attempt count.
+        let counted = !matches!(r.decision, Decision::Probed { .. });
+        attempts.push(r.attempt as i32 - i32::from(!counted));
+        let (status, code, error, delay) = match &r.decision {
             Decision::Delivered { status } => ("delivered", Some(*status as i32), None, None),
             Decision::Retry {
                 status,
@@ -141,36 +165,127 @@ pub fn record(outcomes: &[(String, u32, Decision)]) {
             Decision::Failed { status, error } => {
                 ("failed", status.map(i32::from), Some(error.clone()), None)
             }
+            Decision::Probed { status, error } => {
+                ("probed", status.map(i32::from), Some(error.clone()), None)
+            }
         };
         statuses.push(status.to_string());
         codes.push(code);
         errors.push(error);
         delays.push(delay);
+        classes.push(r.class.map(str::to_string));
     }
-    let args: [DatumWithOid; 6] = [
+    let args: [DatumWithOid; 7] = [
         ids.into(),
         statuses.into(),
         codes.into(),
         errors.into(),
         delays.into(),
         attempts.into(),
+        classes.into(),
     ];
     Spi::run_with_args(
-        "UPDATE new_user_hook.outbox AS o SET
-             status = r.status,
-             attempts = r.attempt,
-             last_attempt_at = clock_timestamp(),
-             last_status_code = r.code,
-             last_error = r.error,
-             delivered_at = CASE WHEN r.status = 'delivered' THEN clock_timestamp() END,
-             next_attempt_at = CASE WHEN r.status = 'pending'
-                                    THEN clock_timestamp() + r.delay_ms * interval '1 millisecond' END
-         FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[])
-              AS r(id, status, code, error, delay_ms, attempt)
-         WHERE o.id = r.id::uuid AND o.status = 'pending'",
+        "WITH r AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[], $7::text[])
+                 AS r(id, outcome, code, error, delay_ms, attempt, class)
+         ), done AS (
+             UPDATE new_user_hook.outbox AS o SET
+                 status = CASE WHEN r.outcome = 'probed' THEN 'pending' ELSE r.outcome END,
+                 attempts = r.attempt,
+                 last_attempt_at = clock_timestamp(),
+                 last_status_code = r.code,
+                 last_error = r.error,
+                 delivered_at = CASE WHEN r.outcome = 'delivered' THEN clock_timestamp() END,
+                 next_attempt_at = CASE r.outcome
+                     WHEN 'pending' THEN clock_timestamp() + r.delay_ms * interval '1 millisecond'
+                     WHEN 'probed' THEN o.next_attempt_at END
+             FROM r
+             WHERE o.id = r.id::uuid AND o.status = 'pending'
+             RETURNING r.outcome, r.attempt, r.class, r.error, o.last_attempt_at,
+                       extract(epoch FROM o.delivered_at - o.created_at)::float8 AS latency
+         ), t AS (
+             SELECT count(*) FILTER (WHERE attempt = 1 AND outcome <> 'probed') AS first_attempts,
+                    count(*) FILTER (WHERE outcome = 'delivered')                AS delivered,
+                    count(*) FILTER (WHERE outcome = 'pending')                  AS retried,
+                    count(*) FILTER (WHERE outcome = 'failed')                   AS failed,
+                    count(*) FILTER (WHERE class = '2xx')                        AS c2xx,
+                    count(*) FILTER (WHERE class = '3xx')                        AS c3xx,
+                    count(*) FILTER (WHERE class = '4xx')                        AS c4xx,
+                    count(*) FILTER (WHERE class = '5xx')                        AS c5xx,
+                    count(*) FILTER (WHERE class = 'timeout')                    AS ctimeout,
+                    count(*) FILTER (WHERE class = 'network')                    AS cnetwork,
+                    coalesce(sum(latency) FILTER (WHERE outcome = 'delivered'), 0) AS latency_sum,
+                    max(last_attempt_at) FILTER (WHERE outcome = 'delivered')    AS last_delivered_at,
+                    (array_agg(error ORDER BY last_attempt_at DESC) FILTER (WHERE error IS NOT NULL))[1] AS last_error,
+                    max(last_attempt_at) FILTER (WHERE error IS NOT NULL)        AS last_error_at
+               FROM done
+         )
+         UPDATE new_user_hook.counters AS c SET
+             first_attempts = c.first_attempts + t.first_attempts,
+             delivered = c.delivered + t.delivered,
+             retried = c.retried + t.retried,
+             failed = c.failed + t.failed,
+             attempts_2xx = c.attempts_2xx + t.c2xx,
+             attempts_3xx = c.attempts_3xx + t.c3xx,
+             attempts_4xx = c.attempts_4xx + t.c4xx,
+             attempts_5xx = c.attempts_5xx + t.c5xx,
+             attempts_timeout = c.attempts_timeout + t.ctimeout,
+             attempts_network = c.attempts_network + t.cnetwork,
+             latency_bucket = CASE WHEN t.delivered = 0 THEN c.latency_bucket ELSE ARRAY(
+                 SELECT b.n + (SELECT count(*) FROM done WHERE done.outcome = 'delivered' AND done.latency <= b.le)
+                   FROM unnest(c.latency_bucket, new_user_hook.latency_bounds()) WITH ORDINALITY AS b(n, le, i)
+                  ORDER BY b.i) END,
+             latency_sum = c.latency_sum + t.latency_sum,
+             last_delivered_at = coalesce(t.last_delivered_at, c.last_delivered_at),
+             last_error = coalesce(t.last_error, c.last_error),
+             last_error_at = coalesce(t.last_error_at, c.last_error_at)
+         FROM t",
         &args,
     )
     .expect("recording delivery outcomes");
+}
+
+/// After a backend came back: events waiting out a backoff from the outage are
+/// due now, so the backlog drains at once instead of on each event's schedule.
+pub fn release_backoff() -> i64 {
+    Spi::get_one::<i64>(
+        "WITH due AS (
+             UPDATE new_user_hook.outbox SET next_attempt_at = clock_timestamp()
+              WHERE status = 'pending' AND next_attempt_at > clock_timestamp()
+             RETURNING 1)
+         SELECT count(*) FROM due",
+    )
+    .expect("releasing backed-off events")
+    .unwrap_or(0)
+}
+
+/// What the queue holds now (`new_user_hook.queue_gauges()`).
+pub struct QueueGauges {
+    pub pending: i64,
+    pub failed: i64,
+    /// Seconds since the epoch; None when nothing is pending.
+    pub oldest_pending: Option<f64>,
+    pub captured: i64,
+}
+
+pub fn queue_gauges() -> QueueGauges {
+    Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT pending, failed, extract(epoch FROM oldest_pending)::float8, captured
+                   FROM new_user_hook.queue_gauges()",
+                Some(1),
+                &[],
+            )
+            .expect("counting the queue")
+            .first();
+        QueueGauges {
+            pending: row.get::<i64>(1).ok().flatten().unwrap_or(0),
+            failed: row.get::<i64>(2).ok().flatten().unwrap_or(0),
+            oldest_pending: row.get::<f64>(3).ok().flatten(),
+            captured: row.get::<i64>(4).ok().flatten().unwrap_or(0),
+        }
+    })
 }
 
 /// Deletes up to `limit` delivered events older than the retention, oldest first

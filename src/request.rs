@@ -315,6 +315,7 @@ mod tests {
             record: record.into(),
             source: "auth.users".into(),
             created_at: "2026-11-28T10:00:00.5+00:00".into(),
+            probe: false,
         }
     }
 

@@ -42,6 +42,29 @@ unsafe impl PGRXSharedMemory for ProblemText {}
 static WORKER_PROBLEM: PgLwLock<ProblemText> =
     unsafe { PgLwLock::new(c"pg_new_user_hook_worker_problem") };
 
+/// What the worker last counted in the queue (`outbox::queue_gauges`), for the
+/// metrics view: a scrape reads this instead of counting the outbox.
+#[derive(Clone, Copy, Default)]
+pub struct QueueGauges {
+    /// False until a worker has counted since the server started.
+    pub published: bool,
+    pub pending: i64,
+    pub failed: i64,
+    /// Seconds since the epoch; NaN when nothing is pending.
+    pub oldest_pending: f64,
+    pub captured: i64,
+}
+
+// SAFETY: plain numbers, no pointers.
+unsafe impl PGRXSharedMemory for QueueGauges {}
+
+static QUEUE_GAUGES: PgLwLock<QueueGauges> =
+    unsafe { PgLwLock::new(c"pg_new_user_hook_queue_gauges") };
+
+/// The circuit breaker's state (`breaker::State::gauge`).
+static BACKEND_STATE: PgAtomic<AtomicI32> =
+    unsafe { PgAtomic::new(c"pg_new_user_hook_backend_state") };
+
 /// Set in the postmaster when loaded through shared_preload_libraries; inherited by every backend.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -51,6 +74,8 @@ pub fn init() {
     pg_shmem_init!(WORKER_PROBLEM);
     pg_shmem_init!(IN_FLIGHT = AtomicI32::new(0));
     pg_shmem_init!(WORKER_STARTS = AtomicI32::new(0));
+    pg_shmem_init!(QUEUE_GAUGES);
+    pg_shmem_init!(BACKEND_STATE = AtomicI32::new(0));
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -117,4 +142,28 @@ pub fn worker_problem() -> Option<String> {
     }
     let slot = WORKER_PROBLEM.share();
     (slot.len > 0).then(|| String::from_utf8_lossy(&slot.bytes[..slot.len]).into_owned())
+}
+
+pub fn publish_queue_gauges(gauges: QueueGauges) {
+    *QUEUE_GAUGES.exclusive() = QueueGauges {
+        published: true,
+        ..gauges
+    };
+}
+
+/// None without the preload.
+pub fn queue_gauges() -> Option<QueueGauges> {
+    preloaded().then(|| *QUEUE_GAUGES.share())
+}
+
+pub fn set_backend_state(state: i32) {
+    BACKEND_STATE.get().store(state, Ordering::Relaxed);
+}
+
+pub fn backend_state() -> i32 {
+    if preloaded() {
+        BACKEND_STATE.get().load(Ordering::Relaxed)
+    } else {
+        0
+    }
 }

@@ -5,12 +5,13 @@
 //! and what the settings and secrets make of the target in `config`.
 
 use crate::backoff::random_jitter;
+use crate::breaker::{Allowance, Breaker, Transition};
 use crate::classify::{self, Decision};
 use crate::config::Config;
 use crate::delivery::{Outcome, Pool};
 use crate::event::Event;
 use crate::guc::{self, Settings};
-use crate::outbox::{self, transaction};
+use crate::outbox::{self, transaction, Record};
 use crate::shared;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
@@ -37,6 +38,9 @@ const RESTART_AFTER: Duration = Duration::from_secs(5);
 /// Pause after a round that failed (a lock timeout, the extension being dropped, a
 /// full disk) before the next try: what was decided is kept and recorded then.
 const RETRY_FAILED_ROUND: Duration = Duration::from_secs(1);
+/// How often, at most, the queue is counted for the metrics while events come and
+/// go (an idle worker does not count).
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_new_user_hook delivery worker")
@@ -90,6 +94,8 @@ struct Timers {
     statistics: Option<Instant>,
     /// A failed round is to be tried again.
     retry_round: Option<Instant>,
+    /// The queue is to be counted for the metrics (None: nothing changed).
+    gauges: Option<Instant>,
 }
 
 impl Timers {
@@ -99,6 +105,8 @@ impl Timers {
             purge: Instant::now(),
             statistics: None,
             retry_round: None,
+            // Published at start, so the metrics never show another life's counts.
+            gauges: Some(Instant::now()),
         }
     }
 
@@ -117,6 +125,7 @@ impl Timers {
         can_claim: bool,
         can_purge: bool,
         secrets_refresh: Option<Instant>,
+        next_probe: Option<Instant>,
     ) -> Duration {
         let due = self.due.filter(|_| can_claim);
         let purge = Some(self.purge).filter(|_| can_purge);
@@ -126,6 +135,8 @@ impl Timers {
             self.statistics,
             self.retry_round,
             secrets_refresh,
+            next_probe,
+            self.gauges.filter(|_| can_purge),
         ]
         .into_iter()
         .flatten()
@@ -136,10 +147,14 @@ impl Timers {
 
 /// What one round does in its transaction.
 struct Round {
-    /// Outcomes to record: (event id, attempt, decision).
-    record: Vec<(String, u32, Decision)>,
+    /// Outcomes to record.
+    record: Vec<Record>,
     /// How many due events to claim.
     claim: usize,
+    /// The claim is a probe of a backend that is down: one event, due or not.
+    probe: bool,
+    /// Make the events waiting out a backoff due now (the backend is back).
+    release_backoff: bool,
     /// Events not to claim: in flight, or decided and not yet recorded.
     busy: Vec<String>,
     /// Whether to look whether the extension (still) exists first.
@@ -165,7 +180,7 @@ struct Worker {
     outcomes: Vec<Outcome>,
     outcomes_since: Instant,
     /// Decided and not recorded yet: a failed round keeps them for the next one.
-    unrecorded: Vec<(String, u32, Decision)>,
+    unrecorded: Vec<Record>,
     /// Whether the extension exists in the worker's database (None: look again).
     installed: Option<bool>,
     /// Something may be due now: woken by a commit, a timer, or a full claim.
@@ -176,6 +191,11 @@ struct Worker {
     /// The error of the last failed round, so a repeated one is logged once.
     round_error: Option<String>,
     backend_failing: bool,
+    breaker: Breaker,
+    /// When the queue was last counted for the metrics.
+    counted_at: Instant,
+    /// The backend came back: release the backlog's backoff in the next round.
+    release_backoff: bool,
 }
 
 impl Worker {
@@ -200,7 +220,12 @@ impl Worker {
             problem: None,
             round_error: None,
             backend_failing: false,
+            breaker: Breaker::new(),
+            counted_at: Instant::now(),
+            release_backoff: false,
         };
+        worker.hold();
+        shared::set_backend_state(worker.breaker.state().gauge());
         worker.apply_config(true);
         worker
     }
@@ -228,6 +253,9 @@ impl Worker {
             if Instant::now() >= self.timers.purge && self.installed == Some(true) {
                 self.purge();
             }
+            if Timers::reached(self.timers.gauges, Instant::now()) && self.installed == Some(true) {
+                self.count_queue();
+            }
             self.wait();
         }
     }
@@ -240,7 +268,18 @@ impl Worker {
             if let Err(e) = self.pool.resize(settings.concurrency) {
                 warning!("pg_new_user_hook: could not start delivery threads: {e}");
             }
+            if settings.paused != self.config.settings().paused {
+                if settings.paused {
+                    log!("pg_new_user_hook: delivery paused ({} = on): events are queued, none is sent", guc::names::PAUSED);
+                } else {
+                    log!("pg_new_user_hook: delivery resumed");
+                }
+            }
+            if settings.breaker.failures == 0 && self.breaker.reset().is_some() {
+                self.backend_transition(Transition::Closed);
+            }
             self.config.reload(settings);
+            self.hold();
             self.apply_config(true);
             // A new retention applies now, not at the next periodic purge.
             self.timers.purge = Instant::now();
@@ -286,13 +325,54 @@ impl Worker {
         (self.config.settings().concurrency * 32).clamp(64, 2048)
     }
 
-    /// How many events may be claimed now (0: not worth a round trip yet). Under
-    /// load, claims wait until a quarter of the window is free, so each round trip
-    /// carries a batch; when nothing is in flight, any due event is claimed at once.
-    fn claimable(&self) -> usize {
-        if self.config.channel().is_err() || self.installed == Some(false) {
-            return 0;
+    /// Jobs not yet on the wire are held back while delivery is paused or the
+    /// backend is down (a probe excepted).
+    fn hold(&self) {
+        let held =
+            self.config.settings().paused || self.breaker.state() != crate::breaker::State::Closed;
+        self.pool.hold(held);
+    }
+
+    /// The circuit opened or closed: tell the threads, the log and the metrics.
+    fn backend_transition(&mut self, transition: Transition) {
+        match transition {
+            Transition::Opened => warning!(
+                "pg_new_user_hook: the backend failed {} attempts in a row: delivery is held back, \
+                 and one event at a time probes it (first in {} ms, then at most every {} ms: {})",
+                self.config.settings().breaker.failures,
+                self.breaker.interval().as_millis(),
+                self.config.settings().breaker.max_probe.as_millis(),
+                guc::names::PROBE_INTERVAL_MS
+            ),
+            Transition::Closed => {
+                log!("pg_new_user_hook: the backend answers again: delivering the backlog");
+                self.release_backoff = true;
+                self.maybe_due = true;
+            }
         }
+        shared::set_backend_state(self.breaker.state().gauge());
+        self.hold();
+    }
+
+    /// How many events may be claimed now (0: not worth a round trip yet), and
+    /// whether the claim is a probe. Under load, claims wait until a quarter of the
+    /// window is free, so each round trip carries a batch; when nothing is in
+    /// flight, any due event is claimed at once.
+    fn claimable(&self) -> (usize, bool) {
+        if self.config.channel().is_err()
+            || self.installed == Some(false)
+            || self.config.settings().paused
+        {
+            return (0, false);
+        }
+        match self.breaker.allowance(Instant::now()) {
+            Allowance::All => (self.window(), false),
+            Allowance::Probe => (1, true),
+            Allowance::Nothing => (0, false),
+        }
+    }
+
+    fn window(&self) -> usize {
         let max = self.max_in_flight();
         let free = max.saturating_sub(self.pool.in_flight());
         if self.pool.in_flight() == 0 || free >= max / 4 {
@@ -328,25 +408,31 @@ impl Worker {
         if self.timers.retry_round.is_some_and(|at| at > now) {
             return None;
         }
-        let claim = if self.maybe_due || Timers::reached(self.timers.due, now) {
-            self.claimable()
-        } else {
-            0
-        };
+        // A probe needs an event to send (timers.due: something is pending).
+        let probe_time =
+            self.timers.due.is_some() && Timers::reached(self.breaker.next_probe(), now);
+        let (claim, probe) =
+            if self.maybe_due || probe_time || Timers::reached(self.timers.due, now) {
+                self.claimable()
+            } else {
+                (0, false)
+            };
         if self.record_due() {
             let outcomes = std::mem::take(&mut self.outcomes);
             let decisions = self.decide(outcomes);
             self.unrecorded.extend(decisions);
         }
         let check_installed = self.installed != Some(true);
-        if claim == 0 && self.unrecorded.is_empty() && !check_installed {
+        if claim == 0 && self.unrecorded.is_empty() && !check_installed && !self.release_backoff {
             return None;
         }
         let mut busy: Vec<String> = self.in_flight.iter().cloned().collect();
-        busy.extend(self.unrecorded.iter().map(|(id, _, _)| id.clone()));
+        busy.extend(self.unrecorded.iter().map(|r| r.id.clone()));
         Some(Round {
             record: self.unrecorded.clone(),
             claim,
+            probe,
+            release_backoff: self.release_backoff,
             busy,
             check_installed,
         })
@@ -381,6 +467,8 @@ impl Worker {
         }
         // Recorded; or, without the extension, nothing to record into.
         self.unrecorded.clear();
+        self.release_backoff = false;
+        self.count_queue_soon();
         if !result.installed {
             self.maybe_due = false;
             self.timers.due = None;
@@ -392,6 +480,10 @@ impl Worker {
         }
         self.timers.due = result.next_due.map(|d| Instant::now() + d);
         for event in result.claimed {
+            if event.probe {
+                self.breaker.probe_sent(&event.id);
+                shared::set_backend_state(self.breaker.state().gauge());
+            }
             self.in_flight.insert(event.id.clone());
             self.pool.submit(event);
         }
@@ -420,9 +512,10 @@ impl Worker {
         }
     }
 
-    /// Turns outcomes into decisions (id, attempt, decision). An unsent event needs
-    /// none: it is still pending and due.
-    fn decide(&mut self, outcomes: Vec<Outcome>) -> Vec<(String, u32, Decision)> {
+    /// Turns outcomes into decisions to record, and tells the circuit breaker what
+    /// each attempt said about the backend. An unsent event needs none: it is still
+    /// pending and due.
+    fn decide(&mut self, outcomes: Vec<Outcome>) -> Vec<Record> {
         let now = SystemTime::now();
         let mut decisions = Vec::with_capacity(outcomes.len());
         let mut first_error = None;
@@ -430,22 +523,48 @@ impl Worker {
         for outcome in outcomes {
             self.in_flight.remove(&outcome.id);
             if !outcome.sent {
+                self.breaker.probe_lost(&outcome.id, Instant::now());
                 continue;
             }
-            let decision = classify::decide(
+            let was_probe = self.breaker.is_probe(&outcome.id);
+            let mut decision = classify::decide(
                 &outcome.result,
                 outcome.attempt,
                 &self.config.settings().retry,
                 random_jitter(),
                 now,
             );
+            if let Some(up) = classify::backend_up(&outcome.result) {
+                let policy = self.config.settings().breaker;
+                if let Some(t) = self
+                    .breaker
+                    .observe(&policy, &outcome.id, up, Instant::now())
+                {
+                    self.backend_transition(t);
+                }
+                // A probe of a backend that is still down is not the event's attempt.
+                if was_probe && !up {
+                    decision = match decision {
+                        Decision::Retry { status, error, .. }
+                        | Decision::Failed { status, error } => Decision::Probed { status, error },
+                        other => other,
+                    };
+                }
+            }
             match &decision {
                 Decision::Delivered { .. } => any_delivered = true,
-                Decision::Retry { error, .. } | Decision::Failed { error, .. } => {
+                Decision::Retry { error, .. }
+                | Decision::Failed { error, .. }
+                | Decision::Probed { error, .. } => {
                     first_error.get_or_insert_with(|| error.clone());
                 }
             }
-            decisions.push((outcome.id, outcome.attempt, decision));
+            decisions.push(Record {
+                class: classify::class(&outcome.result),
+                id: outcome.id,
+                attempt: outcome.attempt,
+                decision,
+            });
         }
         match first_error {
             Some(error) if !self.backend_failing => {
@@ -461,17 +580,43 @@ impl Worker {
             _ => {}
         }
         shared::set_in_flight(self.in_flight.len());
+        shared::set_backend_state(self.breaker.state().gauge());
         decisions
+    }
+
+    /// Counts the queue for the metrics within GAUGES_EVERY of the last count.
+    fn count_queue_soon(&mut self) {
+        let at = (self.counted_at + GAUGES_EVERY).max(Instant::now());
+        self.timers.gauges.get_or_insert(at);
+    }
+
+    fn count_queue(&mut self) {
+        self.timers.gauges = None;
+        self.counted_at = Instant::now();
+        match transaction(outbox::queue_gauges) {
+            Ok(g) => shared::publish_queue_gauges(shared::QueueGauges {
+                published: true,
+                pending: g.pending,
+                failed: g.failed,
+                oldest_pending: g.oldest_pending.unwrap_or(f64::NAN),
+                captured: g.captured,
+            }),
+            // The round's own error handling reports a database problem.
+            Err(_) => self.installed = None,
+        }
     }
 
     fn wait(&mut self) {
         let now = Instant::now();
-        let can_claim = self.claimable() > 0;
+        let can_claim = self.claimable().0 > 0;
         let mut timeout = self.timers.sleep(
             now,
             can_claim,
             self.installed == Some(true),
             self.config.next_secret_refresh(),
+            self.breaker
+                .next_probe()
+                .filter(|_| self.timers.due.is_some()),
         );
         if !self.outcomes.is_empty() {
             timeout = timeout.min(RECORD_DELAY.saturating_sub(self.outcomes_since.elapsed()));
@@ -503,6 +648,8 @@ impl Worker {
         let polled = rc & pg_sys::WL_TIMEOUT as i32 != 0 && timeout == POLL;
         if latch_was_set || rc & pg_sys::WL_LATCH_SET as i32 != 0 || polled {
             self.maybe_due = true;
+            // New events (or a poll): the metrics' count of the queue is stale.
+            self.count_queue_soon();
         }
         pg_sys::check_for_interrupts!();
     }
@@ -538,8 +685,11 @@ fn run_round(round: Round) -> RoundResult {
         };
     }
     outbox::record(&round.record);
+    if round.release_backoff {
+        outbox::release_backoff();
+    }
     let claimed = if round.claim > 0 {
-        outbox::claim(round.claim, &round.busy)
+        outbox::claim(round.claim, &round.busy, round.probe)
     } else {
         Vec::new()
     };
