@@ -58,10 +58,11 @@ CREATE TABLE new_user_hook.counters (
     last_error       text,
     last_error_at    timestamptz
 );
+-- Not dumped: a restored database starts the counts over (Prometheus takes it as a
+-- counter reset), as CREATE EXTENSION creates this row.
 INSERT INTO new_user_hook.counters DEFAULT VALUES;
 COMMENT ON TABLE new_user_hook.counters IS
     'Cumulative delivery counts of pg_new_user_hook. Read new_user_hook.metrics instead.';
-SELECT pg_catalog.pg_extension_config_dump('new_user_hook.counters', '');
 
 -- What the queue holds now, counted from the pending and failed events only (their
 -- partial indexes), never from the delivered ones kept for the retention. The
@@ -247,8 +248,10 @@ SELECT (w.pid IS NOT NULL)::int                                     AS worker_up
   CROSS JOIN queue q
   LEFT JOIN worker w ON true;
 
--- One row: is delivery working, and if not, why. Built on the metrics: cheap with
--- millions of delivered events kept for the retention.
+-- One row: is delivery working, and if not, why. Its counts are exact: the queue is
+-- counted from its pending and failed events (their partial indexes), everything
+-- else comes from the counters; the delivered events kept for the retention are
+-- never read.
 CREATE VIEW new_user_hook.status AS
 WITH worker AS (
     SELECT pid, datname FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_new_user_hook' LIMIT 1
@@ -256,11 +259,11 @@ WITH worker AS (
 SELECT w.pid                      AS worker_pid,
        w.datname                  AS worker_database,
        new_user_hook.preloaded()  AS preloaded,
-       m.pending,
+       q.pending,
        new_user_hook.in_flight() AS in_flight,
-       m.delivered_total          AS delivered,
-       m.failed,
-       CASE WHEN m.pending > 0 THEN make_interval(secs => m.oldest_pending_age_seconds) END AS oldest_pending_age,
+       c.delivered,
+       q.failed,
+       now() - q.oldest_pending   AS oldest_pending_age,
        coalesce(new_user_hook.config_problem(), c.last_error) AS last_error,
        c.last_error_at            AS last_error_at,
        CASE
@@ -268,15 +271,16 @@ SELECT w.pid                      AS worker_pid,
            WHEN w.pid IS NULL THEN new_user_hook.missing_worker()
            WHEN w.datname <> current_database() THEN format(
                 'the worker delivers from database %I (pg_new_user_hook.database), not this one', w.datname)
-           WHEN m.paused = 1 THEN
+           WHEN p.paused THEN
                 'delivery is paused (pg_new_user_hook.paused = on): events are queued and none is sent; set it off and reload to resume'
-           WHEN m.backend_state = 2 THEN
+           WHEN p.backend_state = 2 THEN
                 'the backend is failing (' || coalesce(c.last_error, 'see new_user_hook.deliveries') ||
                 '): delivery is held back and one probe is sent at a time until it answers'
        END                        AS problem,
-       m.paused = 1               AS paused,
-       (ARRAY['closed', 'half-open', 'open'])[m.backend_state + 1] AS backend_state
-  FROM new_user_hook.metrics m
+       p.paused,
+       (ARRAY['closed', 'half-open', 'open'])[p.backend_state + 1] AS backend_state
+  FROM new_user_hook.queue_gauges() q
+  CROSS JOIN new_user_hook.worker_state() p
   CROSS JOIN new_user_hook.counters c
   LEFT JOIN worker w ON true;
 

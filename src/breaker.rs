@@ -79,12 +79,14 @@ impl Breaker {
 
     /// Takes in what one attempt said: `up` is true for any answer that is not
     /// worth a retry (2xx, and also a 400: the backend is there), false for a
-    /// retryable failure (5xx, 429, a timeout, a refused connection).
+    /// retryable failure (5xx, 429, a timeout, a refused connection). A failure's
+    /// `Retry-After` (`not_before`) delays the next probe at least that long.
     pub fn observe(
         &mut self,
         policy: &Policy,
         id: &str,
         up: bool,
+        not_before: Option<Duration>,
         now: Instant,
     ) -> Option<Transition> {
         if up {
@@ -102,12 +104,12 @@ impl Breaker {
                     return None;
                 }
                 self.interval = policy.first_probe.min(policy.max_probe);
-                self.open(now);
+                self.open(now, not_before);
                 Some(Transition::Opened)
             }
             State::HalfOpen if self.probe.as_deref() == Some(id) => {
                 self.interval = (self.interval * 2).min(policy.max_probe);
-                self.open(now);
+                self.open(now, not_before);
                 None
             }
             // Requests that were on the wire when the circuit opened.
@@ -118,7 +120,7 @@ impl Breaker {
     /// A probe that never reached the backend (the pool stopped): probe again later.
     pub fn probe_lost(&mut self, id: &str, now: Instant) {
         if self.state == State::HalfOpen && self.probe.as_deref() == Some(id) {
-            self.open(now);
+            self.open(now, None);
         }
     }
 
@@ -136,10 +138,6 @@ impl Breaker {
             self.state = State::HalfOpen;
             self.probe = Some(id.to_string());
         }
-    }
-
-    pub fn is_probe(&self, id: &str) -> bool {
-        self.state == State::HalfOpen && self.probe.as_deref() == Some(id)
     }
 
     /// When the next probe may go (None unless open).
@@ -161,10 +159,10 @@ impl Breaker {
         (!was_closed).then_some(Transition::Closed)
     }
 
-    fn open(&mut self, now: Instant) {
+    fn open(&mut self, now: Instant, not_before: Option<Duration>) {
         self.state = State::Open;
         self.probe = None;
-        self.next_probe = Some(now + self.interval);
+        self.next_probe = Some(now + self.interval.max(not_before.unwrap_or_default()));
     }
 
     fn close(&mut self) {
@@ -188,10 +186,10 @@ mod tests {
     fn opened(now: Instant) -> Breaker {
         let mut b = Breaker::new();
         for id in ["a", "b"] {
-            assert_eq!(b.observe(&POLICY, id, false, now), None);
+            assert_eq!(b.observe(&POLICY, id, false, None, now), None);
         }
         assert_eq!(
-            b.observe(&POLICY, "c", false, now),
+            b.observe(&POLICY, "c", false, None, now),
             Some(Transition::Opened)
         );
         b
@@ -201,15 +199,15 @@ mod tests {
     fn consecutive_failures_open_the_circuit_and_a_success_in_between_starts_over() {
         let now = Instant::now();
         let mut b = Breaker::new();
-        b.observe(&POLICY, "a", false, now);
-        b.observe(&POLICY, "b", false, now);
-        b.observe(&POLICY, "c", true, now);
-        b.observe(&POLICY, "d", false, now);
-        b.observe(&POLICY, "e", false, now);
+        b.observe(&POLICY, "a", false, None, now);
+        b.observe(&POLICY, "b", false, None, now);
+        b.observe(&POLICY, "c", true, None, now);
+        b.observe(&POLICY, "d", false, None, now);
+        b.observe(&POLICY, "e", false, None, now);
         assert_eq!(b.state(), State::Closed);
         assert_eq!(b.allowance(now), Allowance::All);
         assert_eq!(
-            b.observe(&POLICY, "f", false, now),
+            b.observe(&POLICY, "f", false, None, now),
             Some(Transition::Opened)
         );
         assert_eq!(b.state(), State::Open);
@@ -238,10 +236,10 @@ mod tests {
                 Allowance::Nothing
             );
             // A late failure of another event changes nothing; the probe's does.
-            assert_eq!(b.observe(&POLICY, "late", false, at), None);
+            assert_eq!(b.observe(&POLICY, "late", false, None, at), None);
             assert_eq!(b.state(), State::HalfOpen);
             now = at + Duration::from_millis(10);
-            assert_eq!(b.observe(&POLICY, &id, false, now), None);
+            assert_eq!(b.observe(&POLICY, &id, false, None, now), None);
             assert_eq!(b.state(), State::Open);
         }
         let secs: Vec<u64> = waits.iter().map(|w| w.as_secs()).collect();
@@ -254,7 +252,7 @@ mod tests {
         let mut b = opened(now);
         // A request that was on the wire when the circuit opened comes back fine.
         assert_eq!(
-            b.observe(&POLICY, "late", true, now),
+            b.observe(&POLICY, "late", true, None, now),
             Some(Transition::Closed)
         );
         assert_eq!(b.allowance(now), Allowance::All);
@@ -262,13 +260,15 @@ mod tests {
         let mut b = opened(now);
         let at = b.next_probe().unwrap();
         b.probe_sent("p");
-        assert!(b.is_probe("p"));
-        assert_eq!(b.observe(&POLICY, "p", true, at), Some(Transition::Closed));
+        assert_eq!(b.state(), State::HalfOpen);
+        assert_eq!(
+            b.observe(&POLICY, "p", true, None, at),
+            Some(Transition::Closed)
+        );
         assert_eq!(b.state(), State::Closed);
-        assert!(!b.is_probe("p"));
         // Closing starts the count over.
-        b.observe(&POLICY, "x", false, at);
-        b.observe(&POLICY, "y", false, at);
+        b.observe(&POLICY, "x", false, None, at);
+        b.observe(&POLICY, "y", false, None, at);
         assert_eq!(b.state(), State::Closed);
     }
 
@@ -281,12 +281,26 @@ mod tests {
         };
         let mut b = Breaker::new();
         for _ in 0..1000 {
-            assert_eq!(b.observe(&off, "a", false, now), None);
+            assert_eq!(b.observe(&off, "a", false, None, now), None);
         }
         assert_eq!(b.state(), State::Closed);
         let mut b = opened(now);
         assert_eq!(b.reset(), Some(Transition::Closed));
         assert_eq!(b.reset(), None);
+    }
+
+    #[test]
+    fn a_retry_after_delays_the_next_probe() {
+        let now = Instant::now();
+        let mut b = Breaker::new();
+        b.observe(&POLICY, "a", false, None, now);
+        b.observe(&POLICY, "b", false, None, now);
+        let wait = Some(Duration::from_secs(120));
+        assert_eq!(
+            b.observe(&POLICY, "c", false, wait, now),
+            Some(Transition::Opened)
+        );
+        assert_eq!(b.next_probe().unwrap() - now, Duration::from_secs(120));
     }
 
     #[test]

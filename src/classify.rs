@@ -19,12 +19,6 @@ pub enum Decision {
         status: Option<u16>,
         error: String,
     },
-    /// The event was the probe of a backend that is down, and it failed: recorded
-    /// (last error, status) without counting an attempt or moving its schedule.
-    Probed {
-        status: Option<u16>,
-        error: String,
-    },
 }
 
 /// Longest `Retry-After` honoured; a larger one is treated as this.
@@ -132,6 +126,17 @@ pub fn backend_up(result: &Attempt) -> Option<bool> {
         Attempt::Response { status, .. } => Some(!is_retryable_status(*status)),
         Attempt::Timeout(_) | Attempt::Transport(_) => Some(false),
         Attempt::Unsendable(_) => None,
+    }
+}
+
+/// How long the backend asked to be left alone (`Retry-After`), if it did.
+pub fn retry_after(result: &Attempt, now: SystemTime) -> Option<Duration> {
+    match result {
+        Attempt::Response {
+            retry_after: Some(value),
+            ..
+        } => parse_retry_after(value, now).map(|wait| wait.min(MAX_RETRY_AFTER)),
+        _ => None,
     }
 }
 

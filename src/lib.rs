@@ -327,6 +327,14 @@ mod tests {
             Some(2)
         );
         assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending' AND attempts = 0"), 3);
+        // Queued again, not captured again: as if the worker had counted the three
+        // first attempts, the metrics' captured_total stays 3.
+        assert_eq!(count("SELECT requeued FROM new_user_hook.counters"), 3);
+        Spi::run("UPDATE new_user_hook.counters SET first_attempts = 3").unwrap();
+        assert_eq!(
+            count("SELECT captured FROM new_user_hook.queue_gauges()"),
+            3
+        );
     }
 
     #[pg_test(error = "no event with id 00000000-0000-0000-0000-000000000000")]

@@ -63,9 +63,8 @@ pub fn installed() -> bool {
     .unwrap_or(false)
 }
 
-/// Claims up to `limit` due events, oldest first, skipping those in flight. A
-/// probe (`probe`: one event to learn whether a backend that is down is back)
-/// takes the event due first, even if not due yet.
+/// Claims up to `limit` due events, oldest first, skipping those in flight;
+/// `probe` marks them as probes of a backend that is down (not held back).
 ///
 /// A claim lives in the worker's memory only: the row stays `pending` until the
 /// outcome is recorded, so an event whose worker dies mid-request (or whose server
@@ -73,19 +72,14 @@ pub fn installed() -> bool {
 /// write per claim.
 pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
     Spi::connect(|client| {
-        let args: [DatumWithOid; 3] = [
-            (limit as i64).into(),
-            in_flight.to_vec().into(),
-            probe.into(),
-        ];
+        let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
         client
             .select(
                 // Pick the ids first: the planner may sort every due row, and the
                 // (costly) text of the records is then made for the batch only.
                 "WITH due AS MATERIALIZED (
                      SELECT id FROM new_user_hook.outbox
-                      WHERE status = 'pending' AND (next_attempt_at <= now() OR $3)
-                        AND id <> ALL ($2::text[]::uuid[])
+                      WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
                       ORDER BY next_attempt_at
                       LIMIT $1)
                  SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{}'
@@ -147,9 +141,7 @@ pub fn record(outcomes: &[Record]) {
     let mut classes: Vec<Option<String>> = Vec::with_capacity(n);
     for r in outcomes {
         ids.push(r.id.clone());
-        // A failed probe keeps the event's attempt count.
-        let counted = !matches!(r.decision, Decision::Probed { .. });
-        attempts.push(r.attempt as i32 - i32::from(!counted));
+        attempts.push(r.attempt as i32);
         let (status, code, error, delay) = match &r.decision {
             Decision::Delivered { status } => ("delivered", Some(*status as i32), None, None),
             Decision::Retry {
@@ -164,9 +156,6 @@ pub fn record(outcomes: &[Record]) {
             ),
             Decision::Failed { status, error } => {
                 ("failed", status.map(i32::from), Some(error.clone()), None)
-            }
-            Decision::Probed { status, error } => {
-                ("probed", status.map(i32::from), Some(error.clone()), None)
             }
         };
         statuses.push(status.to_string());
@@ -190,21 +179,20 @@ pub fn record(outcomes: &[Record]) {
                  AS r(id, outcome, code, error, delay_ms, attempt, class)
          ), done AS (
              UPDATE new_user_hook.outbox AS o SET
-                 status = CASE WHEN r.outcome = 'probed' THEN 'pending' ELSE r.outcome END,
+                 status = r.outcome,
                  attempts = r.attempt,
                  last_attempt_at = clock_timestamp(),
                  last_status_code = r.code,
                  last_error = r.error,
                  delivered_at = CASE WHEN r.outcome = 'delivered' THEN clock_timestamp() END,
-                 next_attempt_at = CASE r.outcome
-                     WHEN 'pending' THEN clock_timestamp() + r.delay_ms * interval '1 millisecond'
-                     WHEN 'probed' THEN o.next_attempt_at END
+                 next_attempt_at = CASE WHEN r.outcome = 'pending'
+                                        THEN clock_timestamp() + r.delay_ms * interval '1 millisecond' END
              FROM r
              WHERE o.id = r.id::uuid AND o.status = 'pending'
              RETURNING r.outcome, r.attempt, r.class, r.error, o.last_attempt_at,
                        extract(epoch FROM o.delivered_at - o.created_at)::float8 AS latency
          ), t AS (
-             SELECT count(*) FILTER (WHERE attempt = 1 AND outcome <> 'probed') AS first_attempts,
+             SELECT count(*) FILTER (WHERE attempt = 1)                           AS first_attempts,
                     count(*) FILTER (WHERE outcome = 'delivered')                AS delivered,
                     count(*) FILTER (WHERE outcome = 'pending')                  AS retried,
                     count(*) FILTER (WHERE outcome = 'failed')                   AS failed,

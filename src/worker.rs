@@ -408,15 +408,11 @@ impl Worker {
         if self.timers.retry_round.is_some_and(|at| at > now) {
             return None;
         }
-        // A probe needs an event to send (timers.due: something is pending).
-        let probe_time =
-            self.timers.due.is_some() && Timers::reached(self.breaker.next_probe(), now);
-        let (claim, probe) =
-            if self.maybe_due || probe_time || Timers::reached(self.timers.due, now) {
-                self.claimable()
-            } else {
-                (0, false)
-            };
+        let (claim, probe) = if self.maybe_due || Timers::reached(self.timers.due, now) {
+            self.claimable()
+        } else {
+            (0, false)
+        };
         if self.record_due() {
             let outcomes = std::mem::take(&mut self.outcomes);
             let decisions = self.decide(outcomes);
@@ -526,8 +522,7 @@ impl Worker {
                 self.breaker.probe_lost(&outcome.id, Instant::now());
                 continue;
             }
-            let was_probe = self.breaker.is_probe(&outcome.id);
-            let mut decision = classify::decide(
+            let decision = classify::decide(
                 &outcome.result,
                 outcome.attempt,
                 &self.config.settings().retry,
@@ -536,26 +531,17 @@ impl Worker {
             );
             if let Some(up) = classify::backend_up(&outcome.result) {
                 let policy = self.config.settings().breaker;
-                if let Some(t) = self
-                    .breaker
-                    .observe(&policy, &outcome.id, up, Instant::now())
-                {
+                let not_before = classify::retry_after(&outcome.result, now);
+                let observed =
+                    self.breaker
+                        .observe(&policy, &outcome.id, up, not_before, Instant::now());
+                if let Some(t) = observed {
                     self.backend_transition(t);
-                }
-                // A probe of a backend that is still down is not the event's attempt.
-                if was_probe && !up {
-                    decision = match decision {
-                        Decision::Retry { status, error, .. }
-                        | Decision::Failed { status, error } => Decision::Probed { status, error },
-                        other => other,
-                    };
                 }
             }
             match &decision {
                 Decision::Delivered { .. } => any_delivered = true,
-                Decision::Retry { error, .. }
-                | Decision::Failed { error, .. }
-                | Decision::Probed { error, .. } => {
+                Decision::Retry { error, .. } | Decision::Failed { error, .. } => {
                     first_error.get_or_insert_with(|| error.clone());
                 }
             }
@@ -614,9 +600,10 @@ impl Worker {
             can_claim,
             self.installed == Some(true),
             self.config.next_secret_refresh(),
+            // Once the probe time has come, the next due event is what to wait for.
             self.breaker
                 .next_probe()
-                .filter(|_| self.timers.due.is_some()),
+                .filter(|at| *at > now && self.timers.due.is_some()),
         );
         if !self.outcomes.is_empty() {
             timeout = timeout.min(RECORD_DELAY.saturating_sub(self.outcomes_since.elapsed()));

@@ -4,13 +4,12 @@
 
 mod common;
 
-use common::{free_port, wait_for, wait_until_listening, Cluster, KillOnDrop, Receiver, Reply};
+use common::{free_port, wait_for, wait_until_listening, Cluster, KillOnDrop, Receiver};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -139,18 +138,10 @@ fn metric(m: &HashMap<String, f64>, name: &str) -> f64 {
         })
 }
 
-/// A receiver whose answer the test changes: a backend going down and coming back.
-fn switchable_backend() -> (Receiver, Arc<AtomicU16>) {
-    let status = Arc::new(AtomicU16::new(204));
-    let answer = Arc::clone(&status);
-    let receiver = Receiver::start(move |_, _| Reply::Status(answer.load(Ordering::SeqCst)));
-    (receiver, status)
-}
-
 #[test]
 fn postgres_exporter_serves_correct_metrics_through_deliveries_failures_a_pause_an_outage_and_a_crash(
 ) {
-    let (receiver, status) = switchable_backend();
+    let (receiver, status) = Receiver::switchable();
     let mut cluster = Cluster::hooked_to(
         &receiver.url,
         &[

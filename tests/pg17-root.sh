@@ -17,11 +17,12 @@ root="${PG17_ROOT:-/var/tmp/pg_new_user_hook-pg17-root}"
 # The root: PostgreSQL 17 and its headers and what bindgen needs, by debootstrap;
 # then, through apt inside (debootstrap does not resolve alternatives), a C linker
 # and what the suites use: sudo for cargo pgrx test --runas, python3-venv and
-# openssl for the security tests, Node.js and npm for the NestJS example.
+# openssl for the security tests, Node.js and npm for the NestJS example,
+# postgres_exporter and promtool (package prometheus) for the monitoring tests.
 base_packages=postgresql-17,postgresql-server-dev-17,libclang-dev,clang,ca-certificates,python3
-extra_packages=(gcc libc6-dev make python3-venv openssl sudo curl procps nodejs npm)
+extra_packages=(gcc libc6-dev make python3-venv openssl sudo curl procps nodejs npm prometheus-postgres-exporter prometheus)
 # Bump when the packages change: an older root is rebuilt.
-stamp_version=1
+stamp_version=2
 
 mounted_in() { grep -q " $1" /proc/mounts; }
 

@@ -15,10 +15,19 @@ for p in "${packages[@]}"; do
 done
 # Node.js and npm: the NestJS example's end-to-end test (any Node.js >= 18 will do).
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
+# The monitoring tests: the real postgres_exporter, and promtool (package prometheus)
+# to check the alert rules; without their recommends (no node exporter, no services).
+monitoring=()
+for p in prometheus-postgres-exporter prometheus; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || monitoring+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ] || [ ${#monitoring[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} ${monitoring[*]}"
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  [ ${#missing[@]} -eq 0 ] ||
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  [ ${#monitoring[@]} -eq 0 ] ||
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${monitoring[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -67,6 +67,11 @@ fn an_installed_0_3_0_upgrades_in_place_without_losing_queued_events() {
     upgrades_in_place_from("0.3.0");
 }
 
+#[test]
+fn an_installed_0_4_0_upgrades_in_place_without_losing_queued_events() {
+    upgrades_in_place_from("0.4.0");
+}
+
 fn upgrades_in_place_from(release: &str) {
     require_release_script(release);
     let cluster = Cluster::new(&[]);
@@ -99,6 +104,14 @@ fn upgrades_in_place_from(release: &str) {
         .unwrap()
         .get(0);
     assert_eq!(pending, 5, "the queued events survived the update");
+    let captured: i64 = admin
+        .query_one("SELECT captured_total FROM new_user_hook.metrics", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        captured, 5,
+        "the metrics count the events queued before the update"
+    );
 
     // The upgraded schema is the one a fresh install of this version creates.
     admin.batch_execute("CREATE DATABASE fresh").unwrap();

@@ -47,6 +47,59 @@ fn a_worker_paused_by_configuration_sleeps_with_a_backlog() {
 }
 
 #[test]
+fn a_worker_paused_by_the_switch_sleeps_while_signups_keep_coming() {
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver.url, &[("paused", "on")]);
+    cluster.bulk_signups("paused-switch", 200, 200);
+    // Signups go on: each commit wakes the worker, which counts the queue at most
+    // once a second for the metrics and sends nothing.
+    let signing_up = std::thread::scope(|scope| {
+        let signups = scope.spawn(|| {
+            for i in 0..30 {
+                cluster.signup(&format!("while-paused-{i}@example.com"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let share = worker_cpu_share(&cluster, Duration::from_secs(3));
+        signups.join().unwrap();
+        share
+    });
+    assert!(
+        signing_up < 0.05,
+        "a paused worker used {:.0} % of a core while users signed up",
+        signing_up * 100.0
+    );
+    assert_eq!(receiver.count(), 0, "nothing is sent while paused");
+    assert_eq!(pending(&cluster), 230);
+}
+
+#[test]
+fn a_worker_facing_a_backend_that_is_down_sleeps_between_probes() {
+    let down = Receiver::start(|_, _| Reply::Status(503));
+    let cluster = hooked(&down.url, &[("probe_interval_ms", "1s")]);
+    cluster.bulk_signups("down", 2000, 2000);
+    wait_for("the circuit to open", WITHIN, || {
+        let state: String = cluster
+            .one_row("SELECT backend_state FROM new_user_hook.status")
+            .get(0);
+        (state != "closed").then_some(())
+    });
+    let before = down.count();
+    let share = worker_cpu_share(&cluster, Duration::from_secs(3));
+    let probes = down.count() - before;
+    assert!(
+        share < 0.05,
+        "a worker holding back 2,000 events used {:.0} % of a core",
+        share * 100.0
+    );
+    // Probes at most every second, and what was already on its way when it opened.
+    assert!(
+        probes <= 6,
+        "{probes} requests in 3 s to a backend that is down with 2,000 events waiting"
+    );
+}
+
+#[test]
 fn a_worker_with_a_full_window_sleeps_until_an_answer_comes() {
     let hanging = Receiver::start(|_, _| Reply::Hang);
     let cluster = hooked(&hanging.url, &[("concurrency", "2"), ("timeout_ms", "60s")]);

@@ -11,6 +11,8 @@ mod common;
 use common::{wait_for, Cluster, Receiver, Reply};
 use std::collections::HashMap;
 use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LONG: Duration = Duration::from_secs(600);
@@ -21,6 +23,49 @@ fn backend(delay: Duration) -> Receiver {
         std::thread::sleep(delay);
         Reply::Status(204)
     })
+}
+
+/// What a backend outage did: requests the backend got while down, and after it
+/// came back, when the first request and the last delivery came.
+struct Outage {
+    requests_while_down: usize,
+    first_request_after: Duration,
+    drained_after: Duration,
+}
+
+/// `events` users wait while the backend answers `code` for `down`, then it answers
+/// 204 again; the circuit breaker is on (the default, 5 failures) or off.
+fn outage(
+    cluster: &Cluster,
+    backend: &(Receiver, Arc<AtomicU16>),
+    code: u16,
+    events: usize,
+    down: Duration,
+    breaker: bool,
+) -> Outage {
+    let (receiver, status) = backend;
+    pause(cluster);
+    cluster.configure(&[("breaker_failures", if breaker { "5" } else { "0" })]);
+    for _ in 0..events / 10_000 {
+        bulk_users(cluster, 10_000);
+    }
+    bulk_users(cluster, events % 10_000);
+    status.store(code, Ordering::SeqCst);
+    let before = receiver.count();
+    cluster.configure(&[("url", &receiver.url)]);
+    std::thread::sleep(down);
+    let requests_while_down = receiver.count() - before;
+    let back = Instant::now();
+    status.store(204, Ordering::SeqCst);
+    let drained_after = wait_for("the backlog to drain", LONG * 6, || {
+        (pending(cluster) == 0).then(|| back.elapsed())
+    });
+    let first = receiver.inspect(|all| all.iter().map(|r| r.at).find(|at| *at >= back));
+    Outage {
+        requests_while_down,
+        first_request_after: first.map(|at| at - back).unwrap_or(drained_after),
+        drained_after,
+    }
 }
 
 /// First receipt of each user id, read from the receiver's requests as they come
@@ -601,6 +646,48 @@ fn main() {
                 "must not drop",
             );
         }
+    }
+
+    // 6. A backend that is down: the circuit breaker off (breaker_failures = 0) and on.
+    println!("Backend outage (concurrency 32; circuit breaker off / on)");
+    cluster.configure(&[("concurrency", "32")]);
+    let switchable = Receiver::switchable();
+    let mut outages = vec![(503u16, 2_000usize, Duration::from_secs(30))];
+    outages.push((429, 500, Duration::from_secs(30)));
+    if let Some(secs) = std::env::var("BENCH_LONG_OUTAGE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        outages.push((503, 200_000, Duration::from_secs(secs)));
+    }
+    for (code, events, down) in outages {
+        eprintln!("outage: {code} for {down:?} while {events} events wait...");
+        let off = outage(&cluster, &switchable, code, events, down, false);
+        let on = outage(&cluster, &switchable, code, events, down, true);
+        let what = format!("{code} for {} s, {events} events waiting", down.as_secs());
+        row(
+            &format!("{what}: requests while down"),
+            format!("{} / {}", off.requests_while_down, on.requests_while_down),
+            "a handful",
+        );
+        row(
+            &format!("{what}: first request after it is back"),
+            format!(
+                "{:.1} / {:.1} s",
+                off.first_request_after.as_secs_f64(),
+                on.first_request_after.as_secs_f64()
+            ),
+            "≤ probe interval (30 s)",
+        );
+        row(
+            &format!("{what}: all delivered after it is back"),
+            format!(
+                "{:.1} / {:.1} s",
+                off.drained_after.as_secs_f64(),
+                on.drained_after.as_secs_f64()
+            ),
+            "",
+        );
     }
 
     println!();

@@ -80,6 +80,15 @@ impl Receiver {
         Receiver::start(|_, _| Reply::Status(200))
     }
 
+    /// A backend answering 204, or the status stored in the returned switch: a
+    /// backend going down (503, 429...) and coming back.
+    pub fn switchable() -> (Receiver, Arc<std::sync::atomic::AtomicU16>) {
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(204));
+        let answer = Arc::clone(&status);
+        let receiver = Receiver::start(move |_, _| Reply::Status(answer.load(Ordering::SeqCst)));
+        (receiver, status)
+    }
+
     /// A backend that answers the first `answered` requests with 200 and holds every
     /// later one until the returned gate is opened, then answers it 200 too (even if
     /// its sender is gone by then, as a backend that did the work would). Puts a crash
