@@ -291,7 +291,18 @@ fn postgres_exporter_serves_correct_metrics_through_deliveries_failures_a_pause_
     assert_eq!(metric(&m, "pending"), 0.0);
     cluster.signup("after-crash@example.com");
     exporter.wait_for("delivered_total", 46.0);
-    exporter.wait_for("captured_total", 47.0);
+    let m = exporter.wait_for("captured_total", 47.0);
+
+    // And a clean restart.
+    let counters: Vec<(&str, f64)> = ["captured_total", "delivered_total", "attempts_2xx_total"]
+        .into_iter()
+        .map(|n| (n, metric(&m, n)))
+        .collect();
+    cluster.restart();
+    let m = exporter.wait_for("worker_up", 1.0);
+    for (name, value) in &counters {
+        assert_eq!(metric(&m, name), *value, "{name} after a restart");
+    }
 }
 
 #[test]
