@@ -3,7 +3,9 @@
 # which starts its own cluster and receiver and prints a table of figures.
 #   bench/run.sh          PostgreSQL 15, then 17 (in the Debian 13 root of tests/pg17-root.sh)
 #   bench/run.sh 17       one major
-# BENCH_SECONDS (default 10) sets the length of each pgbench run.
+# BENCH_SECONDS (default 10) sets the length of each pgbench run; BENCH_OUTAGE_ONLY=1
+# runs only the backend-outage part, BENCH_LONG_OUTAGE=600 adds a 10-minute outage
+# with 200,000 events waiting (PostgreSQL 15 run; about 30 minutes more).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"

@@ -2,7 +2,9 @@
 //! the extension preloaded and the real Supabase Auth schema, and a receiver in this
 //! process (the test suite's, answering 204 at once), then prints:
 //! signup overhead (pgbench), drain rate, commit → receipt latency, worker memory,
-//! and throughput against a slow backend.
+//! throughput against a slow backend, and what a backend that is down receives
+//! with the circuit breaker off and on (BENCH_OUTAGE_ONLY=1: that part alone;
+//! BENCH_LONG_OUTAGE=600: also a 10-minute outage with 200,000 events waiting).
 
 #[path = "../../tests/common/mod.rs"]
 #[allow(dead_code)]
@@ -336,6 +338,50 @@ fn latencies(receiver: &Receiver, commits: &[(String, Instant)]) -> (f64, f64, f
     (pick(0.5), pick(0.99), *ms.last().unwrap())
 }
 
+/// A backend that is down: the circuit breaker off (breaker_failures = 0) and on.
+fn outages(cluster: &Cluster, row: impl Fn(&str, String, &str)) {
+    println!("Backend outage (concurrency 32; circuit breaker off / on)");
+    cluster.configure(&[("concurrency", "32")]);
+    let switchable = Receiver::switchable();
+    let mut outages = vec![(503u16, 2_000usize, Duration::from_secs(30))];
+    outages.push((429, 500, Duration::from_secs(30)));
+    if let Some(secs) = std::env::var("BENCH_LONG_OUTAGE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        outages.push((503, 200_000, Duration::from_secs(secs)));
+    }
+    for (code, events, down) in outages {
+        eprintln!("outage: {code} for {down:?} while {events} events wait...");
+        let off = outage(cluster, &switchable, code, events, down, false);
+        let on = outage(cluster, &switchable, code, events, down, true);
+        let what = format!("{code} for {} s, {events} events waiting", down.as_secs());
+        row(
+            &format!("{what}: requests while down"),
+            format!("{} / {}", off.requests_while_down, on.requests_while_down),
+            "a handful",
+        );
+        row(
+            &format!("{what}: first request after it is back"),
+            format!(
+                "{:.1} / {:.1} s",
+                off.first_request_after.as_secs_f64(),
+                on.first_request_after.as_secs_f64()
+            ),
+            "≤ probe interval (30 s)",
+        );
+        row(
+            &format!("{what}: all delivered after it is back"),
+            format!(
+                "{:.1} / {:.1} s",
+                off.drained_after.as_secs_f64(),
+                on.drained_after.as_secs_f64()
+            ),
+            "",
+        );
+    }
+}
+
 fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
@@ -378,6 +424,10 @@ fn main() {
         "receiver: the test suite's in-process server (hyper, 204 at once); defaults unless stated"
     );
     println!();
+    if std::env::var_os("BENCH_OUTAGE_ONLY").is_some() {
+        outages(&cluster, row);
+        return;
+    }
 
     // 1. Signup overhead: the set-ups alternate, three rounds, median of each, so
     // drift (table growth, checkpoints) does not favour one of them.
@@ -648,47 +698,7 @@ fn main() {
         }
     }
 
-    // 6. A backend that is down: the circuit breaker off (breaker_failures = 0) and on.
-    println!("Backend outage (concurrency 32; circuit breaker off / on)");
-    cluster.configure(&[("concurrency", "32")]);
-    let switchable = Receiver::switchable();
-    let mut outages = vec![(503u16, 2_000usize, Duration::from_secs(30))];
-    outages.push((429, 500, Duration::from_secs(30)));
-    if let Some(secs) = std::env::var("BENCH_LONG_OUTAGE")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        outages.push((503, 200_000, Duration::from_secs(secs)));
-    }
-    for (code, events, down) in outages {
-        eprintln!("outage: {code} for {down:?} while {events} events wait...");
-        let off = outage(&cluster, &switchable, code, events, down, false);
-        let on = outage(&cluster, &switchable, code, events, down, true);
-        let what = format!("{code} for {} s, {events} events waiting", down.as_secs());
-        row(
-            &format!("{what}: requests while down"),
-            format!("{} / {}", off.requests_while_down, on.requests_while_down),
-            "a handful",
-        );
-        row(
-            &format!("{what}: first request after it is back"),
-            format!(
-                "{:.1} / {:.1} s",
-                off.first_request_after.as_secs_f64(),
-                on.first_request_after.as_secs_f64()
-            ),
-            "≤ probe interval (30 s)",
-        );
-        row(
-            &format!("{what}: all delivered after it is back"),
-            format!(
-                "{:.1} / {:.1} s",
-                off.drained_after.as_secs_f64(),
-                on.drained_after.as_secs_f64()
-            ),
-            "",
-        );
-    }
+    outages(&cluster, row);
 
     println!();
     println!("settings: timeout_ms 5s, concurrency {concurrency} (unless stated), retry_base_ms 1s; pgbench {seconds} s per run");
