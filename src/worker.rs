@@ -39,8 +39,10 @@ const RESTART_AFTER: Duration = Duration::from_secs(5);
 /// full disk) before the next try: what was decided is kept and recorded then.
 const RETRY_FAILED_ROUND: Duration = Duration::from_secs(1);
 /// How often, at most, the queue is counted for the metrics while events come and
-/// go (an idle worker does not count).
+/// go (an idle worker does not count); less often when counting a large backlog
+/// takes long, so that it stays under 1/GAUGES_SHARE of the worker's time.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
+const GAUGES_SHARE: u32 = 20;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_new_user_hook delivery worker")
@@ -192,8 +194,9 @@ struct Worker {
     round_error: Option<String>,
     backend_failing: bool,
     breaker: Breaker,
-    /// When the queue was last counted for the metrics.
+    /// When the queue was last counted for the metrics, and how long that took.
     counted_at: Instant,
+    count_took: Duration,
     /// The backend came back: release the backlog's backoff in the next round.
     release_backoff: bool,
 }
@@ -222,6 +225,7 @@ impl Worker {
             backend_failing: false,
             breaker: Breaker::new(),
             counted_at: Instant::now(),
+            count_took: Duration::ZERO,
             release_backoff: false,
         };
         worker.hold();
@@ -572,14 +576,17 @@ impl Worker {
 
     /// Counts the queue for the metrics within GAUGES_EVERY of the last count.
     fn count_queue_soon(&mut self) {
-        let at = (self.counted_at + GAUGES_EVERY).max(Instant::now());
+        let every = GAUGES_EVERY.max(self.count_took * GAUGES_SHARE);
+        let at = (self.counted_at + every).max(Instant::now());
         self.timers.gauges.get_or_insert(at);
     }
 
     fn count_queue(&mut self) {
         self.timers.gauges = None;
         self.counted_at = Instant::now();
-        match transaction(outbox::queue_gauges) {
+        let counted = transaction(outbox::queue_gauges);
+        self.count_took = self.counted_at.elapsed();
+        match counted {
             Ok(g) => shared::publish_queue_gauges(shared::QueueGauges {
                 published: true,
                 pending: g.pending,
