@@ -52,6 +52,11 @@ fn outage(
         bulk_users(cluster, 10_000);
     }
     bulk_users(cluster, events % 10_000);
+    assert_eq!(
+        pending(cluster),
+        events as i64,
+        "the users' events are queued"
+    );
     status.store(code, Ordering::SeqCst);
     let before = receiver.count();
     cluster.configure(&[("url", &receiver.url)]);
@@ -341,6 +346,10 @@ fn latencies(receiver: &Receiver, commits: &[(String, Instant)]) -> (f64, f64, f
 /// A backend that is down: the circuit breaker off (breaker_failures = 0) and on.
 fn outages(cluster: &Cluster, row: impl Fn(&str, String, &str)) {
     println!("Backend outage (concurrency 32; circuit breaker off / on)");
+    cluster
+        .connect("supabase_admin")
+        .batch_execute("SELECT new_user_hook.install()")
+        .unwrap();
     cluster.configure(&[("concurrency", "32")]);
     let switchable = Receiver::switchable();
     let mut outages = vec![(503u16, 2_000usize, Duration::from_secs(30))];
