@@ -117,6 +117,16 @@ impl Breaker {
         }
     }
 
+    /// Opens a closed circuit: the sending threads counted the failures first.
+    pub fn trip(&mut self, policy: &Policy, now: Instant) -> Option<Transition> {
+        if self.state != State::Closed || policy.failures == 0 {
+            return None;
+        }
+        self.interval = policy.first_probe.min(policy.max_probe);
+        self.open(now, None);
+        Some(Transition::Opened)
+    }
+
     /// A probe that never reached the backend (the pool stopped): probe again later.
     pub fn probe_lost(&mut self, id: &str, now: Instant) {
         if self.state == State::HalfOpen && self.probe.as_deref() == Some(id) {
@@ -287,6 +297,20 @@ mod tests {
         let mut b = opened(now);
         assert_eq!(b.reset(), Some(Transition::Closed));
         assert_eq!(b.reset(), None);
+    }
+
+    #[test]
+    fn a_trip_opens_a_closed_circuit_only() {
+        let now = Instant::now();
+        let mut b = Breaker::new();
+        assert_eq!(b.trip(&POLICY, now), Some(Transition::Opened));
+        assert_eq!(b.next_probe().unwrap() - now, Duration::from_secs(1));
+        assert_eq!(b.trip(&POLICY, now), None);
+        let off = Policy {
+            failures: 0,
+            ..POLICY
+        };
+        assert_eq!(Breaker::new().trip(&off, now), None);
     }
 
     #[test]

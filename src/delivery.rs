@@ -5,13 +5,13 @@
 //! read end the main thread waits on together with its latch, so it wakes as
 //! soon as a result is ready without polling.
 
-use crate::classify::excerpt;
+use crate::classify::{self, excerpt};
 use crate::event::Event;
 use crate::guc::names;
 use crate::request::{self, Target};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -226,6 +226,7 @@ pub struct Pool {
     /// Set while delivery is paused or the backend is down: jobs not yet on the
     /// wire come back unsent, except a probe.
     holding: Arc<AtomicBool>,
+    breaker: Arc<Trip>,
     threads: Vec<JoinHandle<()>>,
     in_flight: usize,
 }
@@ -247,6 +248,7 @@ impl Pool {
             wake_write,
             stopping: Arc::new(AtomicBool::new(false)),
             holding: Arc::new(AtomicBool::new(false)),
+            breaker: Arc::new(Trip::default()),
             threads: Vec::new(),
             in_flight: 0,
         };
@@ -286,6 +288,7 @@ impl Pool {
             let flags = Flags {
                 stopping: Arc::clone(&self.stopping),
                 holding: Arc::clone(&self.holding),
+                breaker: Arc::clone(&self.breaker),
             };
             let handle = with_signals_blocked(|| {
                 std::thread::Builder::new()
@@ -302,9 +305,24 @@ impl Pool {
         *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
     }
 
-    /// Holds back (true) or lets go (false) the jobs not yet on the wire.
+    /// Holds back (true) or lets go (false) the jobs not yet on the wire. Letting
+    /// go also starts the threads' count of failures over.
     pub fn hold(&self, on: bool) {
+        if !on {
+            self.breaker.failures.store(0, Ordering::SeqCst);
+        }
         self.holding.store(on, Ordering::SeqCst);
+    }
+
+    /// After this many retryable failures in a row the threads hold back by
+    /// themselves, before the worker has read the outcomes (0: never).
+    pub fn trip_after(&self, failures: u32) {
+        self.breaker.after.store(failures, Ordering::SeqCst);
+    }
+
+    /// Whether the threads hold back because the backend keeps failing.
+    pub fn tripped(&self) -> bool {
+        self.breaker.tripped()
     }
 
     pub fn submit(&mut self, event: Event) {
@@ -368,10 +386,37 @@ fn with_signals_blocked<R>(spawn: impl FnOnce() -> R) -> R {
     }
 }
 
+/// The sending threads' own count of retryable failures in a row: with every
+/// thread sending, waiting for the worker to read the outcomes would let each
+/// thread send more to a backend that is down.
+#[derive(Default)]
+struct Trip {
+    failures: AtomicU32,
+    after: AtomicU32,
+}
+
+impl Trip {
+    fn tripped(&self) -> bool {
+        let after = self.after.load(Ordering::SeqCst);
+        after > 0 && self.failures.load(Ordering::SeqCst) >= after
+    }
+
+    fn observe(&self, result: &Attempt) {
+        match classify::backend_up(result) {
+            Some(true) => self.failures.store(0, Ordering::SeqCst),
+            Some(false) => {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+            }
+            None => {}
+        }
+    }
+}
+
 /// What the worker tells the sending threads without a message.
 struct Flags {
     stopping: Arc<AtomicBool>,
     holding: Arc<AtomicBool>,
+    breaker: Arc<Trip>,
 }
 
 fn sender_loop(
@@ -396,7 +441,7 @@ fn sender_loop(
                 false,
                 Attempt::Transport("not sent: the worker is shutting down".into()),
             )
-        } else if !job.probe && flags.holding.load(Ordering::SeqCst) {
+        } else if !job.probe && (flags.holding.load(Ordering::SeqCst) || flags.breaker.tripped()) {
             (false, Attempt::Transport("not sent: held back".into()))
         } else if let Some(channel) = channel {
             let result =
@@ -404,6 +449,7 @@ fn sender_loop(
                     .unwrap_or_else(|_| {
                         Attempt::Transport("internal error while sending (panic)".into())
                     });
+            flags.breaker.observe(&result);
             (true, result)
         } else {
             (
@@ -691,6 +737,35 @@ mod tests {
             .collect();
         assert_eq!(sent, ["e2"]);
         assert_eq!(server.join().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_threads_stop_sending_after_the_failures_that_trip_the_breaker() {
+        let (url, server) = serve(vec![
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+        ]);
+        // One thread, so the order is known: two failures, then held back.
+        let mut pool = Pool::new(1).unwrap();
+        pool.set_channel(Some(Arc::new(channel(&url, "", Duration::from_secs(2)))));
+        pool.trip_after(2);
+        for i in 0..5 {
+            pool.submit(Event {
+                id: format!("e{i}"),
+                ..job()
+            });
+        }
+        let got = outcomes_within(&mut pool, 5, Duration::from_secs(10));
+        let sent: Vec<&str> = got
+            .iter()
+            .filter(|o| o.sent)
+            .map(|o| o.id.as_str())
+            .collect();
+        assert_eq!(sent, ["e0", "e1"]);
+        assert!(pool.tripped());
+        assert_eq!(server.join().unwrap().len(), 2);
+        pool.hold(false);
+        assert!(!pool.tripped(), "letting go starts the count over");
     }
 
     #[test]

@@ -334,6 +334,8 @@ impl Worker {
     fn hold(&self) {
         let held =
             self.config.settings().paused || self.breaker.state() != crate::breaker::State::Closed;
+        self.pool
+            .trip_after(self.config.settings().breaker.failures);
         self.pool.hold(held);
     }
 
@@ -568,6 +570,13 @@ impl Worker {
                 self.backend_failing = false;
             }
             _ => {}
+        }
+        // The threads may have stopped sending before these outcomes showed it.
+        if self.pool.tripped() {
+            let policy = self.config.settings().breaker;
+            if let Some(t) = self.breaker.trip(&policy, Instant::now()) {
+                self.backend_transition(t);
+            }
         }
         shared::set_in_flight(self.in_flight.len());
         shared::set_backend_state(self.breaker.state().gauge());
