@@ -252,7 +252,8 @@ fn postgres_exporter_serves_correct_metrics_through_deliveries_failures_a_pause_
     );
     assert_eq!(metric(&m, "backend_state"), 0.0);
     // The queue's gauges are counted at most once a second.
-    exporter.wait_for("pending", 0.0);
+    let m = exporter.wait_for("pending", 0.0);
+    assert_eq!(metric(&m, "in_flight"), 0.0);
     let requests = receiver.count() as f64;
     let attempts = ["2xx", "3xx", "4xx", "5xx", "timeout", "network"]
         .iter()
