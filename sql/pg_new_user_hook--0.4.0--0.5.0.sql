@@ -61,7 +61,7 @@ UPDATE new_user_hook.counters SET
 -- partial indexes), never from the delivered ones kept for the retention. The
 -- worker reads it at most once a second while events come and go and publishes
 -- it; the metrics view reads the published values, and this only when no worker
--- has published yet. captured counts every event ever queued: first attempts, plus
+-- runs or it has not counted yet. captured counts every event ever queued: first attempts, plus
 -- events not attempted yet, minus the ones redeliver() put back (counted already).
 CREATE FUNCTION new_user_hook.queue_gauges(
     OUT pending bigint, OUT failed bigint, OUT oldest_pending timestamptz, OUT captured bigint)
@@ -100,7 +100,7 @@ WITH worker AS (
 ), published AS (
     SELECT * FROM new_user_hook.worker_state()
 ), queue AS (
-    -- What the worker published; counted here only when no worker has since the server started.
+    -- What the running worker published; counted here when no worker runs or it has not counted yet.
     SELECT p.pending, p.failed, to_timestamp(p.oldest_pending) AS oldest_pending, p.captured FROM published p WHERE p.published
     UNION ALL
     SELECT g.pending, g.failed, g.oldest_pending, g.captured

@@ -46,7 +46,7 @@ static WORKER_PROBLEM: PgLwLock<ProblemText> =
 /// metrics view: a scrape reads this instead of counting the outbox.
 #[derive(Clone, Copy, Default)]
 pub struct QueueGauges {
-    /// False until a worker has counted since the server started.
+    /// False until a worker has counted since it started (and after it stopped).
     pub published: bool,
     pub pending: i64,
     pub failed: i64,
@@ -89,6 +89,9 @@ pub fn announce_worker(running: bool) {
     WORKER_PROCNO.get().store(procno, Ordering::SeqCst);
     if running {
         WORKER_STARTS.get().fetch_add(1, Ordering::SeqCst);
+    } else {
+        // Without a worker its counts go stale: the metrics view counts for itself.
+        QUEUE_GAUGES.exclusive().published = false;
     }
 }
 
