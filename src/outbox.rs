@@ -3,6 +3,7 @@
 
 use crate::classify::Decision;
 use crate::event::Event;
+use crate::shared::QueueGauges;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::CaughtError;
@@ -247,15 +248,7 @@ pub fn release_backoff() -> i64 {
     .unwrap_or(0)
 }
 
-/// What the queue holds now (`new_user_hook.queue_gauges()`).
-pub struct QueueGauges {
-    pub pending: i64,
-    pub failed: i64,
-    /// Seconds since the epoch; None when nothing is pending.
-    pub oldest_pending: Option<f64>,
-    pub captured: i64,
-}
-
+/// What the queue holds now (`new_user_hook.queue_gauges()`), to publish.
 pub fn queue_gauges() -> QueueGauges {
     Spi::connect(|client| {
         let row = client
@@ -268,9 +261,10 @@ pub fn queue_gauges() -> QueueGauges {
             .expect("counting the queue")
             .first();
         QueueGauges {
+            published: true,
             pending: row.get::<i64>(1).ok().flatten().unwrap_or(0),
             failed: row.get::<i64>(2).ok().flatten().unwrap_or(0),
-            oldest_pending: row.get::<f64>(3).ok().flatten(),
+            oldest_pending: row.get::<f64>(3).ok().flatten().unwrap_or(f64::NAN),
             captured: row.get::<i64>(4).ok().flatten().unwrap_or(0),
         }
     })

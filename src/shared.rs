@@ -148,10 +148,7 @@ pub fn worker_problem() -> Option<String> {
 }
 
 pub fn publish_queue_gauges(gauges: QueueGauges) {
-    *QUEUE_GAUGES.exclusive() = QueueGauges {
-        published: true,
-        ..gauges
-    };
+    *QUEUE_GAUGES.exclusive() = gauges;
 }
 
 /// None without the preload.

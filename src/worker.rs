@@ -153,7 +153,7 @@ struct Round {
     record: Vec<Record>,
     /// How many due events to claim.
     claim: usize,
-    /// The claim is a probe of a backend that is down: one event, due or not.
+    /// The claim is a probe of a backend that is down: one due event.
     probe: bool,
     /// Make the events waiting out a backoff due now (the backend is back).
     release_backoff: bool,
@@ -596,13 +596,7 @@ impl Worker {
         let counted = transaction(outbox::queue_gauges);
         self.count_took = self.counted_at.elapsed();
         match counted {
-            Ok(g) => shared::publish_queue_gauges(shared::QueueGauges {
-                published: true,
-                pending: g.pending,
-                failed: g.failed,
-                oldest_pending: g.oldest_pending.unwrap_or(f64::NAN),
-                captured: g.captured,
-            }),
+            Ok(gauges) => shared::publish_queue_gauges(gauges),
             // The round's own error handling reports a database problem.
             Err(_) => self.installed = None,
         }
