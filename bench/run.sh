@@ -15,7 +15,8 @@ if [ -z "${PG_NEW_USER_HOOK_ROOT:-}" ]; then
   for major in ${*:-15 17}; do
     case "$major" in
       15) PG_NEW_USER_HOOK_ROOT= bench/run-one.sh 15 ;;
-      17) tests/pg17-root.sh run env BENCH_SECONDS="${BENCH_SECONDS:-10}" bench/run-one.sh 17 ;;
+      17) tests/pg17-root.sh run env BENCH_SECONDS="${BENCH_SECONDS:-10}" BENCH_OUTAGE_ONLY="${BENCH_OUTAGE_ONLY:-}" \
+            BENCH_LONG_OUTAGE="${BENCH_LONG_OUTAGE:-}" bench/run-one.sh 17 ;;
       *) echo "bench: PostgreSQL $major is not supported (15 or 17)" >&2; exit 2 ;;
     esac
   done

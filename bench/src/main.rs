@@ -433,7 +433,7 @@ fn main() {
         "receiver: the test suite's in-process server (hyper, 204 at once); defaults unless stated"
     );
     println!();
-    if std::env::var_os("BENCH_OUTAGE_ONLY").is_some() {
+    if std::env::var("BENCH_OUTAGE_ONLY").is_ok_and(|v| !v.is_empty()) {
         outages(&cluster, row);
         return;
     }
