@@ -741,9 +741,11 @@ mod tests {
 
     #[test]
     fn the_threads_stop_sending_after_the_failures_that_trip_the_breaker() {
+        // `connection: close`: each request comes on a connection of its own, as the
+        // one-shot server expects (a reused connection could meet its close first).
         let (url, server) = serve(vec![
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
         ]);
         // One thread, so the order is known: two failures, then held back.
         let mut pool = Pool::new(1).unwrap();
