@@ -1,13 +1,14 @@
 -- pg_new_user_hook: the capture side (trigger → outbox) and the SQL interface.
 -- Everything lives in schema new_user_hook; names below are the public interface.
 
--- The outbox: one row per new user, written in the signup's own transaction.
+-- The outbox: one row per event of a user (created, and with pg_new_user_hook.events,
+-- updated and deleted), written in the changing transaction itself.
 -- A logged table: a committed event survives a crash.
 CREATE TABLE new_user_hook.outbox (
     id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(), -- sent as webhook-id
     user_id          uuid        NOT NULL,
     source           text        NOT NULL,          -- table the user was inserted into
-    record           json        NOT NULL,          -- allow-listed snapshot of the user at commit
+    record           json        NOT NULL,          -- allow-listed snapshot of the user at commit (deleted: before)
     -- 'pending', 'delivered' or 'failed'. No CHECK constraint: only this extension
     -- writes the outbox, and a CHECK is re-read and compiled at each signup's insert.
     status           text        NOT NULL DEFAULT 'pending',
@@ -17,7 +18,11 @@ CREATE TABLE new_user_hook.outbox (
     last_status_code integer,
     last_error       text,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    delivered_at     timestamptz
+    delivered_at     timestamptz,
+    kind             text        NOT NULL DEFAULT 'created', -- 'created', 'updated' or 'deleted'
+    old_record       json,                           -- updated: the user before the transaction
+    -- Orders a user's events (commit order): the WAL insert position when written.
+    seq              bigint      NOT NULL DEFAULT (pg_catalog.pg_current_wal_insert_lsn() - '0/0')::bigint
 );
 CREATE INDEX outbox_due ON new_user_hook.outbox (next_attempt_at) WHERE status = 'pending';
 -- The purge of delivered events past the retention, oldest first (since 0.3.0).
@@ -25,8 +30,11 @@ CREATE INDEX outbox_delivered ON new_user_hook.outbox (delivered_at) WHERE statu
 -- Dead-lettered events: counted for the metrics and put back by redeliver_failed()
 -- without reading the delivered ones kept for the retention (since 0.5.0).
 CREATE INDEX outbox_failed ON new_user_hook.outbox (last_attempt_at) WHERE status = 'failed';
+-- A user's events go out one at a time in order: an event waits while an earlier
+-- one of its user is pending (since 0.6.0).
+CREATE INDEX outbox_pending_user ON new_user_hook.outbox (user_id, seq) WHERE status = 'pending';
 COMMENT ON TABLE new_user_hook.outbox IS
-    'Events for new users, delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
+    'Events of users (created, updated, deleted), delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 -- Queued events are data: pg_dump keeps them.
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.outbox', '');
 
@@ -82,16 +90,24 @@ BEGIN ATOMIC
            new_user_hook.counters AS c;
 END;
 
--- The trigger function (src/capture.rs). install() attaches it as a deferred
--- constraint trigger, so it runs at commit time, after GoTrue's UPDATEs of the same
+-- The trigger function (src/capture.rs). install() attaches it as deferred
+-- constraint triggers (after insert; after an update of a watched column; after
+-- delete), so it runs at commit time, after GoTrue's UPDATEs of the same
 -- transaction, and reads the row's latest version: the event holds the user as
--- committed. A user deleted before commit produces no event, and neither does a user
--- inserted by a session with pg_new_user_hook.capture off (a bulk load). It writes
--- the event as its own owner, as SECURITY DEFINER would (at a fraction of the cost
--- per signup): the inserting role (supabase_auth_admin) needs no privilege on the
--- outbox. It resolves no name at run time, so no search_path can hijack it.
+-- committed, one event per user and transaction. A user inserted and deleted in one
+-- transaction produces no event, and neither does a user inserted by a session with
+-- pg_new_user_hook.capture off (a bulk load). Which changes make events is
+-- pg_new_user_hook.events (default: created). It writes the event as its own
+-- owner, as SECURITY DEFINER would (at a fraction of the cost per signup): the
+-- inserting role (supabase_auth_admin) needs no privilege on the outbox. It
+-- resolves no name at run time, so no search_path can hijack it.
 CREATE FUNCTION new_user_hook.capture() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
+
+-- The columns whose change can make an event (src/capture.rs): install() builds
+-- the update trigger's WHEN from them, so other updates (sign-ins) queue nothing.
+CREATE FUNCTION new_user_hook.watched_columns(target regclass) RETURNS text[]
+STRICT STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'watched_columns_wrapper';
 
 -- The record an event of this row would hold (the allow-listed columns), or NULL if
 -- the row is gone: what backfill() queues. Needs SELECT on the table.
@@ -126,7 +142,8 @@ BEGIN
                LATERAL (SELECT substring(sha256(convert_to('pg_new_user_hook backfill ' || $2 || ' ' || u.id, 'UTF8'))
                                          FROM 1 FOR 16) AS h) AS digest
          WHERE u.record IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o WHERE o.user_id = u.id AND o.source = $2)
+           AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o
+                            WHERE o.user_id = u.id AND o.source = $2 AND o.kind = 'created')
         ON CONFLICT (id) DO NOTHING$q$, rel)
       USING user_ids, event_source, rel;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -137,13 +154,16 @@ BEGIN
 END
 $$;
 
--- Attaches the hook to a users table (default auth.users). Idempotent.
+-- Attaches the hook to a users table (default auth.users): its three triggers,
+-- those missing. Idempotent.
 -- Runs with the caller's rights: the caller needs the TRIGGER privilege on the table.
 CREATE FUNCTION new_user_hook.install(target text DEFAULT 'auth.users') RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel regclass := to_regclass(target);
     id_type regtype;
+    watched text;
+    added int := 0;
     problem text;
 BEGIN
     IF rel IS NULL THEN
@@ -164,11 +184,29 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = 'email' AND attnum > 0 AND NOT attisdropped) THEN
         RAISE EXCEPTION 'table % needs a column "email"', rel USING HINT = 'The email is sent to the backend with the id.';
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook') THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook') THEN
+        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook AFTER INSERT ON %s '
+                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
+        added := added + 1;
+    END IF;
+    -- Evaluated when the row is updated (a constraint trigger's WHEN is not
+    -- deferred): an update of nothing an event carries queues nothing.
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_updated') THEN
+        SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', c), ' OR ') INTO watched
+          FROM unnest(new_user_hook.watched_columns(rel)) AS c;
+        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_updated AFTER UPDATE ON %s '
+                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (%s) EXECUTE FUNCTION new_user_hook.capture()',
+                       rel, watched);
+        added := added + 1;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_deleted') THEN
+        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_deleted AFTER DELETE ON %s '
+                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
+        added := added + 1;
+    END IF;
+    IF added = 0 THEN
         RETURN format('pg_new_user_hook is already installed on %s', rel);
     END IF;
-    EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook AFTER INSERT ON %s '
-                   'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
     problem := new_user_hook.config_problem_after_reload();
     IF problem IS NOT NULL THEN
         RAISE WARNING 'new users of % will be queued but not delivered yet: %', rel, problem;
@@ -177,16 +215,19 @@ BEGIN
 END
 $$;
 
--- Detaches the hook. Events already queued are still delivered.
+-- Detaches the hook (its three triggers). Events already queued are still delivered.
 CREATE FUNCTION new_user_hook.uninstall(target text DEFAULT 'auth.users') RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rel regclass := to_regclass(target);
+    name text;
 BEGIN
     IF rel IS NULL OR NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook') THEN
         RETURN format('pg_new_user_hook is not installed on %s', target);
     END IF;
-    EXECUTE format('DROP TRIGGER new_user_hook ON %s', rel);
+    FOREACH name IN ARRAY ARRAY['new_user_hook', 'new_user_hook_updated', 'new_user_hook_deleted'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', name, rel);
+    END LOOP;
     RETURN format('pg_new_user_hook removed from %s', rel);
 END
 $$;
@@ -203,7 +244,8 @@ SELECT id,
        last_error,
        last_attempt_at,
        created_at,
-       delivered_at
+       delivered_at,
+       kind AS event_type
   FROM new_user_hook.outbox;
 
 -- For Prometheus (postgres_exporter: examples/monitoring/queries.yml), one row:
@@ -330,7 +372,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA new_user_hook FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION new_user_hook.preloaded(), new_user_hook.config_problem(), new_user_hook.in_flight(),
                            new_user_hook.missing_worker(), new_user_hook.config_problem_after_reload(),
                            new_user_hook.worker_state(), new_user_hook.latency_bounds(),
-                           new_user_hook.queue_gauges() TO PUBLIC;
+                           new_user_hook.queue_gauges(), new_user_hook.watched_columns(regclass) TO PUBLIC;
 -- Monitoring (postgres_exporter connects as a member of pg_monitor): the metrics
 -- hold counts and states, no user data and no secret.
 GRANT USAGE ON SCHEMA new_user_hook TO pg_monitor;

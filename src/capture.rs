@@ -1,17 +1,22 @@
-//! Capture: the trigger that turns a committed insert into an outbox event, and the
-//! allow-listed record an event holds.
+//! Capture: the trigger that turns a committed change of a user into an outbox
+//! event, and the allow-listed record an event holds.
 //!
-//! `install()` attaches `capture()` as a deferred constraint trigger, so it runs at
-//! commit, after GoTrue's UPDATEs of the same transaction. It follows the inserted
-//! row's update chain to the version this transaction sees last — the user as
-//! committed — without a query, and writes the event with one saved INSERT plan. A
-//! row deleted before commit produces no event; neither does a session with
-//! `pg_new_user_hook.capture` off.
+//! `install()` attaches `capture()` as deferred constraint triggers (after insert,
+//! after an update of a watched column, after delete), so it runs at commit, after
+//! every statement of the transaction. It follows the row's update chain to the
+//! version this transaction sees last — the user as committed — without a query,
+//! and writes the event with a saved INSERT plan. The first firing for a user in a
+//! transaction decides that transaction's one event for that user, from the user
+//! before it (none: a new user) and as committed (none: deleted); the others are
+//! skipped. A user inserted and deleted in one transaction produces no event;
+//! neither does a session with `pg_new_user_hook.capture` off.
 
+use crate::event::Kind;
 use crate::{guc, request, wake};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, varlena, PgTrigger};
 use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::ffi::{c_char, CStr};
 use std::rc::Rc;
 
@@ -87,18 +92,28 @@ fn providers_only(app_meta_data: &str) -> String {
     serde_json::json!({ "provider": all["provider"], "providers": all["providers"] }).to_string()
 }
 
-/// The record of the row in `slot` (all attributes fetched) — the allow-listed columns
-/// of auth.users, or `id` and `email` of another users table — and its uuid `id`
-/// (install() requires one).
+/// One version of a user's row, as an event needs it.
+struct Row {
+    /// The allow-listed columns as a JSON object.
+    record: String,
+    /// The uuid `id` (install() requires one).
+    id: Option<[u8; 16]>,
+    /// Soft-deleted: its `deleted_at` is set (GoTrue's soft delete).
+    deleted: bool,
+}
+
+/// The row in `slot` (all attributes fetched): its record — the allow-listed columns
+/// of auth.users, or `id` and `email` of another users table —, id and deletion mark.
 unsafe fn record_of(
     rel: pg_sys::Relation,
     slot: *mut pg_sys::TupleTableSlot,
     auth_users: bool,
-) -> (String, Option<[u8; 16]>) {
+) -> Row {
     unsafe {
         let desc = (*rel).rd_att;
         let mut out = String::with_capacity(512);
         let mut id = None;
+        let mut deleted = false;
         out.push('{');
         for i in 0..(*desc).natts as usize {
             let attr = &*(*desc).attrs.as_ptr().add(i);
@@ -108,6 +123,9 @@ unsafe fn record_of(
             let name = CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes();
             if name == b"id" && attr.atttypid == pg_sys::UUIDOID && !*(*slot).tts_isnull.add(i) {
                 id = Some(*(*(*slot).tts_values.add(i)).cast_mut_ptr::<[u8; 16]>());
+            }
+            if name == b"deleted_at" {
+                deleted = !*(*slot).tts_isnull.add(i);
             }
             let wanted = if auth_users {
                 request::ALLOWED_FIELDS.iter().any(|f| f.as_bytes() == name)
@@ -137,7 +155,11 @@ unsafe fn record_of(
             }
         }
         out.push('}');
-        (out, id)
+        Row {
+            record: out,
+            id,
+            deleted,
+        }
     }
 }
 
@@ -201,14 +223,14 @@ unsafe fn source(rel: pg_sys::Relation) -> Rc<Source> {
     }
 }
 
-/// The version of the row at `tid` that `snapshot` sees last (following updates):
-/// its record and its `id`; None if it sees none (the row was deleted).
+/// The version of the row at `tid` that `snapshot` sees last (following updates);
+/// None if it sees none (the row was deleted).
 unsafe fn latest_version(
     rel: pg_sys::Relation,
     tid: pg_sys::ItemPointerData,
     snapshot: pg_sys::Snapshot,
     auth_users: bool,
-) -> Option<(String, Option<[u8; 16]>)> {
+) -> Option<Row> {
     unsafe {
         let mut tid = tid;
         let scan = pg_sys::table_beginscan_tid(rel, snapshot);
@@ -226,50 +248,82 @@ unsafe fn latest_version(
 }
 
 thread_local! {
-    /// The event INSERT, planned once per backend (plans of other backends are their own).
-    static INSERT_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    /// The event INSERTs, planned once per backend (plans of other backends are their own):
+    /// a new user's, and a later change's.
+    static CREATED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    static CHANGE_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-// The record goes in as a `json` Datum (its text): no input function parses it again.
-// The event id is a UUIDv7: time-ordered, so the outbox's primary key grows at its end.
-const INSERT_EVENT: &CStr =
-    c"INSERT INTO new_user_hook.outbox (id, user_id, source, record) VALUES ($1, $2, $3, $4)";
+// The records go in as `json` Datums (their text): no input function parses them
+// again. The event id is a UUIDv7: time-ordered, so the outbox's primary key grows
+// at its end. `seq` orders a user's events: the WAL insert position when the event
+// is written, at the commit of its transaction — a later transaction changing the
+// same user waits for this one's row lock, so its position is higher. A change's
+// event also comes after any event of the user still pending (events restored
+// from a dump carry the positions of the cluster they were written in).
+const INSERT_CREATED: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
+      VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const INSERT_CHANGE: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
+      VALUES ($1, $2, $3, $4, $5, $6, GREATEST($7, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox p \
+                                                    WHERE p.user_id = $2 AND p.status = 'pending')))";
 
-unsafe fn insert_event(user_id: pg_sys::Datum, source: &str, record: &str) {
+fn text_datum(s: &str) -> pg_sys::Datum {
+    pg_sys::Datum::from(unsafe {
+        pg_sys::cstring_to_text_with_len(s.as_ptr() as *const c_char, s.len() as i32)
+    })
+}
+
+unsafe fn insert_event(
+    kind: Kind,
+    user_id: &mut [u8; 16],
+    source: &str,
+    record: &str,
+    old_record: Option<&str>,
+) {
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("pg_new_user_hook: SPI_connect failed");
         }
-        let mut plan = INSERT_PLAN.get();
+        let (cache, sql) = match kind {
+            Kind::Created => (&CREATED_PLAN, INSERT_CREATED),
+            Kind::Updated | Kind::Deleted => (&CHANGE_PLAN, INSERT_CHANGE),
+        };
+        let mut plan = cache.get();
         if plan.is_null() {
             let mut types = [
                 pg_sys::UUIDOID,
                 pg_sys::UUIDOID,
                 pg_sys::TEXTOID,
                 pg_sys::JSONOID,
+                pg_sys::TEXTOID,
+                pg_sys::JSONOID,
+                pg_sys::INT8OID,
             ];
-            plan = pg_sys::SPI_prepare(
-                INSERT_EVENT.as_ptr(),
-                types.len() as i32,
-                types.as_mut_ptr(),
-            );
+            plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
             if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
                 error!("pg_new_user_hook: preparing the event insert failed");
             }
-            INSERT_PLAN.set(plan);
+            cache.set(plan);
         }
-        let source =
-            pg_sys::cstring_to_text_with_len(source.as_ptr() as *const c_char, source.len() as i32);
-        let record =
-            pg_sys::cstring_to_text_with_len(record.as_ptr() as *const c_char, record.len() as i32);
         let mut event_id = *uuid::Uuid::now_v7().as_bytes();
+        let seq = pg_sys::GetXLogInsertRecPtr() as i64;
         let mut values = [
             pg_sys::Datum::from(event_id.as_mut_ptr()),
-            user_id,
-            pg_sys::Datum::from(source),
-            pg_sys::Datum::from(record),
+            pg_sys::Datum::from(user_id.as_mut_ptr()),
+            text_datum(source),
+            text_datum(record),
+            text_datum(kind.name()),
+            old_record.map_or(pg_sys::Datum::from(0), text_datum),
+            pg_sys::Datum::from(seq),
         ];
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), false, 0);
+        let nulls = [b' ', b' ', b' ', b' ', b' ', if old_record.is_some() { b' ' } else { b'n' }, b' ', 0];
+        let rc = pg_sys::SPI_execute_plan(
+            plan,
+            values.as_mut_ptr(),
+            nulls.as_ptr() as *const c_char,
+            false,
+            0,
+        );
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             error!("pg_new_user_hook: queuing the event failed (SPI code {rc})");
         }
@@ -277,80 +331,191 @@ unsafe fn insert_event(user_id: pg_sys::Datum, source: &str, record: &str) {
     }
 }
 
+thread_local! {
+    /// The users this transaction's firings have decided an event for (by table and
+    /// id), and the transaction they belong to.
+    static DECIDED: RefCell<(pg_sys::TransactionId, HashSet<(u32, [u8; 16])>)> =
+        RefCell::new((pg_sys::InvalidTransactionId, HashSet::new()));
+}
+
+/// Whether this is the transaction's first firing for the user (and notes it).
+fn first_firing(relid: pg_sys::Oid, user_id: [u8; 16]) -> bool {
+    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() };
+    DECIDED.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != xid {
+            d.0 = xid;
+            d.1.clear();
+        }
+        d.1.insert((relid.to_u32(), user_id))
+    })
+}
+
+/// The one event of a transaction for a user who existed before it: from the user
+/// before the transaction and as committed (None: hard-deleted).
+fn change_event<'r>(
+    before: &'r Row,
+    committed: Option<&'r Row>,
+    kinds: crate::event::Kinds,
+) -> Option<(Kind, &'r str, Option<&'r str>)> {
+    if before.deleted {
+        // Already soft-deleted, and announced as such.
+        return None;
+    }
+    match committed {
+        // A deletion carries the user as it was: never a soft delete's obfuscated values.
+        None => kinds.deleted.then_some((Kind::Deleted, before.record.as_str(), None)),
+        Some(after) if after.deleted => {
+            kinds.deleted.then_some((Kind::Deleted, before.record.as_str(), None))
+        }
+        Some(after) => (kinds.updated
+            && request::differ_in(&before.record, &after.record, &guc::update_fields()))
+        .then_some((
+            Kind::Updated,
+            after.record.as_str(),
+            Some(before.record.as_str()),
+        )),
+    }
+}
+
+/// The version of a firing's row that the transaction sees last: the row at hand if
+/// nothing changed it since, else its update chain's end (None: deleted).
+unsafe fn committed_version(
+    rel: pg_sys::Relation,
+    tuple: pg_sys::HeapTuple,
+    slot: *mut pg_sys::TupleTableSlot,
+    auth_users: bool,
+) -> Option<Row> {
+    unsafe {
+        let header = (*tuple).t_data;
+        let untouched = (*header).t_infomask as u32 & pg_sys::HEAP_XMAX_INVALID != 0
+            || (*header).t_choice.t_heap.t_xmax == pg_sys::InvalidTransactionId;
+        if untouched {
+            // Neither updated nor deleted since: the row at hand is the user as
+            // committed (the trigger's row is read afresh when it fires).
+            pg_sys::slot_getallattrs(slot);
+            Some(record_of(rel, slot, auth_users))
+        } else {
+            // A snapshot that sees this transaction's every change, the firing
+            // statement's own included (as a query in a PL/pgSQL trigger would).
+            pg_sys::CommandCounterIncrement();
+            let snapshot = pg_sys::GetLatestSnapshot();
+            latest_version(rel, (*tuple).t_self, snapshot, auth_users)
+        }
+    }
+}
+
 /// The trigger function (SQL: `new_user_hook.capture()`). The event is written as
-/// the function's owner: the inserting role needs no privilege on the outbox.
+/// the function's owner: the changing role needs no privilege on the outbox.
 #[pg_trigger(sql = false)]
 fn capture<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, std::convert::Infallible> {
     let data = trigger.trigger_data();
     let event = data.tg_event;
-    let after_row_insert = event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER
+    let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let after_row = event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER
         && event & pg_sys::TRIGGER_EVENT_ROW != 0
-        && event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT;
-    if !after_row_insert {
-        let when = match event & pg_sys::TRIGGER_EVENT_TIMINGMASK {
-            pg_sys::TRIGGER_EVENT_BEFORE => "BEFORE",
-            pg_sys::TRIGGER_EVENT_INSTEAD => "INSTEAD OF",
-            _ => "AFTER",
-        };
-        let op = match event & pg_sys::TRIGGER_EVENT_OPMASK {
-            pg_sys::TRIGGER_EVENT_INSERT => "INSERT",
-            pg_sys::TRIGGER_EVENT_UPDATE => "UPDATE",
-            pg_sys::TRIGGER_EVENT_DELETE => "DELETE",
-            _ => "TRUNCATE",
-        };
-        let level = if event & pg_sys::TRIGGER_EVENT_ROW != 0 {
-            "ROW"
-        } else {
-            "STATEMENT"
-        };
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-            format!(
-                "new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not {when} {op} ... FOR EACH {level}"
-            ),
-            "capture",
-        )
-        .set_hint("Use SELECT new_user_hook.install('schema.table'), which creates the right trigger.")
-        .report(PgLogLevel::ERROR);
+        && op != pg_sys::TRIGGER_EVENT_TRUNCATE;
+    if !after_row {
+        refuse_trigger_kind(event);
     }
     if !guc::capturing() {
         return Ok(None);
     }
+    let kinds = guc::events();
     unsafe {
         let rel = data.tg_relation;
         let source = source(rel);
         let auth_users = source.auth_users;
-        let header = (*data.tg_trigtuple).t_data;
-        let untouched = (*header).t_infomask as u32 & pg_sys::HEAP_XMAX_INVALID != 0
-            || (*header).t_choice.t_heap.t_xmax == pg_sys::InvalidTransactionId;
-        let found = if untouched {
-            // Neither updated nor deleted since the insert: the row at hand is the user
-            // as committed (the trigger's row is read afresh when it fires).
-            let slot = data.tg_trigslot;
-            pg_sys::slot_getallattrs(slot);
-            Some(record_of(rel, slot, auth_users))
-        } else {
-            // A snapshot that sees this transaction's every change, the insert's own
-            // statement included (as a query in a PL/pgSQL trigger would).
-            pg_sys::CommandCounterIncrement();
-            let snapshot = pg_sys::GetLatestSnapshot();
-            latest_version(rel, (*data.tg_trigtuple).t_self, snapshot, auth_users)
+        let (kind, user_id, record, old_record) = match op {
+            pg_sys::TRIGGER_EVENT_INSERT => {
+                let committed =
+                    committed_version(rel, data.tg_trigtuple, data.tg_trigslot, auth_users);
+                if kinds.lifecycle() {
+                    // Later firings for this user in this transaction are part of its creation.
+                    let id = match &committed {
+                        Some(row) => row.id,
+                        None => {
+                            pg_sys::slot_getallattrs(data.tg_trigslot);
+                            record_of(rel, data.tg_trigslot, auth_users).id
+                        }
+                    };
+                    if let Some(id) = id {
+                        first_firing((*rel).rd_id, id);
+                    }
+                }
+                match committed {
+                    Some(Row {
+                        record,
+                        id: Some(id),
+                        ..
+                    }) if kinds.created => (Kind::Created, id, record, None),
+                    _ => return Ok(None),
+                }
+            }
+            pg_sys::TRIGGER_EVENT_UPDATE | pg_sys::TRIGGER_EVENT_DELETE => {
+                if !kinds.lifecycle() {
+                    return Ok(None);
+                }
+                pg_sys::slot_getallattrs(data.tg_trigslot);
+                let before = record_of(rel, data.tg_trigslot, auth_users);
+                let Some(id) = before.id else {
+                    return Ok(None);
+                };
+                if !first_firing((*rel).rd_id, id) {
+                    return Ok(None);
+                }
+                let committed = if op == pg_sys::TRIGGER_EVENT_UPDATE {
+                    committed_version(rel, data.tg_newtuple, data.tg_newslot, auth_users)
+                } else {
+                    None
+                };
+                match change_event(&before, committed.as_ref(), kinds) {
+                    Some((kind, record, old)) => {
+                        (kind, id, record.to_string(), old.map(str::to_string))
+                    }
+                    None => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
         };
-        let Some((record, Some(mut user_id))) = found else {
-            return Ok(None);
-        };
+        let mut user_id = user_id;
         as_owner_of((*data.tg_trigger).tgfoid, || {
-            insert_event(
-                pg_sys::Datum::from(user_id.as_mut_ptr()),
-                &source.name,
-                &record,
-            )
+            insert_event(kind, &mut user_id, &source.name, &record, old_record.as_deref())
         });
     }
     wake::wake_on_commit();
     Ok(None)
+}
+
+fn refuse_trigger_kind(event: pg_sys::TriggerEvent) -> ! {
+    let when = match event & pg_sys::TRIGGER_EVENT_TIMINGMASK {
+        pg_sys::TRIGGER_EVENT_BEFORE => "BEFORE",
+        pg_sys::TRIGGER_EVENT_INSTEAD => "INSTEAD OF",
+        _ => "AFTER",
+    };
+    let op = match event & pg_sys::TRIGGER_EVENT_OPMASK {
+        pg_sys::TRIGGER_EVENT_INSERT => "INSERT",
+        pg_sys::TRIGGER_EVENT_UPDATE => "UPDATE",
+        pg_sys::TRIGGER_EVENT_DELETE => "DELETE",
+        _ => "TRUNCATE",
+    };
+    let level = if event & pg_sys::TRIGGER_EVENT_ROW != 0 {
+        "ROW"
+    } else {
+        "STATEMENT"
+    };
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+        format!(
+            "new_user_hook.capture() must run AFTER INSERT, UPDATE or DELETE ... FOR EACH ROW, not {when} {op} ... FOR EACH {level}"
+        ),
+        "capture",
+    )
+    .set_hint("Use SELECT new_user_hook.install('schema.table'), which creates the right triggers.")
+    .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR does not return")
 }
 
 /// Runs `f` as the owner of function `function` (the extension's owner), as SECURITY
@@ -416,6 +581,39 @@ fn snapshot(target: pg_sys::Oid, row_id: pg_sys::ItemPointerData) -> Option<Stri
             source(rel).auth_users,
         );
         pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        found.map(|(record, _)| record)
+        found.map(|row| row.record)
+    }
+}
+
+/// The columns of a users table whose change can make an event (SQL:
+/// `new_user_hook.watched_columns(regclass)`): every column an event may carry
+/// except the id and bookkeeping, and `deleted_at` (a soft delete). install() puts
+/// them in the update trigger's WHEN, so any other update — a sign-in — queues
+/// nothing at all.
+#[pg_extern(stable, parallel_safe, sql = false)]
+fn watched_columns(target: pg_sys::Oid) -> Vec<String> {
+    unsafe {
+        let namespace = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(target));
+        let table = pg_sys::get_rel_name(target);
+        if namespace.is_null() || table.is_null() {
+            error!("pg_new_user_hook: table {} does not exist", target.to_u32());
+        }
+        let auth_users = CStr::from_ptr(namespace).to_bytes() == b"auth"
+            && CStr::from_ptr(table).to_bytes() == b"users";
+        let candidates: Vec<&str> = if auth_users {
+            request::ALLOWED_FIELDS.to_vec()
+        } else {
+            vec!["email"]
+        };
+        candidates
+            .into_iter()
+            .filter(|c| *c != "id" && !request::BOOKKEEPING_FIELDS.contains(c))
+            .chain(std::iter::once("deleted_at"))
+            .filter(|c| {
+                let name = std::ffi::CString::new(*c).expect("no NUL in a column name");
+                pg_sys::get_attnum(target, name.as_ptr()) != pg_sys::InvalidAttrNumber as i16
+            })
+            .map(str::to_string)
+            .collect()
     }
 }

@@ -80,21 +80,38 @@ impl Channel {
         })
     }
 
-    /// One POST; never panics, never blocks longer than the timeout.
+    /// One request; never panics, never blocks longer than the timeout.
     pub fn send(&self, event: &Event) -> Attempt {
-        let body = match request::body(&self.target, event) {
-            Ok(body) => body,
+        let request = match request::build(&self.target, event) {
+            Ok(request) => request,
             Err(why) => return Attempt::Unsendable(why),
         };
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut req = self.agent.post(&self.target.url);
-        for (name, value) in request::headers(&self.target, &event.id, timestamp, &body) {
-            req = req.header(name, value);
-        }
-        match req.send(body.as_bytes()) {
+        let headers =
+            request::headers(&self.target, &event.id, timestamp, request.body.as_deref());
+        let sent = match &request.body {
+            Some(body) => {
+                let mut req = match request.method {
+                    "PATCH" => self.agent.patch(&request.url),
+                    _ => self.agent.post(&request.url),
+                };
+                for (name, value) in headers {
+                    req = req.header(name, value);
+                }
+                req.send(body.as_bytes())
+            }
+            None => {
+                let mut req = self.agent.delete(&request.url);
+                for (name, value) in headers {
+                    req = req.header(name, value);
+                }
+                req.call()
+            }
+        };
+        match sent {
             Ok(mut response) => {
                 let status = response.status();
                 let header = |name: &str| {
@@ -519,7 +536,9 @@ mod tests {
         Event {
             id: "evt-1".into(),
             attempt: 1,
+            kind: crate::event::Kind::Created,
             record: r#"{"id":"u-1","email":"a@example.com"}"#.into(),
+            old_record: None,
             source: "auth.users".into(),
             created_at: "2026-11-28T10:00:00+00:00".into(),
             probe: false,
@@ -563,6 +582,33 @@ mod tests {
             raw.ends_with(r#"{"email":"a@example.com","id":"u-1"}"#),
             "{raw}"
         );
+    }
+
+    #[test]
+    fn an_update_is_a_patch_and_a_deletion_a_delete_without_body_of_the_users_resource() {
+        let (url, server) = serve(vec![
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+        ]);
+        let channel = channel(&url, "k", Duration::from_secs(5));
+        let updated = Event {
+            kind: crate::event::Kind::Updated,
+            record: r#"{"id":"u-1","email":"new@example.com"}"#.into(),
+            ..job()
+        };
+        let deleted = Event {
+            kind: crate::event::Kind::Deleted,
+            ..job()
+        };
+        assert!(matches!(channel.send(&updated), Attempt::Response { status: 200, .. }));
+        assert!(matches!(channel.send(&deleted), Attempt::Response { status: 204, .. }));
+        let raw = server.join().unwrap();
+        assert!(raw[0].starts_with("PATCH /users/u-1 HTTP/1.1\r\n"), "{}", raw[0]);
+        assert!(raw[0].ends_with(r#"{"email":"new@example.com","id":"u-1"}"#), "{}", raw[0]);
+        assert!(raw[1].starts_with("DELETE /users/u-1 HTTP/1.1\r\n"), "{}", raw[1]);
+        let lower = raw[1].to_ascii_lowercase();
+        assert!(lower.contains("\r\nwebhook-id: evt-1\r\n") && lower.contains("\r\nx-api-key: k\r\n"), "{}", raw[1]);
+        assert!(!lower.contains("content-type") && raw[1].ends_with("\r\n\r\n"), "{}", raw[1]);
     }
 
     #[test]

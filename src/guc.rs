@@ -67,6 +67,7 @@ pub mod names {
         PAUSED = "paused";
         BREAKER_FAILURES = "breaker_failures";
         PROBE_INTERVAL_MS = "probe_interval_ms";
+        EVENTS = "events";
     }
 }
 
@@ -93,6 +94,7 @@ static API_KEY_HEADER: Text = Text::new(Some(c"X-API-Key"));
 static SIGNING_SECRET: Text = Text::new(None);
 static SIGNING_SECRET_NAME: Text = Text::new(None);
 static FIELDS: Text = Text::new(None);
+static EVENTS: Text = Text::new(Some(c"created"));
 static CA_FILE: Text = Text::new(None);
 static DATABASE: Text = Text::new(Some(c"postgres"));
 static PAYLOAD_FORMAT: GucSetting<PayloadFormat> =
@@ -211,6 +213,13 @@ pub fn define(preloading: bool) {
         &FIELDS,
         GucFlags::default(),
         Some(check_fields),
+    );
+    checked_text(
+        names::c::EVENTS,
+        c"Which changes of a user are delivered: comma-separated created, updated, deleted.",
+        &EVENTS,
+        GucFlags::default(),
+        Some(check_events),
     );
     text(
         names::c::CA_FILE,
@@ -336,6 +345,15 @@ unsafe extern "C-unwind" fn check_fields(
 }
 
 #[pg_guard]
+unsafe extern "C-unwind" fn check_events(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_with(newval, |v| crate::event::parse_kinds(v).map(drop)) }
+}
+
+#[pg_guard]
 unsafe extern "C-unwind" fn check_url(
     newval: *mut *mut c_char,
     _extra: *mut *mut c_void,
@@ -416,6 +434,15 @@ impl std::fmt::Debug for Settings {
 }
 
 impl Settings {
+    fn format() -> Format {
+        match PAYLOAD_FORMAT.get() {
+            PayloadFormat::Minimal => Format::Minimal,
+            PayloadFormat::Fields => Format::Fields,
+            PayloadFormat::Supabase => Format::Supabase,
+            PayloadFormat::Standard => Format::Standard,
+        }
+    }
+
     pub fn read() -> Settings {
         Settings {
             url: string(&URL),
@@ -432,12 +459,7 @@ impl Settings {
                 &SIGNING_SECRET_NAME,
                 names::SIGNING_SECRET_NAME,
             ),
-            format: match PAYLOAD_FORMAT.get() {
-                PayloadFormat::Minimal => Format::Minimal,
-                PayloadFormat::Fields => Format::Fields,
-                PayloadFormat::Supabase => Format::Supabase,
-                PayloadFormat::Standard => Format::Standard,
-            },
+            format: Settings::format(),
             fields: string(&FIELDS),
             ca_file: string(&CA_FILE).trim().to_string(),
             timeout: Duration::from_millis(TIMEOUT_MS.get() as u64),
@@ -493,6 +515,18 @@ impl Settings {
 /// Whether delivery is paused (`paused`), as this process last read the settings.
 pub fn paused() -> bool {
     PAUSED.get()
+}
+
+/// The kinds of event to capture (`events`), as this process last read the settings.
+pub fn events() -> crate::event::Kinds {
+    crate::event::parse_kinds(&string(&EVENTS)).unwrap_or(crate::event::Kinds::DEFAULT)
+}
+
+/// The fields whose change makes an update event, for the configured payload.
+pub fn update_fields() -> Vec<String> {
+    let format = Settings::format();
+    let fields = request::parse_fields(&string(&FIELDS)).unwrap_or_default();
+    request::watched_fields(format, &fields)
 }
 
 /// Whether this session queues the users it inserts (`capture`).

@@ -244,12 +244,16 @@ mod tests {
         assert_eq!(again, "pg_new_user_hook is already installed on app.users");
         assert_eq!(
             count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.users'::regclass"),
-            1
+            3
         );
         let removed = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')")
             .unwrap()
             .unwrap();
         assert_eq!(removed, "pg_new_user_hook removed from app.users");
+        assert_eq!(
+            count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.users'::regclass"),
+            0
+        );
         Spi::run("INSERT INTO app.users VALUES (gen_random_uuid(), 'x@example.com'); SET CONSTRAINTS ALL IMMEDIATE").unwrap();
         assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox"), 0);
         let twice = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')")
@@ -277,7 +281,7 @@ mod tests {
     }
 
     #[pg_test(
-        error = "new_user_hook.capture() must run AFTER INSERT ... FOR EACH ROW, not BEFORE INSERT ... FOR EACH ROW"
+        error = "new_user_hook.capture() must run AFTER INSERT, UPDATE or DELETE ... FOR EACH ROW, not BEFORE INSERT ... FOR EACH ROW"
     )]
     fn capture_refuses_the_wrong_trigger_kind() {
         users_table();
@@ -286,6 +290,31 @@ mod tests {
              INSERT INTO app.users VALUES (gen_random_uuid(), 'x@example.com');",
         )
         .unwrap();
+    }
+
+    #[pg_test]
+    fn the_update_trigger_watches_what_events_carry_and_not_sign_ins() {
+        Spi::run(
+            "CREATE SCHEMA auth;
+             CREATE TABLE auth.users (id uuid PRIMARY KEY, email text, phone text, encrypted_password text,
+                 last_sign_in_at timestamptz, updated_at timestamptz, email_confirmed_at timestamptz,
+                 deleted_at timestamptz);
+             SELECT new_user_hook.install();",
+        )
+        .unwrap();
+        let watched = Spi::get_one::<String>(
+            "SELECT array_to_string(new_user_hook.watched_columns('auth.users'), ',')",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(watched, "email,phone,email_confirmed_at,deleted_at");
+        let when = Spi::get_one::<String>(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'new_user_hook_updated'",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(when.contains("WHEN ((old.email IS DISTINCT FROM new.email)"), "{when}");
+        assert!(!when.contains("last_sign_in_at") && !when.contains("encrypted_password"), "{when}");
     }
 
     #[pg_test]
@@ -364,6 +393,7 @@ mod tests {
             ("pg_new_user_hook.retention", "7d"),
             ("pg_new_user_hook.database", "pgrx_tests"),
             ("pg_new_user_hook.url", ""),
+            ("pg_new_user_hook.events", "created"),
         ] {
             let shown = Spi::get_one::<String>(&format!("SHOW {name}"))
                 .unwrap()

@@ -2,7 +2,7 @@
 //! Each function runs inside a transaction the caller opened with `transaction`.
 
 use crate::classify::Decision;
-use crate::event::Event;
+use crate::event::{Event, Kind};
 use crate::shared::QueueGauges;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
@@ -64,8 +64,16 @@ pub fn installed() -> bool {
     .unwrap_or(false)
 }
 
-/// Claims up to `limit` due events, oldest first, skipping those in flight;
-/// `probe` marks them as probes of a backend that is down (not held back).
+/// An event waits while an earlier event of its user is pending (in flight, being
+/// retried or held back): a user's events go out one at a time, in commit order.
+/// `o` is the outbox row in question; probed through index outbox_pending_user.
+const NO_EARLIER_EVENT_PENDING: &str = "NOT EXISTS (
+        SELECT 1 FROM new_user_hook.outbox AS p
+         WHERE p.user_id = o.user_id AND p.status = 'pending' AND p.seq < o.seq)";
+
+/// Claims up to `limit` due events, oldest first, skipping those in flight and those
+/// waiting for an earlier event of their user; `probe` marks them as probes of a
+/// backend that is down (not held back).
 ///
 /// A claim lives in the worker's memory only: the row stays `pending` until the
 /// outcome is recorded, so an event whose worker dies mid-request (or whose server
@@ -78,13 +86,17 @@ pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
             .select(
                 // Pick the ids first: the planner may sort every due row, and the
                 // (costly) text of the records is then made for the batch only.
-                "WITH due AS MATERIALIZED (
-                     SELECT id FROM new_user_hook.outbox
-                      WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
-                      ORDER BY next_attempt_at
-                      LIMIT $1)
-                 SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{}'
-                   FROM new_user_hook.outbox AS o JOIN due USING (id)",
+                &format!(
+                    "WITH due AS MATERIALIZED (
+                         SELECT id FROM new_user_hook.outbox AS o
+                          WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
+                            AND {NO_EARLIER_EVENT_PENDING}
+                          ORDER BY next_attempt_at
+                          LIMIT $1)
+                     SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{{}}',
+                            o.kind, o.old_record::text
+                       FROM new_user_hook.outbox AS o JOIN due USING (id)"
+                ),
                 None,
                 &args,
             )
@@ -95,20 +107,34 @@ pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
                 record: row.get::<String>(3).ok().flatten().unwrap_or_default(),
                 source: row.get::<String>(4).ok().flatten().unwrap_or_default(),
                 created_at: row.get::<String>(5).ok().flatten().unwrap_or_default(),
+                kind: row
+                    .get::<String>(6)
+                    .ok()
+                    .flatten()
+                    .and_then(|k| Kind::from_name(&k))
+                    .unwrap_or(Kind::Created),
+                old_record: row.get::<String>(7).ok().flatten(),
                 probe,
             })
             .collect()
     })
 }
 
-/// Time until the earliest pending event not in flight is due (zero if overdue).
+/// Time until the earliest pending event that could be claimed is due (zero if
+/// overdue): not in flight, and not waiting for an earlier event of its user.
 pub fn next_due(in_flight: &[String]) -> Option<Duration> {
     let args: [DatumWithOid; 1] = [in_flight.to_vec().into()];
     Spi::get_one_with_args::<f64>(
         // NULL (not 0) when nothing is pending: then the worker sleeps until woken.
-        "SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp())::float8
-           FROM new_user_hook.outbox
-          WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])",
+        // ORDER BY … LIMIT 1, not min(): it stops at the first event that qualifies.
+        &format!(
+            "SELECT (SELECT extract(epoch FROM o.next_attempt_at - clock_timestamp())::float8
+                       FROM new_user_hook.outbox AS o
+                      WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])
+                        AND {NO_EARLIER_EVENT_PENDING}
+                      ORDER BY next_attempt_at
+                      LIMIT 1)"
+        ),
         &args,
     )
     .expect("finding the next due event")
@@ -235,11 +261,13 @@ pub fn record(outcomes: &[Record]) {
 }
 
 /// After a backend came back: events waiting out a backoff from the outage are
-/// due now, so the backlog drains at once instead of on each event's schedule.
+/// due now, so the backlog drains at once instead of on each event's schedule —
+/// in the order they were queued (an earlier event of a user first, before the
+/// later ones that waited for it).
 pub fn release_backoff() -> i64 {
     Spi::get_one::<i64>(
         "WITH due AS (
-             UPDATE new_user_hook.outbox SET next_attempt_at = clock_timestamp()
+             UPDATE new_user_hook.outbox SET next_attempt_at = created_at
               WHERE status = 'pending' AND next_attempt_at > clock_timestamp()
              RETURNING 1)
          SELECT count(*) FROM due",

@@ -1,6 +1,6 @@
 //! Turns an outbox event into the HTTP request sent to the backend. Pure: no I/O.
 
-use crate::event::Event;
+use crate::event::{Event, Kind};
 use crate::guc::names;
 use crate::sign::{self, Keys};
 use serde_json::{Map, Value};
@@ -40,6 +40,33 @@ pub const ALLOWED_FIELDS: &[&str] = &[
     "raw_user_meta_data",
     "raw_app_meta_data",
 ];
+
+/// Fields that change on their own (every sign-in, every write): a change of these
+/// alone is no update to tell the backend about.
+pub const BOOKKEEPING_FIELDS: &[&str] = &["updated_at", "last_sign_in_at"];
+
+/// The fields whose committed change makes an `updated` event: what the payload
+/// sends (`minimal`: the email; otherwise the chosen allow-listed fields), less
+/// bookkeeping. The id never changes.
+pub fn watched_fields(format: Format, fields: &[String]) -> Vec<String> {
+    match format {
+        Format::Minimal => vec!["email".to_string()],
+        Format::Fields | Format::Supabase | Format::Standard => fields
+            .iter()
+            .filter(|f| f.as_str() != "id" && !BOOKKEEPING_FIELDS.contains(&f.as_str()))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Whether two records (JSON objects as the trigger writes them) differ in any of `fields`.
+pub fn differ_in(old: &str, new: &str, fields: &[String]) -> bool {
+    let parse = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap_or_default();
+    let (old, new) = (parse(old), parse(new));
+    fields
+        .iter()
+        .any(|f| old.get(f).unwrap_or(&Value::Null) != new.get(f).unwrap_or(&Value::Null))
+}
 
 /// Parses `pg_new_user_hook.fields`: comma-separated names from [`ALLOWED_FIELDS`];
 /// empty means all of them. Credentials are refused by name, with the reason.
@@ -207,17 +234,29 @@ fn excerpt_ascii(s: &str) -> String {
         .collect()
 }
 
-/// The JSON body for an event, in the configured format.
-pub fn body(target: &Target, event: &Event) -> Result<String, String> {
-    let record: Value = serde_json::from_str(&event.record)
-        .map_err(|e| format!("stored event is not valid JSON: {e}"))?;
-    let Value::Object(record) = record else {
-        return Err("stored event is not a JSON object".into());
-    };
-    if !record.get("id").is_some_and(Value::is_string) {
+/// One HTTP request, ready to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: &'static str,
+    pub url: String,
+    /// None: a request without a body (a REST `DELETE`).
+    pub body: Option<String>,
+}
+
+/// The request for an event, in the configured format. `minimal` and `fields` speak
+/// REST to a users resource (created: `POST {url}`, updated: `PATCH {url}/{id}`,
+/// deleted: `DELETE {url}/{id}` without a body); `supabase` and `standard` POST an
+/// envelope that names the change.
+pub fn build(target: &Target, event: &Event) -> Result<Request, String> {
+    let record = object(&event.record)?;
+    let Some(user_id) = record.get("id").and_then(Value::as_str) else {
         return Err("stored event has no user id".into());
-    }
-    let pick = |names: &[String]| -> Value {
+    };
+    let old_record = match &event.old_record {
+        Some(old) => Some(object(old)?),
+        None => None,
+    };
+    let pick = |record: &Map<String, Value>, names: &[String]| -> Value {
         let mut out = Map::new();
         for name in names {
             out.insert(
@@ -227,44 +266,98 @@ pub fn body(target: &Target, event: &Event) -> Result<String, String> {
         }
         Value::Object(out)
     };
-    let body = match target.format {
-        Format::Minimal => pick(&["id".to_string(), "email".to_string()]),
-        Format::Fields => pick(&target.fields),
+    let rest = |fields: &[String]| match event.kind {
+        Kind::Created => ("POST", target.url.clone(), Some(pick(&record, fields))),
+        Kind::Updated => (
+            "PATCH",
+            item_url(&target.url, user_id),
+            Some(pick(&record, fields)),
+        ),
+        Kind::Deleted => ("DELETE", item_url(&target.url, user_id), None),
+    };
+    let (method, url, body) = match target.format {
+        Format::Minimal => rest(&["id".to_string(), "email".to_string()]),
+        Format::Fields => rest(&target.fields),
         Format::Supabase => {
             let (schema, table) = event
                 .source
                 .split_once('.')
                 .unwrap_or(("auth", event.source.as_str()));
-            serde_json::json!({
-                "type": "INSERT",
+            // As Database Webhooks send them: a deletion has only the old record.
+            let (kind, new, old) = match event.kind {
+                Kind::Created => ("INSERT", pick(&record, &target.fields), Value::Null),
+                Kind::Updated => (
+                    "UPDATE",
+                    pick(&record, &target.fields),
+                    old_record
+                        .as_ref()
+                        .map_or(Value::Null, |old| pick(old, &target.fields)),
+                ),
+                Kind::Deleted => ("DELETE", Value::Null, pick(&record, &target.fields)),
+            };
+            let body = serde_json::json!({
+                "type": kind,
                 "table": table.trim_matches('"'),
                 "schema": schema.trim_matches('"'),
-                "record": pick(&target.fields),
-                "old_record": null,
-            })
+                "record": new,
+                "old_record": old,
+            });
+            ("POST", target.url.clone(), Some(body))
         }
-        Format::Standard => serde_json::json!({
-            "type": "user.created",
-            "timestamp": event.created_at,
-            "data": pick(&target.fields),
-        }),
+        Format::Standard => {
+            let body = serde_json::json!({
+                "type": format!("user.{}", event.kind.name()),
+                "timestamp": event.created_at,
+                "data": pick(&record, &target.fields),
+            });
+            ("POST", target.url.clone(), Some(body))
+        }
     };
-    Ok(body.to_string())
+    Ok(Request {
+        method,
+        url,
+        body: body.map(|b| b.to_string()),
+    })
 }
 
-/// All request headers except those ureq sets itself (Content-Length, Host).
+fn object(json: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str(json) {
+        Ok(Value::Object(record)) => Ok(record),
+        Ok(_) => Err("stored event is not a JSON object".into()),
+        Err(e) => Err(format!("stored event is not valid JSON: {e}")),
+    }
+}
+
+/// `{url}/{id}`: the user's resource under the configured collection URL, with its
+/// query string (if any) kept at the end.
+pub fn item_url(url: &str, id: &str) -> String {
+    let split = url
+        .find("://")
+        .map(|scheme| scheme + 3)
+        .and_then(|authority| url[authority..].find(['?', '#']).map(|i| authority + i))
+        .unwrap_or(url.len());
+    let (path, rest) = url.split_at(split);
+    format!("{}/{id}{rest}", path.trim_end_matches('/'))
+}
+
+/// All request headers except those ureq sets itself (Content-Length, Host). A
+/// request without a body is signed over an empty body.
 pub fn headers(
     target: &Target,
     event_id: &str,
     timestamp: u64,
-    body: &str,
+    body: Option<&str>,
 ) -> Vec<(String, String)> {
-    let mut headers = vec![
-        ("Content-Type".to_string(), "application/json".to_string()),
+    let mut headers = Vec::with_capacity(6);
+    if body.is_some() {
+        headers.push(("Content-Type".to_string(), "application/json".to_string()));
+    }
+    let body = body.unwrap_or("");
+    headers.extend([
         ("User-Agent".to_string(), USER_AGENT.to_string()),
         ("webhook-id".to_string(), event_id.to_string()),
         ("webhook-timestamp".to_string(), timestamp.to_string()),
-    ];
+    ]);
     if !target.signing.is_empty() {
         headers.push((
             "webhook-signature".to_string(),
@@ -312,15 +405,116 @@ mod tests {
         Event {
             id: "evt-1".into(),
             attempt: 1,
+            kind: Kind::Created,
             record: record.into(),
+            old_record: None,
             source: "auth.users".into(),
             created_at: "2026-11-28T10:00:00.5+00:00".into(),
             probe: false,
         }
     }
 
+    fn body(target: &Target, event: &Event) -> Result<String, String> {
+        build(target, event).map(|r| r.body.unwrap_or_default())
+    }
+
     fn body_json(target: &Target, record: &str) -> Value {
         serde_json::from_str(&body(target, &event(record)).unwrap()).unwrap()
+    }
+
+    const OLD: &str = r#"{"id":"8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80","email":"old@example.com","phone":null}"#;
+
+    fn lifecycle(kind: Kind) -> Event {
+        Event {
+            kind,
+            old_record: (kind == Kind::Updated).then(|| OLD.to_string()),
+            record: if kind == Kind::Deleted { OLD } else { RECORD }.to_string(),
+            ..event(RECORD)
+        }
+    }
+
+    #[test]
+    fn rest_formats_post_a_creation_patch_an_update_and_delete_a_deletion() {
+        let id = "8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80";
+        for format in [Format::Minimal, Format::Fields] {
+            let t = target_with(format, "id,email");
+            let created = build(&t, &lifecycle(Kind::Created)).unwrap();
+            assert_eq!((created.method, created.url.as_str()), ("POST", URL));
+            let updated = build(&t, &lifecycle(Kind::Updated)).unwrap();
+            assert_eq!(updated.method, "PATCH");
+            assert_eq!(updated.url, format!("{URL}/{id}"));
+            assert_eq!(
+                serde_json::from_str::<Value>(updated.body.as_deref().unwrap()).unwrap(),
+                serde_json::json!({"id": id, "email": "a@example.com"})
+            );
+            let deleted = build(&t, &lifecycle(Kind::Deleted)).unwrap();
+            assert_eq!(deleted.method, "DELETE");
+            assert_eq!(deleted.url, format!("{URL}/{id}"));
+            assert_eq!(deleted.body, None);
+        }
+    }
+
+    #[test]
+    fn supabase_format_names_the_change_with_record_and_old_record_as_database_webhooks_do() {
+        let t = target_with(Format::Supabase, "id, email");
+        let json = |kind| {
+            let r = build(&t, &lifecycle(kind)).unwrap();
+            assert_eq!((r.method, r.url.as_str()), ("POST", URL));
+            serde_json::from_str::<Value>(&r.body.unwrap()).unwrap()
+        };
+        let new = serde_json::json!({"id": "8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80", "email": "a@example.com"});
+        let old = serde_json::json!({"id": "8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80", "email": "old@example.com"});
+        let updated = json(Kind::Updated);
+        assert_eq!(updated["type"], "UPDATE");
+        assert_eq!(updated["record"], new);
+        assert_eq!(updated["old_record"], old);
+        let deleted = json(Kind::Deleted);
+        assert_eq!(deleted["type"], "DELETE");
+        assert_eq!(deleted["record"], Value::Null);
+        assert_eq!(deleted["old_record"], old);
+        assert_eq!(deleted["table"], "users");
+    }
+
+    #[test]
+    fn standard_format_types_are_user_created_updated_deleted() {
+        let t = target_with(Format::Standard, "id,email");
+        for (kind, name) in [
+            (Kind::Created, "user.created"),
+            (Kind::Updated, "user.updated"),
+            (Kind::Deleted, "user.deleted"),
+        ] {
+            let r = build(&t, &lifecycle(kind)).unwrap();
+            assert_eq!((r.method, r.url.as_str()), ("POST", URL));
+            let body: Value = serde_json::from_str(&r.body.unwrap()).unwrap();
+            assert_eq!(body["type"], name);
+            assert_eq!(body["data"]["id"], "8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80");
+        }
+    }
+
+    #[test]
+    fn the_users_resource_url_keeps_the_query_string_and_has_one_slash() {
+        assert_eq!(item_url("http://h/users", "u1"), "http://h/users/u1");
+        assert_eq!(item_url("http://h/users/", "u1"), "http://h/users/u1");
+        assert_eq!(item_url("http://h/users?v=2#x", "u1"), "http://h/users/u1?v=2#x");
+        assert_eq!(item_url("https://h:8443", "u1"), "https://h:8443/u1");
+    }
+
+    #[test]
+    fn an_update_counts_when_a_sent_field_changes_never_for_bookkeeping_alone() {
+        let all = parse_fields("").unwrap();
+        let watched = watched_fields(Format::Supabase, &all);
+        assert!(!watched.iter().any(|f| f == "updated_at" || f == "last_sign_in_at" || f == "id"));
+        assert!(watched.iter().any(|f| f == "email_confirmed_at"));
+        assert_eq!(watched_fields(Format::Minimal, &all), vec!["email"]);
+        let chosen = parse_fields("id,email,last_sign_in_at").unwrap();
+        assert_eq!(watched_fields(Format::Fields, &chosen), vec!["email"]);
+
+        let before = r#"{"id":"u","email":"a@x","last_sign_in_at":null,"email_confirmed_at":null}"#;
+        let signed_in = r#"{"id":"u","email":"a@x","last_sign_in_at":"2026-12-01T00:00:00Z","email_confirmed_at":null}"#;
+        let confirmed = r#"{"id":"u","email":"a@x","last_sign_in_at":null,"email_confirmed_at":"2026-12-01T00:00:00Z"}"#;
+        assert!(!differ_in(before, signed_in, &watched));
+        assert!(differ_in(before, confirmed, &watched));
+        assert!(!differ_in(before, confirmed, &watched_fields(Format::Minimal, &all)));
     }
 
     #[test]
@@ -469,7 +663,7 @@ mod tests {
             &t,
             "msg_p5jXN8AQM9LWM0D4loKWxJek",
             1614265330,
-            r#"{"test": 2432232314}"#,
+            Some(r#"{"test": 2432232314}"#),
         );
         let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("Content-Type"), Some("application/json"));
@@ -487,7 +681,7 @@ mod tests {
     #[test]
     fn no_key_or_signature_headers_unless_configured() {
         let t = target(&config(URL)).unwrap();
-        let h = headers(&t, "e", 1, "{}");
+        let h = headers(&t, "e", 1, Some("{}"));
         assert!(h
             .iter()
             .all(|(k, _)| k != "X-API-Key" && k != "webhook-signature"));

@@ -72,6 +72,11 @@ fn an_installed_0_4_0_upgrades_in_place_without_losing_queued_events() {
     upgrades_in_place_from("0.4.0");
 }
 
+#[test]
+fn an_installed_0_5_0_upgrades_in_place_without_losing_queued_events() {
+    upgrades_in_place_from("0.5.0");
+}
+
 fn upgrades_in_place_from(release: &str) {
     require_release_script(release);
     let cluster = Cluster::new(&[]);

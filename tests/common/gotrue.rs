@@ -141,3 +141,74 @@ pub fn signup_sql(email: &str) -> String {
         &format!("'{}'", email.replace('\'', "''")),
     )
 }
+
+/// What GoTrue does to a user after the signup, as supabase_auth_admin (each in a
+/// transaction of its own, as GoTrue runs them).
+impl Cluster {
+    fn as_gotrue(&self, sql: &str, user_id: &str) {
+        let mut gotrue = self.connect("supabase_auth_admin");
+        let sql = sql.replace("$id", &format!("'{}'::uuid", user_id.replace('\'', "")));
+        gotrue.batch_execute(&sql).unwrap();
+    }
+
+    /// A sign-in: GoTrue stamps the user (and writes sessions, not in auth.users).
+    pub fn sign_in(&self, user_id: &str) {
+        self.as_gotrue(
+            "UPDATE users SET last_sign_in_at = now(), updated_at = now() WHERE id = $id",
+            user_id,
+        );
+    }
+
+    /// The user follows the confirmation link.
+    pub fn confirm_email(&self, user_id: &str) {
+        self.as_gotrue(
+            "UPDATE users SET email_confirmed_at = now(), confirmation_token = '', updated_at = now() WHERE id = $id",
+            user_id,
+        );
+    }
+
+    /// An email change, requested and then confirmed (two transactions, as in GoTrue).
+    pub fn change_email(&self, user_id: &str, email: &str) {
+        let email = email.replace('\'', "''");
+        self.as_gotrue(
+            &format!(
+                "UPDATE users SET email_change = '{email}', email_change_token_new = 'tok', \
+                 email_change_sent_at = now(), updated_at = now() WHERE id = $id"
+            ),
+            user_id,
+        );
+        self.as_gotrue(
+            "BEGIN;
+             UPDATE users SET email = email_change, email_change = '', email_change_token_new = '',
+                    email_change_confirm_status = 0, updated_at = now() WHERE id = $id;
+             UPDATE identities SET identity_data = identity_data || jsonb_build_object('email', (SELECT email FROM users WHERE id = $id))
+              WHERE user_id = $id;
+             COMMIT;",
+            user_id,
+        );
+    }
+
+    /// GoTrue's soft delete (admin API with should_soft_delete): credentials cleared,
+    /// email and phone obfuscated, deleted_at set, metadata emptied, identities gone.
+    pub fn soft_delete(&self, user_id: &str) {
+        self.as_gotrue(
+            "BEGIN;
+             UPDATE users SET email = encode(sha256(convert_to(id::text || coalesce(email, ''), 'UTF8')), 'hex'),
+                    phone = CASE WHEN phone IS NULL THEN NULL ELSE encode(sha256(convert_to(id::text || phone, 'UTF8')), 'hex') END,
+                    email_change = '', phone_change = '', encrypted_password = NULL, confirmation_token = '',
+                    recovery_token = '', email_change_token_current = '', email_change_token_new = '',
+                    phone_change_token = '', deleted_at = now(), updated_at = now()
+              WHERE id = $id;
+             UPDATE users SET raw_user_meta_data = '{}', updated_at = now() WHERE id = $id;
+             UPDATE users SET raw_app_meta_data = '{}', updated_at = now() WHERE id = $id;
+             DELETE FROM identities WHERE user_id = $id;
+             COMMIT;",
+            user_id,
+        );
+    }
+
+    /// GoTrue's admin delete (the default, a hard delete).
+    pub fn delete_user(&self, user_id: &str) {
+        self.as_gotrue("DELETE FROM users WHERE id = $id", user_id);
+    }
+}

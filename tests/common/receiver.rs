@@ -22,6 +22,8 @@ pub struct Received {
     pub at: Instant,
     /// The status the receiver answered with (None: it never answered).
     pub answered: Option<u16>,
+    /// When it decided that answer.
+    pub answered_at: Option<Instant>,
 }
 
 impl Received {
@@ -203,6 +205,7 @@ async fn handle(
         body,
         at: Instant::now(),
         answered: None,
+        answered_at: None,
     };
     let n = {
         let mut all = shared.requests.lock().unwrap();
@@ -222,7 +225,11 @@ async fn handle(
             Reply::StatusWith(code, name, value) => (code, Some((name, value))),
             Reply::Hang => return None,
         };
-        shared.requests.lock().unwrap()[n].answered = Some(code);
+        {
+            let mut all = shared.requests.lock().unwrap();
+            all[n].answered = Some(code);
+            all[n].answered_at = Some(Instant::now());
+        }
         Some((code, header))
     });
     let Ok(Some((code, header))) = answer.await else {
