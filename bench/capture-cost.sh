@@ -4,7 +4,10 @@
 # floor of any transactional outbox) / pg_new_user_hook's capture. Runs a single-user
 # backend under callgrind for N and 3N single-row INSERTs into auth.users (each its
 # own transaction, as GoTrue's admin insert) and prints the difference per INSERT, so
-# start-up and setup cancel out. Needs valgrind and the Supabase Auth fixtures.
+# start-up and setup cancel out. Then the same for GoTrue's sign-in UPDATE (it stamps
+# last_sign_in_at) with no trigger and with the hook capturing every event type
+# (pg_new_user_hook.events = created,updated,deleted): a sign-in must queue nothing
+# and cost what it costs without the hook. Needs valgrind and the Supabase Auth fixtures.
 #   bench/capture-cost.sh [N]        (default 500; uses the installed extension)
 #   PROFILE=1 ...                    also keep callgrind's files for callgrind_annotate
 set -euo pipefail
@@ -37,6 +40,12 @@ CREATE TABLE public.bare_outbox (id bigserial PRIMARY KEY, user_id uuid NOT NULL
 CREATE FUNCTION public.bare_capture() RETURNS trigger LANGUAGE plpgsql AS
   $$ BEGIN INSERT INTO public.bare_outbox (user_id) VALUES (NEW.id); RETURN NULL; END $$;
 SQL
+# The users who sign in (before the hook is attached, so they are not queued).
+as_pg "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -U supabase_admin -c "
+  INSERT INTO auth.users (instance_id, id, aud, role, email, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous)
+  SELECT '00000000-0000-0000-0000-000000000000', md5('signin' || g)::uuid, 'authenticated', 'authenticated',
+         'signin-' || g || '@example.com', '{\"provider\":\"email\",\"providers\":[\"email\"]}', '{}', now(), now(), false
+    FROM generate_series(1, $((3 * n))) g"
 as_pg "$bindir/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
 
 inserts() { # COUNT: single-row GoTrue-shaped INSERTs, one statement (and transaction) per line
@@ -44,10 +53,16 @@ inserts() { # COUNT: single-row GoTrue-shaped INSERTs, one statement (and transa
     echo "INSERT INTO auth.users (instance_id, id, aud, role, email, raw_app_meta_data, raw_user_meta_data, created_at, updated_at, is_anonymous) VALUES ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', 'authenticated', 'u$i-' || gen_random_uuid() || '@example.com', '{\"provider\":\"email\",\"providers\":[\"email\"]}', '{}', now(), now(), false);"
   done
 }
-single_user() { # SETUP_SQL COUNT OUT (single-user mode: a line is a statement)
-  { echo "$1"; inserts "$2"; } |
+sign_ins() { # COUNT: GoTrue's sign-in UPDATE of as many users, one transaction each
+  for i in $(seq "$1"); do
+    echo "UPDATE auth.users SET last_sign_in_at = now(), updated_at = now() WHERE id = md5('signin$i')::uuid;"
+  done
+}
+single_user() { # SETUP_SQL COUNT OUT [STATEMENTS [POSTGRES OPTION...]] (single-user mode: a line is a statement)
+  local statements=${4:-inserts}
+  { echo "$1"; "$statements" "$2"; } |
     as_pg valgrind --tool=callgrind --callgrind-out-file="$3" \
-      "$bindir/postgres" --single -D "$work/data" postgres >/dev/null 2>"$3.log"
+      "$bindir/postgres" --single -D "$work/data" "${@:5}" postgres >/dev/null 2>"$3.log"
   grep -m1 -o 'Collected : [0-9]*' "$3.log" | grep -o '[0-9]*'
 }
 declare -A setup=(
@@ -69,7 +84,19 @@ for v in none bare hook; do
   [ "$v" = bare ] && extra="+$((per[bare] - per[none])) over none (the floor)"
   printf '%-6s %16d   %s\n' "$v" "${per[$v]}" "$extra"
 done
-# A variant that failed would look cheap: check that the hook queued an event per INSERT.
+echo
+printf '%-6s %16s %14s\n' variant "instr./sign-in" "throughput"
+declare -A signin
+for v in none hook; do
+  sql=${setup[$v]}
+  short=$(single_user "$sql" "$n" "$work/cg.signin.$v.short" sign_ins -c pg_new_user_hook.events=created,updated,deleted)
+  long=$(single_user "$sql" "$((3 * n))" "$work/cg.signin.$v.long" sign_ins -c pg_new_user_hook.events=created,updated,deleted)
+  signin[$v]=$(( (long - short) / (2 * n) ))
+done
+printf '%-6s %16d\n' none "${signin[none]}"
+printf '%-6s %16d   %s\n' hook "${signin[hook]}" "$(awk -v a="${signin[hook]}" -v b="${signin[none]}" 'BEGIN { printf "%.3f of no trigger (events = created,updated,deleted)", b / a }')"
+# A variant that failed would look cheap: check that the hook queued an event per INSERT
+# (and none for the sign-ins).
 as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/server.log" -w start >/dev/null
 queued=$(as_pg "$bindir/psql" -X -A -t -U supabase_admin -c "SELECT count(*) FROM new_user_hook.outbox")
 as_pg "$bindir/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null

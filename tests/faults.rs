@@ -132,26 +132,179 @@ impl Tally {
             self.scenario,
             self.slowest_signup
         );
-        let row = format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{} ms\t{:.1} s\n",
+        summary_row(
             self.scenario,
-            self.committed.len(),
-            delivered,
-            duplicates,
-            lost,
-            self.failed_signups,
-            self.slowest_signup.as_millis(),
-            drain.as_secs_f64()
+            [self.committed.len(), delivered, duplicates, lost, self.failed_signups],
+            self.slowest_signup,
+            drain,
         );
-        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("faults-summary.tsv");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .unwrap();
-        f.write_all(row.as_bytes()).unwrap();
-        eprint!("{row}");
     }
+}
+
+/// Appends a scenario's row to the summary table: committed, delivered, duplicates,
+/// lost, failed signups; the slowest signup and the time to drain.
+fn summary_row(scenario: &str, counts: [usize; 5], slowest: Duration, drain: Duration) {
+    let [committed, delivered, duplicates, lost, failed] = counts;
+    let row = format!(
+        "{scenario}\t{committed}\t{delivered}\t{duplicates}\t{lost}\t{failed}\t{} ms\t{:.1} s\n",
+        slowest.as_millis(),
+        drain.as_secs_f64()
+    );
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("faults-summary.tsv");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(row.as_bytes()).unwrap();
+    eprint!("{row}");
+}
+
+const LIFECYCLE: (&str, &str) = ("events", "created,updated,deleted");
+
+/// The user an accepted request is about, and the kind of change (by its method:
+/// the minimal format's REST calls).
+fn lifecycle_calls(receiver: &Receiver) -> Vec<(String, String, String)> {
+    receiver
+        .accepted()
+        .iter()
+        .map(|r| {
+            let user = match r.method.as_str() {
+                "POST" => r.json()["id"].as_str().unwrap_or_default().to_string(),
+                _ => r.path.rsplit('/').next().unwrap_or_default().to_string(),
+            };
+            (user, r.method.clone(), r.header("webhook-id").unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+/// Checks that each user's accepted events came as `expected` (methods), in that
+/// order and each under one webhook-id, that profiles kept from them end as
+/// `profiles_left`, and records the summary row. Returns nothing: panics on a breach.
+fn check_lifecycle(
+    scenario: &str,
+    receiver: &Receiver,
+    users: &[String],
+    expected: &[&str],
+    started: Instant,
+) {
+    let committed = users.len() * expected.len();
+    let calls = wait_for(&format!("{scenario}: every event delivered"), WITHIN, || {
+        let calls = lifecycle_calls(receiver);
+        let events: HashSet<(&str, &str)> =
+            calls.iter().map(|(u, m, _)| (u.as_str(), m.as_str())).collect();
+        users
+            .iter()
+            .all(|u| expected.iter().all(|m| events.contains(&(u.as_str(), *m))))
+            .then_some(calls)
+    });
+    let drain = started.elapsed();
+    let mut profiles: HashSet<&str> = HashSet::new();
+    let mut ids: HashMap<(&str, &str), HashSet<&str>> = HashMap::new();
+    for user in users {
+        // The first acceptance of each event, in arrival order.
+        let mut seen: Vec<&str> = Vec::new();
+        for (u, method, webhook) in &calls {
+            if u == user {
+                ids.entry((u, method)).or_default().insert(webhook);
+                if !seen.contains(&method.as_str()) {
+                    seen.push(method);
+                }
+            }
+        }
+        assert_eq!(seen, expected, "{scenario}: {user} saw its events out of order");
+    }
+    for (u, method, _) in &calls {
+        match method.as_str() {
+            "DELETE" => profiles.remove(u.as_str()),
+            _ => profiles.insert(u.as_str()),
+        };
+    }
+    for (event, webhooks) in &ids {
+        assert_eq!(webhooks.len(), 1, "{scenario}: {event:?} sent under several webhook-ids");
+    }
+    assert!(
+        calls.iter().all(|(u, _, _)| users.contains(u)),
+        "{scenario}: an unknown user was announced"
+    );
+    if expected.last() == Some(&"DELETE") {
+        assert!(profiles.is_empty(), "{scenario}: profiles left: {profiles:?}");
+    }
+    let delivered = ids.len();
+    summary_row(
+        scenario,
+        [committed, delivered, calls.len() - delivered, committed - delivered, 0],
+        Duration::ZERO,
+        drain,
+    );
+}
+
+#[test]
+fn lifecycle_server_crash_between_an_update_and_its_delivery() {
+    // The backend holds every update until the server has crashed and come back.
+    let gate = Arc::new(AtomicBool::new(false));
+    let open = Arc::clone(&gate);
+    let receiver = Receiver::start(move |_, r| {
+        while r.method == "PATCH" && !open.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Reply::Status(200)
+    });
+    let mut cluster = hooked(&receiver.url, &[LIFECYCLE]);
+    let started = Instant::now();
+    let users: Vec<String> = (0..20)
+        .map(|i| cluster.signup(&format!("crash-update-{i}@example.com")))
+        .collect();
+    for (i, user) in users.iter().enumerate() {
+        cluster.change_email(user, &format!("crash-update-{i}-new@example.com"));
+    }
+    wait_for("updates on the wire", WITHIN, || {
+        receiver.inspect(|all| all.iter().any(|r| r.method == "PATCH")).then_some(())
+    });
+    cluster.kill9_and_restart();
+    gate.store(true, Ordering::SeqCst);
+    for user in &users {
+        cluster.delete_user(user);
+    }
+    check_lifecycle(
+        "lifecycle: kill -9 before update delivered",
+        &receiver,
+        &users,
+        &["POST", "PATCH", "DELETE"],
+        started,
+    );
+}
+
+#[test]
+fn lifecycle_backend_down_while_users_are_created_updated_and_deleted() {
+    let (receiver, status) = Receiver::switchable();
+    status.store(503, Ordering::SeqCst);
+    let cluster = hooked(
+        &receiver.url,
+        &[LIFECYCLE, ("retry_base_ms", "100"), ("probe_interval_ms", "1s")],
+    );
+    let started = Instant::now();
+    let users: Vec<String> = (0..10)
+        .map(|i| cluster.signup(&format!("down-{i}@example.com")))
+        .collect();
+    for (i, user) in users.iter().enumerate() {
+        cluster.change_email(user, &format!("down-{i}-new@example.com"));
+    }
+    for user in &users {
+        cluster.delete_user(user);
+    }
+    wait_for("the backend to be tried while down", WITHIN, || {
+        (receiver.count() >= 3).then_some(())
+    });
+    assert!(receiver.accepted().is_empty());
+    status.store(204, Ordering::SeqCst);
+    check_lifecycle(
+        "lifecycle: backend down, created+updated+deleted",
+        &receiver,
+        &users,
+        &["POST", "PATCH", "DELETE"],
+        started,
+    );
 }
 
 /// (user id, webhook-id) of every request the receiver accepted (2xx).

@@ -40,8 +40,17 @@ struct Backend {
 
 impl Backend {
     fn start() -> Backend {
-        npm(&["ci", "--no-audit", "--no-fund"]);
-        npm(&["run", "build"]);
+        Backend::start_with(&[])
+    }
+
+    /// The backend with extra environment variables (e.g. FAIL_FIRST_CREATES).
+    fn start_with(env: &[(&str, &str)]) -> Backend {
+        // Built once for all the tests of this file, which may run at the same time.
+        static BUILT: std::sync::Once = std::sync::Once::new();
+        BUILT.call_once(|| {
+            npm(&["ci", "--no-audit", "--no-fund"]);
+            npm(&["run", "build"]);
+        });
         let port = common::free_port();
         let child = Command::new("node")
             .arg("dist/main.js")
@@ -49,6 +58,7 @@ impl Backend {
             .env("PORT", port.to_string())
             .env("API_KEY", API_KEY)
             .env("WEBHOOK_SECRET", SECRET)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -168,4 +178,57 @@ fn every_new_user_becomes_exactly_one_profile_in_the_nestjs_backend() {
         (p.iter().map(|(id, _)| id.clone()).collect::<HashSet<_>>() == ids).then_some(())
     });
     assert_eq!(backend.profiles().len(), ids.len());
+}
+
+#[test]
+fn the_nestjs_backend_keeps_a_profile_in_sync_through_confirmation_email_change_and_deletion() {
+    // The first two attempts of the creation fail: the update must not overtake it.
+    let backend = Backend::start_with(&[("FAIL_FIRST_CREATES", "2")]);
+    let cluster = Cluster::with_hook(&[]);
+    cluster.configure(&[
+        ("url", &format!("{}/users", backend.url)),
+        ("api_key", API_KEY),
+        ("signing_secret", SECRET),
+        ("events", "created,updated,deleted"),
+        ("retry_base_ms", "500"),
+    ]);
+    let profile_of = |id: &str| {
+        backend
+            .profiles()
+            .into_iter()
+            .find(|(p, _)| p == id)
+            .map(|(_, email)| email)
+    };
+    let id = cluster.signup("sync@example.com");
+    // Changed while its creation is still being retried.
+    cluster.confirm_email(&id);
+    cluster.change_email(&id, "sync-new@example.com");
+    let email = wait_for("the profile with the new email", WITHIN, || {
+        profile_of(&id).flatten().filter(|e| e == "sync-new@example.com")
+    });
+    assert_eq!(email, "sync-new@example.com");
+    let attempts: i32 = cluster
+        .one_row(&format!(
+            "SELECT attempts FROM new_user_hook.deliveries WHERE user_id = '{id}' AND event_type = 'created'"
+        ))
+        .get(0);
+    assert_eq!(attempts, 3, "the creation was retried twice before it went through");
+    let second = cluster.signup("sync-other@example.com");
+    cluster.delete_user(&id);
+    wait_for("the profile to be deleted", WITHIN, || {
+        profile_of(&id).is_none().then_some(())
+    });
+    // The other user's profile is untouched; redelivering everything changes nothing.
+    wait_for("the second profile", WITHIN, || profile_of(&second));
+    let requeued: i64 = cluster
+        .one_row("SELECT count(*) FROM new_user_hook.deliveries d WHERE new_user_hook.redeliver(d.id)")
+        .get(0);
+    assert_eq!(requeued, 4);
+    wait_for("every redelivery to be acknowledged", WITHIN, || {
+        let pending: i64 = cluster.one_row("SELECT pending FROM new_user_hook.status").get(0);
+        (pending == 0).then_some(())
+    });
+    let profiles = backend.profiles();
+    assert_eq!(profiles.len(), 1, "{profiles:?}");
+    assert_eq!(profiles[0].0, second);
 }
