@@ -313,7 +313,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert!(when.contains("WHEN ((old.email IS DISTINCT FROM new.email)"), "{when}");
+        assert!(when.contains("WHEN (((old.email IS DISTINCT FROM new.email) OR (old.phone"), "{when}");
         assert!(!when.contains("last_sign_in_at") && !when.contains("encrypted_password"), "{when}");
     }
 

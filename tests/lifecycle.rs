@@ -23,6 +23,16 @@ fn calls_for(receiver: &Receiver, user_id: &str) -> Vec<(String, String, String)
         .collect()
 }
 
+/// The JSON bodies the backend accepted for one user (the envelope formats).
+fn bodies_for(receiver: &Receiver, user_id: &str) -> Vec<Value> {
+    receiver
+        .accepted()
+        .iter()
+        .filter(|r| r.body.contains(user_id))
+        .map(|r| r.json())
+        .collect()
+}
+
 fn outbox_count(cluster: &Cluster, user_id: &str) -> i64 {
     cluster
         .connect("supabase_admin")
@@ -223,12 +233,7 @@ fn the_supabase_format_sends_update_and_delete_as_database_webhooks_and_a_soft_d
     // delete that may follow, are not announced again.
     admin_update(&cluster, &id);
     cluster.delete_user(&id);
-    let bodies: Vec<Value> = receiver
-        .accepted()
-        .iter()
-        .filter(|r| r.body.contains(&id))
-        .map(|r| r.json())
-        .collect();
+    let bodies = bodies_for(&receiver, &id);
     assert_eq!(bodies.len(), 3, "{bodies:#?}");
     assert_eq!(bodies[0]["type"], "INSERT");
     let update = &bodies[1];
@@ -275,12 +280,7 @@ fn the_standard_format_names_the_change_in_its_type() {
     wait_delivered(&cluster, &id, 2);
     cluster.delete_user(&id);
     wait_delivered(&cluster, &id, 3);
-    let bodies: Vec<Value> = receiver
-        .accepted()
-        .iter()
-        .filter(|r| r.body.contains(&id))
-        .map(|r| r.json())
-        .collect();
+    let bodies = bodies_for(&receiver, &id);
     let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["user.created", "user.updated", "user.deleted"]);
     assert_eq!(bodies[1]["data"], json!({"id": id, "email": "std-2@example.com"}));
