@@ -12,7 +12,7 @@
 //! neither does a session with `pg_new_user_hook.capture` off.
 
 use crate::event::Kind;
-use crate::{guc, request, wake};
+use crate::{guc, outbox, request, wake};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, varlena, PgTrigger};
 use std::cell::{Cell, RefCell};
@@ -252,6 +252,8 @@ thread_local! {
     /// a new user's, and a later change's.
     static CREATED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     static CHANGE_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    /// A new user's, into an outbox without the lifecycle columns (before ALTER EXTENSION UPDATE).
+    static LEGACY_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 // The records go in as `json` Datums (their text): no input function parses them
@@ -263,6 +265,8 @@ thread_local! {
 // from a dump carry the positions of the cluster they were written in).
 const INSERT_CREATED: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
       VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const INSERT_LEGACY: &CStr =
+    c"INSERT INTO new_user_hook.outbox (id, user_id, source, record) VALUES ($1, $2, $3, $4)";
 const INSERT_CHANGE: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
       VALUES ($1, $2, $3, $4, $5, $6, GREATEST($7, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox p \
                                                     WHERE p.user_id = $2 AND p.status = 'pending')))";
@@ -284,7 +288,9 @@ unsafe fn insert_event(
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("pg_new_user_hook: SPI_connect failed");
         }
+        let legacy = !outbox::lifecycle_columns();
         let (cache, sql) = match kind {
+            _ if legacy => (&LEGACY_PLAN, INSERT_LEGACY),
             Kind::Created => (&CREATED_PLAN, INSERT_CREATED),
             Kind::Updated | Kind::Deleted => (&CHANGE_PLAN, INSERT_CHANGE),
         };
@@ -299,7 +305,8 @@ unsafe fn insert_event(
                 pg_sys::JSONOID,
                 pg_sys::INT8OID,
             ];
-            plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
+            let count = if legacy { 4 } else { types.len() };
+            plan = pg_sys::SPI_prepare(sql.as_ptr(), count as i32, types.as_mut_ptr());
             if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
                 error!("pg_new_user_hook: preparing the event insert failed");
             }
@@ -480,6 +487,10 @@ fn capture<'a>(
             }
             _ => return Ok(None),
         };
+        if kind != Kind::Created && !outbox::lifecycle_columns() {
+            // Until ALTER EXTENSION UPDATE, the outbox holds new users only.
+            return Ok(None);
+        }
         let mut user_id = user_id;
         as_owner_of((*data.tg_trigger).tgfoid, || {
             insert_event(kind, &mut user_id, &source.name, &record, old_record.as_deref())

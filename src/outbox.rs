@@ -64,6 +64,29 @@ pub fn installed() -> bool {
     .unwrap_or(false)
 }
 
+thread_local! {
+    static LIFECYCLE_COLUMNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the outbox has the lifecycle columns (`kind`, `old_record`, `seq`; 0.6.0).
+/// After the library is updated and PostgreSQL restarted, the installed extension
+/// keeps its older schema until `ALTER EXTENSION pg_new_user_hook UPDATE`: until then
+/// signups are queued and delivered as before, and nothing else is captured. Looked
+/// up in the catalog (qualified, no search_path) until it is seen, then remembered.
+pub fn lifecycle_columns() -> bool {
+    if LIFECYCLE_COLUMNS.get() {
+        return true;
+    }
+    let found = unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), true);
+        let outbox = pg_sys::get_relname_relid(c"outbox".as_ptr(), namespace);
+        outbox != pg_sys::InvalidOid
+            && pg_sys::get_attnum(outbox, c"seq".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    };
+    LIFECYCLE_COLUMNS.set(found);
+    found
+}
+
 /// An event waits while an earlier event of its user is pending (in flight, being
 /// retried or held back): a user's events go out one at a time, in commit order.
 /// `o` is the outbox row in question; probed through index outbox_pending_user.
@@ -80,6 +103,11 @@ const NO_EARLIER_EVENT_PENDING: &str = "NOT EXISTS (
 /// crashes) is simply due again when the worker starts — at least once, and no
 /// write per claim.
 pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
+    let (in_order, lifecycle) = if lifecycle_columns() {
+        (format!("AND {NO_EARLIER_EVENT_PENDING}"), "o.kind, o.old_record::text")
+    } else {
+        (String::new(), "'created', NULL::text")
+    };
     Spi::connect(|client| {
         let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
         client
@@ -90,11 +118,11 @@ pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
                     "WITH due AS MATERIALIZED (
                          SELECT id FROM new_user_hook.outbox AS o
                           WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
-                            AND {NO_EARLIER_EVENT_PENDING}
+                            {in_order}
                           ORDER BY next_attempt_at
                           LIMIT $1)
                      SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{{}}',
-                            o.kind, o.old_record::text
+                            {lifecycle}
                        FROM new_user_hook.outbox AS o JOIN due USING (id)"
                 ),
                 None,
@@ -124,6 +152,11 @@ pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
 /// overdue): not in flight, and not waiting for an earlier event of its user.
 pub fn next_due(in_flight: &[String]) -> Option<Duration> {
     let args: [DatumWithOid; 1] = [in_flight.to_vec().into()];
+    let in_order = if lifecycle_columns() {
+        format!("AND {NO_EARLIER_EVENT_PENDING}")
+    } else {
+        String::new()
+    };
     Spi::get_one_with_args::<f64>(
         // NULL (not 0) when nothing is pending: then the worker sleeps until woken.
         // ORDER BY … LIMIT 1, not min(): it stops at the first event that qualifies.
@@ -131,7 +164,7 @@ pub fn next_due(in_flight: &[String]) -> Option<Duration> {
             "SELECT (SELECT extract(epoch FROM o.next_attempt_at - clock_timestamp())::float8
                        FROM new_user_hook.outbox AS o
                       WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])
-                        AND {NO_EARLIER_EVENT_PENDING}
+                        {in_order}
                       ORDER BY next_attempt_at
                       LIMIT 1)"
         ),

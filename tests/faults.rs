@@ -178,6 +178,22 @@ fn lifecycle_calls(receiver: &Receiver) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Signs up `n` users; returns their ids and the slowest signup (none may fail or be slow).
+fn timed_signups(cluster: &Cluster, prefix: &str, n: usize) -> (Vec<String>, Duration) {
+    let mut slowest = Duration::ZERO;
+    let ids = (0..n)
+        .map(|i| {
+            let (id, took) = cluster
+                .try_signup(&format!("{prefix}-{i}@example.com"))
+                .expect("a signup failed");
+            slowest = slowest.max(took);
+            id
+        })
+        .collect();
+    assert!(slowest < SLOW_SIGNUP, "{prefix}: a signup took {slowest:?}");
+    (ids, slowest)
+}
+
 /// Checks that each user's accepted events came as `expected` (methods), in that
 /// order and each under one webhook-id, that profiles kept from them end as
 /// `profiles_left`, and records the summary row. Returns nothing: panics on a breach.
@@ -186,6 +202,7 @@ fn check_lifecycle(
     receiver: &Receiver,
     users: &[String],
     expected: &[&str],
+    slowest_signup: Duration,
     started: Instant,
 ) {
     let committed = users.len() * expected.len();
@@ -234,7 +251,7 @@ fn check_lifecycle(
     summary_row(
         scenario,
         [committed, delivered, calls.len() - delivered, committed - delivered, 0],
-        Duration::ZERO,
+        slowest_signup,
         drain,
     );
 }
@@ -251,10 +268,7 @@ fn lifecycle_server_crash_between_an_update_and_its_delivery() {
         Reply::Status(200)
     });
     let mut cluster = hooked(&receiver.url, &[LIFECYCLE]);
-    let started = Instant::now();
-    let users: Vec<String> = (0..20)
-        .map(|i| cluster.signup(&format!("crash-update-{i}@example.com")))
-        .collect();
+    let (users, slowest) = timed_signups(&cluster, "crash-update", 20);
     for (i, user) in users.iter().enumerate() {
         cluster.change_email(user, &format!("crash-update-{i}-new@example.com"));
     }
@@ -262,6 +276,7 @@ fn lifecycle_server_crash_between_an_update_and_its_delivery() {
         receiver.inspect(|all| all.iter().any(|r| r.method == "PATCH")).then_some(())
     });
     cluster.kill9_and_restart();
+    let started = Instant::now();
     gate.store(true, Ordering::SeqCst);
     for user in &users {
         cluster.delete_user(user);
@@ -271,6 +286,7 @@ fn lifecycle_server_crash_between_an_update_and_its_delivery() {
         &receiver,
         &users,
         &["POST", "PATCH", "DELETE"],
+        slowest,
         started,
     );
 }
@@ -283,10 +299,7 @@ fn lifecycle_backend_down_while_users_are_created_updated_and_deleted() {
         &receiver.url,
         &[LIFECYCLE, ("retry_base_ms", "100"), ("probe_interval_ms", "1s")],
     );
-    let started = Instant::now();
-    let users: Vec<String> = (0..10)
-        .map(|i| cluster.signup(&format!("down-{i}@example.com")))
-        .collect();
+    let (users, slowest) = timed_signups(&cluster, "down", 10);
     for (i, user) in users.iter().enumerate() {
         cluster.change_email(user, &format!("down-{i}-new@example.com"));
     }
@@ -298,11 +311,13 @@ fn lifecycle_backend_down_while_users_are_created_updated_and_deleted() {
     });
     assert!(receiver.accepted().is_empty());
     status.store(204, Ordering::SeqCst);
+    let started = Instant::now();
     check_lifecycle(
         "lifecycle: backend down, created+updated+deleted",
         &receiver,
         &users,
         &["POST", "PATCH", "DELETE"],
+        slowest,
         started,
     );
 }

@@ -109,13 +109,17 @@ fn upgrades_in_place_from(release: &str) {
         .unwrap()
         .get(0);
     assert_eq!(pending, 5, "the queued events survived the update");
-    let captured: i64 = admin
-        .query_one("SELECT captured_total FROM new_user_hook.metrics", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        captured, 5,
-        "the metrics count the events queued before the update"
+    // The worker publishes its count of the queue at most once a second.
+    common::wait_for(
+        "the metrics to count the events queued before the update",
+        WITHIN,
+        || {
+            let captured: i64 = admin
+                .query_one("SELECT captured_total FROM new_user_hook.metrics", &[])
+                .unwrap()
+                .get(0);
+            (captured == 5).then_some(())
+        },
     );
 
     // The upgraded schema is the one a fresh install of this version creates.
