@@ -31,8 +31,9 @@ CREATE INDEX outbox_delivered ON new_user_hook.outbox (delivered_at) WHERE statu
 -- without reading the delivered ones kept for the retention (since 0.5.0).
 CREATE INDEX outbox_failed ON new_user_hook.outbox (last_attempt_at) WHERE status = 'failed';
 -- A user's events go out one at a time in order: an event waits while an earlier
--- one of its user is pending (since 0.6.0).
-CREATE INDEX outbox_pending_user ON new_user_hook.outbox (user_id, seq) WHERE status = 'pending';
+-- one of its user is pending (since 0.6.0). A hash index: the look-up is by equality,
+-- and it costs a signup less to maintain than a B-tree.
+CREATE INDEX outbox_pending_user ON new_user_hook.outbox USING hash (user_id) WHERE status = 'pending';
 COMMENT ON TABLE new_user_hook.outbox IS
     'Events of users (created, updated, deleted), delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 -- Queued events are data: pg_dump keeps them.
@@ -104,8 +105,8 @@ END;
 CREATE FUNCTION new_user_hook.capture() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
 
--- The columns whose change can make an event (src/capture.rs): install() builds
--- the update trigger's WHEN from them, so other updates (sign-ins) queue nothing.
+-- The columns whose change can make an event (src/capture.rs): install() lists
+-- them in the update trigger (UPDATE OF …), so other updates (sign-ins) queue nothing.
 CREATE FUNCTION new_user_hook.watched_columns(target regclass) RETURNS text[]
 STRICT STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'watched_columns_wrapper';
 
@@ -189,14 +190,15 @@ BEGIN
                        'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
         added := added + 1;
     END IF;
-    -- Evaluated when the row is updated (a constraint trigger's WHEN is not
-    -- deferred): an update of nothing an event carries queues nothing.
+    -- Only for an UPDATE that sets a column an event can carry: a sign-in (which
+    -- sets last_sign_in_at and updated_at) queues nothing. A column list, not a
+    -- WHEN: PostgreSQL parses a trigger's WHEN anew for every statement.
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_updated') THEN
-        SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', c), ' OR ') INTO watched
+        SELECT string_agg(format('%I', c), ', ') INTO watched
           FROM unnest(new_user_hook.watched_columns(rel)) AS c;
-        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_updated AFTER UPDATE ON %s '
-                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (%s) EXECUTE FUNCTION new_user_hook.capture()',
-                       rel, watched);
+        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_updated AFTER UPDATE OF %s ON %s '
+                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()',
+                       watched, rel);
         added := added + 1;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_deleted') THEN

@@ -10,7 +10,7 @@ ALTER TABLE new_user_hook.outbox
     ADD COLUMN seq bigint NOT NULL DEFAULT 0;
 ALTER TABLE new_user_hook.outbox
     ALTER COLUMN seq SET DEFAULT (pg_catalog.pg_current_wal_insert_lsn() - '0/0')::bigint;
-CREATE INDEX outbox_pending_user ON new_user_hook.outbox (user_id, seq) WHERE status = 'pending';
+CREATE INDEX outbox_pending_user ON new_user_hook.outbox USING hash (user_id) WHERE status = 'pending';
 COMMENT ON TABLE new_user_hook.outbox IS
     'Events of users (created, updated, deleted), delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 
@@ -29,8 +29,8 @@ SELECT id,
        kind AS event_type
   FROM new_user_hook.outbox;
 
--- The columns whose change can make an event (src/capture.rs): install() builds
--- the update trigger's WHEN from them, so other updates (sign-ins) queue nothing.
+-- The columns whose change can make an event (src/capture.rs): install() lists
+-- them in the update trigger (UPDATE OF …), so other updates (sign-ins) queue nothing.
 CREATE FUNCTION new_user_hook.watched_columns(target regclass) RETURNS text[]
 STRICT STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'watched_columns_wrapper';
 
@@ -103,14 +103,15 @@ BEGIN
                        'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
         added := added + 1;
     END IF;
-    -- Evaluated when the row is updated (a constraint trigger's WHEN is not
-    -- deferred): an update of nothing an event carries queues nothing.
+    -- Only for an UPDATE that sets a column an event can carry: a sign-in (which
+    -- sets last_sign_in_at and updated_at) queues nothing. A column list, not a
+    -- WHEN: PostgreSQL parses a trigger's WHEN anew for every statement.
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_updated') THEN
-        SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', c), ' OR ') INTO watched
+        SELECT string_agg(format('%I', c), ', ') INTO watched
           FROM unnest(new_user_hook.watched_columns(rel)) AS c;
-        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_updated AFTER UPDATE ON %s '
-                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (%s) EXECUTE FUNCTION new_user_hook.capture()',
-                       rel, watched);
+        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_updated AFTER UPDATE OF %s ON %s '
+                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()',
+                       watched, rel);
         added := added + 1;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_deleted') THEN

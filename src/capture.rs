@@ -598,9 +598,10 @@ fn snapshot(target: pg_sys::Oid, row_id: pg_sys::ItemPointerData) -> Option<Stri
 
 /// The columns of a users table whose change can make an event (SQL:
 /// `new_user_hook.watched_columns(regclass)`): every column an event may carry
-/// except the id and bookkeeping, and `deleted_at` (a soft delete). install() puts
-/// them in the update trigger's WHEN, so any other update — a sign-in — queues
-/// nothing at all.
+/// except the id and bookkeeping, and `deleted_at` (a soft delete). install() lists
+/// them in the update trigger (`AFTER UPDATE OF …`), so an update of other columns
+/// only — a sign-in — queues nothing at all; an update that sets one of them to the
+/// same value is compared by `capture()` at commit.
 #[pg_extern(stable, parallel_safe, sql = false)]
 fn watched_columns(target: pg_sys::Oid) -> Vec<String> {
     unsafe {

@@ -121,6 +121,17 @@ fn checked_text(
     flags: GucFlags,
     check: pg_sys::GucStringCheckHook,
 ) {
+    checked_text_with_assign(name, short, setting, flags, check, None);
+}
+
+fn checked_text_with_assign(
+    name: &'static CStr,
+    short: &'static CStr,
+    setting: &'static Text,
+    flags: GucFlags,
+    check: pg_sys::GucStringCheckHook,
+    assign: pg_sys::GucStringAssignHook,
+) {
     // SAFETY: the hooks are #[pg_guard]ed.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
@@ -131,7 +142,7 @@ fn checked_text(
             GucContext::Sighup,
             flags,
             check,
-            None,
+            assign,
             None,
         )
     }
@@ -214,12 +225,13 @@ pub fn define(preloading: bool) {
         GucFlags::default(),
         Some(check_fields),
     );
-    checked_text(
+    checked_text_with_assign(
         names::c::EVENTS,
         c"Which changes of a user are delivered: comma-separated created, updated, deleted.",
         &EVENTS,
         GucFlags::default(),
         Some(check_events),
+        Some(assign_events),
     );
     text(
         names::c::CA_FILE,
@@ -351,6 +363,20 @@ unsafe extern "C-unwind" fn check_events(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     unsafe { check_with(newval, |v| crate::event::parse_kinds(v).map(drop)) }
+}
+
+/// `events` as parsed at its last assignment: the trigger reads it at every signup.
+static EVENT_KINDS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0b001);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn assign_events(newval: *const c_char, _extra: *mut c_void) {
+    let value = unsafe { newval.as_ref() }
+        .map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned());
+    // The check hook has accepted it.
+    let kinds = crate::event::parse_kinds(value.as_deref().unwrap_or(""))
+        .unwrap_or(crate::event::Kinds::DEFAULT);
+    let bits = kinds.created as u8 | (kinds.updated as u8) << 1 | (kinds.deleted as u8) << 2;
+    EVENT_KINDS.store(bits, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[pg_guard]
@@ -519,7 +545,12 @@ pub fn paused() -> bool {
 
 /// The kinds of event to capture (`events`), as this process last read the settings.
 pub fn events() -> crate::event::Kinds {
-    crate::event::parse_kinds(&string(&EVENTS)).unwrap_or(crate::event::Kinds::DEFAULT)
+    let bits = EVENT_KINDS.load(std::sync::atomic::Ordering::Relaxed);
+    crate::event::Kinds {
+        created: bits & 0b001 != 0,
+        updated: bits & 0b010 != 0,
+        deleted: bits & 0b100 != 0,
+    }
 }
 
 /// The fields whose change makes an update event, for the configured payload.

@@ -147,6 +147,23 @@ mod tests {
         Spi::run("CREATE SCHEMA app; CREATE TABLE app.users (id uuid PRIMARY KEY, email text, secret text)").unwrap();
     }
 
+    /// The first node of an EXPLAIN (FORMAT JSON) plan for which `pick` holds.
+    fn find_node<'a>(
+        node: &'a serde_json::Value,
+        pick: &dyn Fn(&serde_json::Value) -> bool,
+    ) -> Option<&'a serde_json::Value> {
+        match node {
+            serde_json::Value::Array(items) => items.iter().find_map(|n| find_node(n, pick)),
+            serde_json::Value::Object(map) => {
+                if pick(node) {
+                    return Some(node);
+                }
+                map.values().find_map(|n| find_node(n, pick))
+            }
+            _ => None,
+        }
+    }
+
     fn count(sql: &str) -> i64 {
         Spi::get_one::<i64>(sql).unwrap().unwrap()
     }
@@ -308,13 +325,51 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(watched, "email,phone,email_confirmed_at,deleted_at");
-        let when = Spi::get_one::<String>(
+        let def = Spi::get_one::<String>(
             "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'new_user_hook_updated'",
         )
         .unwrap()
         .unwrap();
-        assert!(when.contains("WHEN (((old.email IS DISTINCT FROM new.email) OR (old.phone"), "{when}");
-        assert!(!when.contains("last_sign_in_at") && !when.contains("encrypted_password"), "{when}");
+        assert!(
+            def.contains("AFTER UPDATE OF email, phone, email_confirmed_at, deleted_at ON auth.users"),
+            "{def}"
+        );
+    }
+
+    #[pg_test]
+    fn the_claim_probes_each_users_earlier_events_through_the_index() {
+        // A backlog of 20,000 users, a few of them with a later event waiting.
+        Spi::run(
+            "INSERT INTO new_user_hook.outbox (id, user_id, source, record, seq)
+             SELECT gen_random_uuid(), gen_random_uuid(), 'auth.users', '{}', g FROM generate_series(1, 20000) g;
+             INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, seq)
+             SELECT gen_random_uuid(), user_id, source, record, 'updated', seq + 100000
+               FROM new_user_hook.outbox WHERE seq <= 20;
+             ANALYZE new_user_hook.outbox;",
+        )
+        .unwrap();
+        for sql in [
+            crate::outbox::claim_sql(true).replace("$1", "256").replace("$2", "'{}'"),
+            crate::outbox::next_due_sql(true).replace("$1", "'{}'"),
+        ] {
+            let plan = Spi::explain(&sql).unwrap().0;
+            // Each candidate is checked by a look-up of its user (a nested loop probing
+            // the index), never by reading the whole backlog (a hash anti join).
+            let anti = find_node(&plan, &|n| n["Join Type"] == "Anti").expect("an anti join");
+            assert_eq!(anti["Node Type"], "Nested Loop", "{plan}");
+            assert!(
+                anti["Plans"][1]["Index Name"] == "outbox_pending_user",
+                "{plan}"
+            );
+        }
+        // The later events wait for their users' first ones; the others are claimable.
+        let claimable = Spi::get_one::<i64>(&format!(
+            "SELECT count(*) FROM ({}) c",
+            crate::outbox::claim_sql(true).replace("$1", "30000").replace("$2", "'{}'")
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(claimable, 20000);
     }
 
     #[pg_test]

@@ -89,7 +89,8 @@ pub fn lifecycle_columns() -> bool {
 
 /// An event waits while an earlier event of its user is pending (in flight, being
 /// retried or held back): a user's events go out one at a time, in commit order.
-/// `o` is the outbox row in question; probed through index outbox_pending_user.
+/// `o` is the outbox row in question; probed through index outbox_pending_user
+/// (`tests::the_claim_probes_each_users_earlier_events_through_the_index`).
 const NO_EARLIER_EVENT_PENDING: &str = "NOT EXISTS (
         SELECT 1 FROM new_user_hook.outbox AS p
          WHERE p.user_id = o.user_id AND p.status = 'pending' AND p.seq < o.seq)";
@@ -103,31 +104,10 @@ const NO_EARLIER_EVENT_PENDING: &str = "NOT EXISTS (
 /// crashes) is simply due again when the worker starts — at least once, and no
 /// write per claim.
 pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
-    let (in_order, lifecycle) = if lifecycle_columns() {
-        (format!("AND {NO_EARLIER_EVENT_PENDING}"), "o.kind, o.old_record::text")
-    } else {
-        (String::new(), "'created', NULL::text")
-    };
     Spi::connect(|client| {
         let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
         client
-            .select(
-                // Pick the ids first: the planner may sort every due row, and the
-                // (costly) text of the records is then made for the batch only.
-                &format!(
-                    "WITH due AS MATERIALIZED (
-                         SELECT id FROM new_user_hook.outbox AS o
-                          WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
-                            {in_order}
-                          ORDER BY next_attempt_at
-                          LIMIT $1)
-                     SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{{}}',
-                            {lifecycle}
-                       FROM new_user_hook.outbox AS o JOIN due USING (id)"
-                ),
-                None,
-                &args,
-            )
+            .select(&claim_sql(lifecycle_columns()), None, &args)
             .expect("claiming due events")
             .map(|row| Event {
                 id: row.get::<String>(1).ok().flatten().unwrap_or_default(),
@@ -148,30 +128,54 @@ pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
     })
 }
 
+/// The claim: $1 the batch size, $2 the ids in flight. Without the lifecycle columns
+/// (an outbox not yet updated), every event is a creation.
+pub fn claim_sql(lifecycle: bool) -> String {
+    let (in_order, columns) = if lifecycle {
+        (format!("AND {NO_EARLIER_EVENT_PENDING}"), "o.kind, o.old_record::text")
+    } else {
+        (String::new(), "'created', NULL::text")
+    };
+    // Pick the ids first: the planner may sort every due row, and the (costly) text
+    // of the records is then made for the batch only.
+    format!(
+        "WITH due AS MATERIALIZED (
+             SELECT id FROM new_user_hook.outbox AS o
+              WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL ($2::text[]::uuid[])
+                {in_order}
+              ORDER BY next_attempt_at
+              LIMIT $1)
+         SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{{}}', {columns}
+           FROM new_user_hook.outbox AS o JOIN due USING (id)"
+    )
+}
+
 /// Time until the earliest pending event that could be claimed is due (zero if
 /// overdue): not in flight, and not waiting for an earlier event of its user.
 pub fn next_due(in_flight: &[String]) -> Option<Duration> {
     let args: [DatumWithOid; 1] = [in_flight.to_vec().into()];
-    let in_order = if lifecycle_columns() {
+    Spi::get_one_with_args::<f64>(&next_due_sql(lifecycle_columns()), &args)
+        .expect("finding the next due event")
+        .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
+}
+
+/// `next_due`'s query: $1 the ids in flight.
+pub fn next_due_sql(lifecycle: bool) -> String {
+    let in_order = if lifecycle {
         format!("AND {NO_EARLIER_EVENT_PENDING}")
     } else {
         String::new()
     };
-    Spi::get_one_with_args::<f64>(
-        // NULL (not 0) when nothing is pending: then the worker sleeps until woken.
-        // ORDER BY … LIMIT 1, not min(): it stops at the first event that qualifies.
-        &format!(
-            "SELECT (SELECT extract(epoch FROM o.next_attempt_at - clock_timestamp())::float8
-                       FROM new_user_hook.outbox AS o
-                      WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])
-                        {in_order}
-                      ORDER BY next_attempt_at
-                      LIMIT 1)"
-        ),
-        &args,
+    // NULL (not 0) when nothing is pending: then the worker sleeps until woken.
+    // ORDER BY … LIMIT 1, not min(): it stops at the first event that qualifies.
+    format!(
+        "SELECT (SELECT extract(epoch FROM o.next_attempt_at - clock_timestamp())::float8
+                   FROM new_user_hook.outbox AS o
+                  WHERE status = 'pending' AND id <> ALL ($1::text[]::uuid[])
+                    {in_order}
+                  ORDER BY next_attempt_at
+                  LIMIT 1)"
     )
-    .expect("finding the next due event")
-    .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
 
 /// One outcome to record: the event, its attempt number, the decision, and the
