@@ -263,7 +263,8 @@ thread_local! {
 // same user waits for this one's row lock, so its position is higher. A change's
 // event also comes after any event of the user still pending (events restored
 // from a dump carry the positions of the cluster they were written in).
-const INSERT_CREATED: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
+const INSERT_CREATED: &CStr =
+    c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
       VALUES ($1, $2, $3, $4, $5, $6, $7)";
 const INSERT_LEGACY: &CStr =
     c"INSERT INTO new_user_hook.outbox (id, user_id, source, record) VALUES ($1, $2, $3, $4)";
@@ -323,7 +324,16 @@ unsafe fn insert_event(
             old_record.map_or(pg_sys::Datum::from(0), text_datum),
             pg_sys::Datum::from(seq),
         ];
-        let nulls = [b' ', b' ', b' ', b' ', b' ', if old_record.is_some() { b' ' } else { b'n' }, b' ', 0];
+        let nulls = [
+            b' ',
+            b' ',
+            b' ',
+            b' ',
+            b' ',
+            if old_record.is_some() { b' ' } else { b'n' },
+            b' ',
+            0,
+        ];
         let rc = pg_sys::SPI_execute_plan(
             plan,
             values.as_mut_ptr(),
@@ -371,9 +381,13 @@ fn change_event<'r>(
     }
     match committed {
         // A deletion carries the user as it was: never a soft delete's obfuscated values.
-        None => kinds.deleted.then_some((Kind::Deleted, before.record.as_str(), None)),
+        None => kinds
+            .deleted
+            .then_some((Kind::Deleted, before.record.as_str(), None)),
         Some(after) if after.deleted => {
-            kinds.deleted.then_some((Kind::Deleted, before.record.as_str(), None))
+            kinds
+                .deleted
+                .then_some((Kind::Deleted, before.record.as_str(), None))
         }
         Some(after) => (kinds.updated
             && request::differ_in(&before.record, &after.record, &guc::update_fields()))
@@ -493,7 +507,13 @@ fn capture<'a>(
         }
         let mut user_id = user_id;
         as_owner_of((*data.tg_trigger).tgfoid, || {
-            insert_event(kind, &mut user_id, &source.name, &record, old_record.as_deref())
+            insert_event(
+                kind,
+                &mut user_id,
+                &source.name,
+                &record,
+                old_record.as_deref(),
+            )
         });
     }
     wake::wake_on_commit();

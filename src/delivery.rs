@@ -90,8 +90,7 @@ impl Channel {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let headers =
-            request::headers(&self.target, &event.id, timestamp, request.body.as_deref());
+        let headers = request::headers(&self.target, &event.id, timestamp, request.body.as_deref());
         let sent = match &request.body {
             Some(body) => {
                 let mut req = match request.method {
@@ -600,15 +599,41 @@ mod tests {
             kind: crate::event::Kind::Deleted,
             ..job()
         };
-        assert!(matches!(channel.send(&updated), Attempt::Response { status: 200, .. }));
-        assert!(matches!(channel.send(&deleted), Attempt::Response { status: 204, .. }));
+        assert!(matches!(
+            channel.send(&updated),
+            Attempt::Response { status: 200, .. }
+        ));
+        assert!(matches!(
+            channel.send(&deleted),
+            Attempt::Response { status: 204, .. }
+        ));
         let raw = server.join().unwrap();
-        assert!(raw[0].starts_with("PATCH /users/u-1 HTTP/1.1\r\n"), "{}", raw[0]);
-        assert!(raw[0].ends_with(r#"{"email":"new@example.com","id":"u-1"}"#), "{}", raw[0]);
-        assert!(raw[1].starts_with("DELETE /users/u-1 HTTP/1.1\r\n"), "{}", raw[1]);
+        assert!(
+            raw[0].starts_with("PATCH /users/u-1 HTTP/1.1\r\n"),
+            "{}",
+            raw[0]
+        );
+        assert!(
+            raw[0].ends_with(r#"{"email":"new@example.com","id":"u-1"}"#),
+            "{}",
+            raw[0]
+        );
+        assert!(
+            raw[1].starts_with("DELETE /users/u-1 HTTP/1.1\r\n"),
+            "{}",
+            raw[1]
+        );
         let lower = raw[1].to_ascii_lowercase();
-        assert!(lower.contains("\r\nwebhook-id: evt-1\r\n") && lower.contains("\r\nx-api-key: k\r\n"), "{}", raw[1]);
-        assert!(!lower.contains("content-type") && raw[1].ends_with("\r\n\r\n"), "{}", raw[1]);
+        assert!(
+            lower.contains("\r\nwebhook-id: evt-1\r\n") && lower.contains("\r\nx-api-key: k\r\n"),
+            "{}",
+            raw[1]
+        );
+        assert!(
+            !lower.contains("content-type") && raw[1].ends_with("\r\n\r\n"),
+            "{}",
+            raw[1]
+        );
     }
 
     #[test]

@@ -331,7 +331,9 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(
-            def.contains("AFTER UPDATE OF email, phone, email_confirmed_at, deleted_at ON auth.users"),
+            def.contains(
+                "AFTER UPDATE OF email, phone, email_confirmed_at, deleted_at ON auth.users"
+            ),
             "{def}"
         );
     }
@@ -349,7 +351,9 @@ mod tests {
         )
         .unwrap();
         for sql in [
-            crate::outbox::claim_sql(true).replace("$1", "256").replace("$2", "'{}'"),
+            crate::outbox::claim_sql(true)
+                .replace("$1", "256")
+                .replace("$2", "'{}'"),
             crate::outbox::next_due_sql(true).replace("$1", "'{}'"),
         ] {
             let plan = Spi::explain(&sql).unwrap().0;
@@ -365,7 +369,9 @@ mod tests {
         // The later events wait for their users' first ones; the others are claimable.
         let claimable = Spi::get_one::<i64>(&format!(
             "SELECT count(*) FROM ({}) c",
-            crate::outbox::claim_sql(true).replace("$1", "30000").replace("$2", "'{}'")
+            crate::outbox::claim_sql(true)
+                .replace("$1", "30000")
+                .replace("$2", "'{}'")
         ))
         .unwrap()
         .unwrap();

@@ -132,7 +132,10 @@ pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
 /// (an outbox not yet updated), every event is a creation.
 pub fn claim_sql(lifecycle: bool) -> String {
     let (in_order, columns) = if lifecycle {
-        (format!("AND {NO_EARLIER_EVENT_PENDING}"), "o.kind, o.old_record::text")
+        (
+            format!("AND {NO_EARLIER_EVENT_PENDING}"),
+            "o.kind, o.old_record::text",
+        )
     } else {
         (String::new(), "'created', NULL::text")
     };

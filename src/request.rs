@@ -422,7 +422,8 @@ mod tests {
         serde_json::from_str(&body(target, &event(record)).unwrap()).unwrap()
     }
 
-    const OLD: &str = r#"{"id":"8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80","email":"old@example.com","phone":null}"#;
+    const OLD: &str =
+        r#"{"id":"8d8c5f8e-4b6a-4f55-9d8c-2b4c5d6e7f80","email":"old@example.com","phone":null}"#;
 
     fn lifecycle(kind: Kind) -> Event {
         Event {
@@ -495,7 +496,10 @@ mod tests {
     fn the_users_resource_url_keeps_the_query_string_and_has_one_slash() {
         assert_eq!(item_url("http://h/users", "u1"), "http://h/users/u1");
         assert_eq!(item_url("http://h/users/", "u1"), "http://h/users/u1");
-        assert_eq!(item_url("http://h/users?v=2#x", "u1"), "http://h/users/u1?v=2#x");
+        assert_eq!(
+            item_url("http://h/users?v=2#x", "u1"),
+            "http://h/users/u1?v=2#x"
+        );
         assert_eq!(item_url("https://h:8443", "u1"), "https://h:8443/u1");
     }
 
@@ -503,7 +507,9 @@ mod tests {
     fn an_update_counts_when_a_sent_field_changes_never_for_bookkeeping_alone() {
         let all = parse_fields("").unwrap();
         let watched = watched_fields(Format::Supabase, &all);
-        assert!(!watched.iter().any(|f| f == "updated_at" || f == "last_sign_in_at" || f == "id"));
+        assert!(!watched
+            .iter()
+            .any(|f| f == "updated_at" || f == "last_sign_in_at" || f == "id"));
         assert!(watched.iter().any(|f| f == "email_confirmed_at"));
         assert_eq!(watched_fields(Format::Minimal, &all), vec!["email"]);
         let chosen = parse_fields("id,email,last_sign_in_at").unwrap();
@@ -514,7 +520,11 @@ mod tests {
         let confirmed = r#"{"id":"u","email":"a@x","last_sign_in_at":null,"email_confirmed_at":"2026-12-01T00:00:00Z"}"#;
         assert!(!differ_in(before, signed_in, &watched));
         assert!(differ_in(before, confirmed, &watched));
-        assert!(!differ_in(before, confirmed, &watched_fields(Format::Minimal, &all)));
+        assert!(!differ_in(
+            before,
+            confirmed,
+            &watched_fields(Format::Minimal, &all)
+        ));
     }
 
     #[test]

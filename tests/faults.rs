@@ -134,7 +134,13 @@ impl Tally {
         );
         summary_row(
             self.scenario,
-            [self.committed.len(), delivered, duplicates, lost, self.failed_signups],
+            [
+                self.committed.len(),
+                delivered,
+                duplicates,
+                lost,
+                self.failed_signups,
+            ],
             self.slowest_signup,
             drain,
         );
@@ -173,7 +179,11 @@ fn lifecycle_calls(receiver: &Receiver) -> Vec<(String, String, String)> {
                 "POST" => r.json()["id"].as_str().unwrap_or_default().to_string(),
                 _ => r.path.rsplit('/').next().unwrap_or_default().to_string(),
             };
-            (user, r.method.clone(), r.header("webhook-id").unwrap_or_default().to_string())
+            (
+                user,
+                r.method.clone(),
+                r.header("webhook-id").unwrap_or_default().to_string(),
+            )
         })
         .collect()
 }
@@ -206,15 +216,21 @@ fn check_lifecycle(
     started: Instant,
 ) {
     let committed = users.len() * expected.len();
-    let calls = wait_for(&format!("{scenario}: every event delivered"), WITHIN, || {
-        let calls = lifecycle_calls(receiver);
-        let events: HashSet<(&str, &str)> =
-            calls.iter().map(|(u, m, _)| (u.as_str(), m.as_str())).collect();
-        users
-            .iter()
-            .all(|u| expected.iter().all(|m| events.contains(&(u.as_str(), *m))))
-            .then_some(calls)
-    });
+    let calls = wait_for(
+        &format!("{scenario}: every event delivered"),
+        WITHIN,
+        || {
+            let calls = lifecycle_calls(receiver);
+            let events: HashSet<(&str, &str)> = calls
+                .iter()
+                .map(|(u, m, _)| (u.as_str(), m.as_str()))
+                .collect();
+            users
+                .iter()
+                .all(|u| expected.iter().all(|m| events.contains(&(u.as_str(), *m))))
+                .then_some(calls)
+        },
+    );
     let drain = started.elapsed();
     let mut profiles: HashSet<&str> = HashSet::new();
     let mut ids: HashMap<(&str, &str), HashSet<&str>> = HashMap::new();
@@ -229,7 +245,10 @@ fn check_lifecycle(
                 }
             }
         }
-        assert_eq!(seen, expected, "{scenario}: {user} saw its events out of order");
+        assert_eq!(
+            seen, expected,
+            "{scenario}: {user} saw its events out of order"
+        );
     }
     for (u, method, _) in &calls {
         match method.as_str() {
@@ -238,19 +257,32 @@ fn check_lifecycle(
         };
     }
     for (event, webhooks) in &ids {
-        assert_eq!(webhooks.len(), 1, "{scenario}: {event:?} sent under several webhook-ids");
+        assert_eq!(
+            webhooks.len(),
+            1,
+            "{scenario}: {event:?} sent under several webhook-ids"
+        );
     }
     assert!(
         calls.iter().all(|(u, _, _)| users.contains(u)),
         "{scenario}: an unknown user was announced"
     );
     if expected.last() == Some(&"DELETE") {
-        assert!(profiles.is_empty(), "{scenario}: profiles left: {profiles:?}");
+        assert!(
+            profiles.is_empty(),
+            "{scenario}: profiles left: {profiles:?}"
+        );
     }
     let delivered = ids.len();
     summary_row(
         scenario,
-        [committed, delivered, calls.len() - delivered, committed - delivered, 0],
+        [
+            committed,
+            delivered,
+            calls.len() - delivered,
+            committed - delivered,
+            0,
+        ],
         slowest_signup,
         drain,
     );
@@ -273,7 +305,9 @@ fn lifecycle_server_crash_between_an_update_and_its_delivery() {
         cluster.change_email(user, &format!("crash-update-{i}-new@example.com"));
     }
     wait_for("updates on the wire", WITHIN, || {
-        receiver.inspect(|all| all.iter().any(|r| r.method == "PATCH")).then_some(())
+        receiver
+            .inspect(|all| all.iter().any(|r| r.method == "PATCH"))
+            .then_some(())
     });
     cluster.kill9_and_restart();
     let started = Instant::now();
@@ -297,7 +331,11 @@ fn lifecycle_backend_down_while_users_are_created_updated_and_deleted() {
     status.store(503, Ordering::SeqCst);
     let cluster = hooked(
         &receiver.url,
-        &[LIFECYCLE, ("retry_base_ms", "100"), ("probe_interval_ms", "1s")],
+        &[
+            LIFECYCLE,
+            ("retry_base_ms", "100"),
+            ("probe_interval_ms", "1s"),
+        ],
     );
     let (users, slowest) = timed_signups(&cluster, "down", 10);
     for (i, user) in users.iter().enumerate() {

@@ -46,16 +46,20 @@ fn outbox_count(cluster: &Cluster, user_id: &str) -> i64 {
 
 fn wait_delivered(cluster: &Cluster, user_id: &str, n: i64) {
     let mut admin = cluster.connect("supabase_admin");
-    wait_for(&format!("{n} delivered events of {user_id}"), WITHIN, || {
-        let done: i64 = admin
+    wait_for(
+        &format!("{n} delivered events of {user_id}"),
+        WITHIN,
+        || {
+            let done: i64 = admin
             .query_one(
                 "SELECT count(*) FROM new_user_hook.deliveries WHERE user_id = $1::text::uuid AND status = 'delivered'",
                 &[&user_id],
             )
             .unwrap()
             .get(0);
-        (done >= n).then_some(())
-    });
+            (done >= n).then_some(())
+        },
+    );
 }
 
 #[test]
@@ -68,7 +72,11 @@ fn with_the_default_events_only_creations_are_delivered() {
     cluster.soft_delete(&id);
     cluster.delete_user(&id);
     wait_delivered(&cluster, &id, 1);
-    assert_eq!(outbox_count(&cluster, &id), 1, "only the creation is queued");
+    assert_eq!(
+        outbox_count(&cluster, &id),
+        1,
+        "only the creation is queued"
+    );
     let calls = calls_for(&receiver, &id);
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0].0, "POST");
@@ -167,7 +175,10 @@ fn one_transaction_makes_one_event_for_a_user_with_the_committed_state() {
         ))
         .unwrap();
     let both: String = gotrue
-        .query_one("SELECT id::text FROM users WHERE email = 'both-final@example.com'", &[])
+        .query_one(
+            "SELECT id::text FROM users WHERE email = 'both-final@example.com'",
+            &[],
+        )
         .unwrap()
         .get(0);
     // Created and deleted in one transaction: nothing at all.
@@ -210,17 +221,25 @@ fn one_transaction_makes_one_event_for_a_user_with_the_committed_state() {
         .get(0);
     assert_eq!(ghosts, 0);
     assert!(
-        !receiver.requests().iter().any(|r| r.body.contains("ghost@")),
+        !receiver
+            .requests()
+            .iter()
+            .any(|r| r.body.contains("ghost@")),
         "a user created and deleted in one transaction was announced"
     );
 }
 
 #[test]
-fn the_supabase_format_sends_update_and_delete_as_database_webhooks_and_a_soft_delete_is_a_deletion() {
+fn the_supabase_format_sends_update_and_delete_as_database_webhooks_and_a_soft_delete_is_a_deletion(
+) {
     let receiver = Receiver::ok();
     let cluster = Cluster::hooked_to(
         &receiver.url,
-        &[ALL, ("payload_format", "supabase"), ("fields", "id,email,email_confirmed_at,updated_at")],
+        &[
+            ALL,
+            ("payload_format", "supabase"),
+            ("fields", "id,email,email_confirmed_at,updated_at"),
+        ],
     );
     let id = cluster.signup("hooks@example.com");
     wait_delivered(&cluster, &id, 1);
@@ -240,8 +259,14 @@ fn the_supabase_format_sends_update_and_delete_as_database_webhooks_and_a_soft_d
     assert_eq!(update["type"], "UPDATE");
     assert_eq!(update["table"], "users");
     assert_eq!(update["schema"], "auth");
-    assert!(update["record"]["email_confirmed_at"].is_string(), "{update}");
-    assert!(update["old_record"]["email_confirmed_at"].is_null(), "{update}");
+    assert!(
+        update["record"]["email_confirmed_at"].is_string(),
+        "{update}"
+    );
+    assert!(
+        update["old_record"]["email_confirmed_at"].is_null(),
+        "{update}"
+    );
     assert_eq!(update["old_record"]["email"], "hooks@example.com");
     let delete = &bodies[2];
     assert_eq!(delete["type"], "DELETE");
@@ -252,7 +277,9 @@ fn the_supabase_format_sends_update_and_delete_as_database_webhooks_and_a_soft_d
     // Nothing else is queued for the user after the soft delete.
     wait_for("the last changes to commit", WITHIN, || {
         (cluster
-            .one_row(&format!("SELECT count(*) FROM auth.users WHERE id = '{id}'"))
+            .one_row(&format!(
+                "SELECT count(*) FROM auth.users WHERE id = '{id}'"
+            ))
             .get::<_, i64>(0)
             == 0)
             .then_some(())
@@ -273,7 +300,10 @@ fn admin_update(cluster: &Cluster, id: &str) {
 #[test]
 fn the_standard_format_names_the_change_in_its_type() {
     let receiver = Receiver::ok();
-    let cluster = Cluster::hooked_to(&receiver.url, &[ALL, ("payload_format", "standard"), ("fields", "id,email")]);
+    let cluster = Cluster::hooked_to(
+        &receiver.url,
+        &[ALL, ("payload_format", "standard"), ("fields", "id,email")],
+    );
     let id = cluster.signup("std@example.com");
     wait_delivered(&cluster, &id, 1);
     cluster.change_email(&id, "std-2@example.com");
@@ -283,8 +313,14 @@ fn the_standard_format_names_the_change_in_its_type() {
     let bodies = bodies_for(&receiver, &id);
     let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["user.created", "user.updated", "user.deleted"]);
-    assert_eq!(bodies[1]["data"], json!({"id": id, "email": "std-2@example.com"}));
-    assert_eq!(bodies[2]["data"], json!({"id": id, "email": "std-2@example.com"}));
+    assert_eq!(
+        bodies[1]["data"],
+        json!({"id": id, "email": "std-2@example.com"})
+    );
+    assert_eq!(
+        bodies[2]["data"],
+        json!({"id": id, "email": "std-2@example.com"})
+    );
 }
 
 #[test]
@@ -303,8 +339,10 @@ fn a_later_event_of_a_user_waits_while_the_earlier_one_is_retried() {
     cluster.change_email(&id, "second@example.com");
     wait_delivered(&cluster, &id, 2);
     let all = receiver.requests();
-    let methods: Vec<(&str, Option<u16>)> =
-        all.iter().map(|r| (r.method.as_str(), r.answered)).collect();
+    let methods: Vec<(&str, Option<u16>)> = all
+        .iter()
+        .map(|r| (r.method.as_str(), r.answered))
+        .collect();
     assert_eq!(
         methods,
         [
@@ -324,7 +362,12 @@ fn a_users_events_stay_in_order_under_concurrency_32_with_retries_and_users_stay
     let receiver = Receiver::start(|n, _| Reply::Status(if n % 3 == 1 { 503 } else { 204 }));
     let cluster = Cluster::hooked_to(
         &receiver.url,
-        &[ALL, ("retry_base_ms", "50"), ("retry_max_ms", "200"), ("breaker_failures", "0")],
+        &[
+            ALL,
+            ("retry_base_ms", "50"),
+            ("retry_max_ms", "200"),
+            ("breaker_failures", "0"),
+        ],
     );
     let users = 120;
     let ids: Vec<String> = (0..users)
@@ -360,10 +403,17 @@ fn a_users_events_stay_in_order_under_concurrency_32_with_retries_and_users_stay
                 "user {id}: {} sent while at {} ({:?})",
                 r.method,
                 order[stage],
-                requests.iter().map(|r| (&r.method, r.answered)).collect::<Vec<_>>()
+                requests
+                    .iter()
+                    .map(|r| (&r.method, r.answered))
+                    .collect::<Vec<_>>()
             );
             if let Some(at) = accepted_at {
-                assert!(r.at >= at, "user {id}: {} sent before the earlier event was accepted", r.method);
+                assert!(
+                    r.at >= at,
+                    "user {id}: {} sent before the earlier event was accepted",
+                    r.method
+                );
             }
             if r.answered.is_some_and(|s| s < 300) {
                 stage += 1;
@@ -406,5 +456,9 @@ fn the_events_setting_refuses_bad_values_and_applies_at_a_reload() {
     let calls = calls_for(&receiver, &id);
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert!(calls[1].2.contains("reload-3@example.com"), "{calls:?}");
-    assert_eq!(outbox_count(&cluster, &id), 2, "deletions are not configured");
+    assert_eq!(
+        outbox_count(&cluster, &id),
+        2,
+        "deletions are not configured"
+    );
 }

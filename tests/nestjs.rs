@@ -204,7 +204,9 @@ fn the_nestjs_backend_keeps_a_profile_in_sync_through_confirmation_email_change_
     cluster.confirm_email(&id);
     cluster.change_email(&id, "sync-new@example.com");
     let email = wait_for("the profile with the new email", WITHIN, || {
-        profile_of(&id).flatten().filter(|e| e == "sync-new@example.com")
+        profile_of(&id)
+            .flatten()
+            .filter(|e| e == "sync-new@example.com")
     });
     assert_eq!(email, "sync-new@example.com");
     let attempts: i32 = cluster
@@ -212,7 +214,10 @@ fn the_nestjs_backend_keeps_a_profile_in_sync_through_confirmation_email_change_
             "SELECT attempts FROM new_user_hook.deliveries WHERE user_id = '{id}' AND event_type = 'created'"
         ))
         .get(0);
-    assert_eq!(attempts, 3, "the creation was retried twice before it went through");
+    assert_eq!(
+        attempts, 3,
+        "the creation was retried twice before it went through"
+    );
     let second = cluster.signup("sync-other@example.com");
     cluster.delete_user(&id);
     wait_for("the profile to be deleted", WITHIN, || {
@@ -221,11 +226,15 @@ fn the_nestjs_backend_keeps_a_profile_in_sync_through_confirmation_email_change_
     // The other user's profile is untouched; redelivering everything changes nothing.
     wait_for("the second profile", WITHIN, || profile_of(&second));
     let requeued: i64 = cluster
-        .one_row("SELECT count(*) FROM new_user_hook.deliveries d WHERE new_user_hook.redeliver(d.id)")
+        .one_row(
+            "SELECT count(*) FROM new_user_hook.deliveries d WHERE new_user_hook.redeliver(d.id)",
+        )
         .get(0);
     assert_eq!(requeued, 4);
     wait_for("every redelivery to be acknowledged", WITHIN, || {
-        let pending: i64 = cluster.one_row("SELECT pending FROM new_user_hook.status").get(0);
+        let pending: i64 = cluster
+            .one_row("SELECT pending FROM new_user_hook.status")
+            .get(0);
         (pending == 0).then_some(())
     });
     let profiles = backend.profiles();
