@@ -424,3 +424,47 @@ fn a_worker_in_a_database_without_the_extension_sleeps() {
     });
     assert!(worker_cpu_share(&cluster, Duration::from_secs(3)) < 0.05);
 }
+
+/// Users who are created and then change their email, while their creations hang
+/// (in flight) or wait out a long backoff: the updates wait for them, and waiting
+/// costs nothing (a blocked event is not "due" for the worker's timers).
+#[test]
+fn a_worker_whose_users_later_events_wait_for_earlier_ones_sleeps() {
+    // A creation hangs (0) or is answered 503.
+    for (name, creation) in [("in flight", 0), ("backing off", 503)] {
+        let receiver = Receiver::start(move |_, r| match (r.method.as_str(), creation) {
+            ("POST", 0) => Reply::Hang,
+            ("POST", code) => Reply::Status(code),
+            _ => Reply::Status(204),
+        });
+        let cluster = hooked(
+            &receiver.url,
+            &[
+                ("events", "created,updated"),
+                ("timeout_ms", "60s"),
+                ("retry_base_ms", "60s"),
+                ("breaker_failures", "0"),
+            ],
+        );
+        let users: Vec<String> = (0..100)
+            .map(|i| cluster.signup(&format!("blocked-{i}@example.com")))
+            .collect();
+        receiver.wait_for_requests(32, WITHIN);
+        for user in &users {
+            cluster.change_email(user, &format!("{user}@example.org"));
+        }
+        wait_for("the updates queued", WITHIN, || {
+            (pending(&cluster) == 200).then_some(())
+        });
+        let share = worker_cpu_share(&cluster, Duration::from_secs(3));
+        assert!(
+            share < 0.05,
+            "{name}: a worker whose updates wait for their creations used {:.0} % of a core",
+            share * 100.0
+        );
+        assert!(
+            receiver.inspect(|all| all.iter().all(|r| r.method == "POST")),
+            "{name}: an update overtook its user's creation"
+        );
+    }
+}
