@@ -462,3 +462,51 @@ fn the_events_setting_refuses_bad_values_and_applies_at_a_reload() {
         "deletions are not configured"
     );
 }
+
+#[test]
+fn updates_and_deletions_carry_no_credential_in_any_format() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::hooked_to(&receiver.url, &[ALL, ("payload_format", "supabase")]);
+    let id = cluster.signup("secretive@example.com");
+    // Every credential column set; then an update and a deletion.
+    cluster
+        .connect("supabase_auth_admin")
+        .batch_execute(&format!(
+            "UPDATE users SET confirmation_token = 'TOKEN-1', recovery_token = 'TOKEN-2',
+                    email_change_token_new = 'TOKEN-3', reauthentication_token = 'TOKEN-4',
+                    raw_app_meta_data = raw_app_meta_data || '{{\"secret\": \"TOKEN-5\"}}'
+              WHERE id = '{id}'"
+        ))
+        .unwrap();
+    cluster.change_email(&id, "secretive-2@example.com");
+    cluster.delete_user(&id);
+    wait_delivered(&cluster, &id, 3);
+    for format in ["supabase", "standard", "fields"] {
+        cluster.configure(&[("payload_format", format)]);
+        let requeued: i64 = cluster
+            .one_row("SELECT count(*) FROM new_user_hook.deliveries d WHERE new_user_hook.redeliver(d.id)")
+            .get(0);
+        assert_eq!(requeued, 3);
+        wait_delivered(&cluster, &id, 3);
+    }
+    let requests = receiver.requests();
+    assert!(requests.len() >= 12, "{}", requests.len());
+    for r in &requests {
+        assert!(
+            !r.body.contains("TOKEN-") && !r.body.contains("$2a$10$"),
+            "a credential left the database: {}",
+            r.body
+        );
+    }
+    // The update's old_record and the deletion's record are the allow-listed user.
+    let update = requests
+        .iter()
+        .map(|r| r.json())
+        .find(|b| b["type"] == "UPDATE")
+        .unwrap();
+    assert_eq!(update["old_record"]["email"], "secretive@example.com");
+    assert!(
+        update["old_record"].get("encrypted_password").is_none(),
+        "{update}"
+    );
+}
