@@ -10,7 +10,7 @@ ALTER TABLE new_user_hook.outbox
     ADD COLUMN seq bigint NOT NULL DEFAULT 0;
 ALTER TABLE new_user_hook.outbox
     ALTER COLUMN seq SET DEFAULT (pg_catalog.pg_current_wal_insert_lsn() - '0/0')::bigint;
-CREATE INDEX outbox_pending_user ON new_user_hook.outbox USING hash (user_id) WHERE status = 'pending';
+CREATE INDEX outbox_user ON new_user_hook.outbox USING hash (user_id);
 COMMENT ON TABLE new_user_hook.outbox IS
     'Events of users (created, updated, deleted), delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 

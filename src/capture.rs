@@ -270,7 +270,7 @@ const INSERT_LEGACY: &CStr =
     c"INSERT INTO new_user_hook.outbox (id, user_id, source, record) VALUES ($1, $2, $3, $4)";
 const INSERT_CHANGE: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
       VALUES ($1, $2, $3, $4, $5, $6, GREATEST($7, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox p \
-                                                    WHERE p.user_id = $2 AND p.status = 'pending')))";
+                                                    WHERE p.user_id = $2 AND p.status NOT IN ('delivered', 'failed'))))";
 
 fn text_datum(s: &str) -> pg_sys::Datum {
     pg_sys::Datum::from(unsafe {

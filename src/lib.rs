@@ -340,14 +340,17 @@ mod tests {
 
     #[pg_test]
     fn the_claim_probes_each_users_earlier_events_through_the_index() {
-        // A backlog of 20,000 users, a few of them with a later event waiting.
+        // A backlog of 20,000 users, a few of them with a later event waiting, and
+        // statistics taken when the backlog was small (as autovacuum leaves them while
+        // a backlog builds up): the planner thinks few events are pending.
         Spi::run(
-            "INSERT INTO new_user_hook.outbox (id, user_id, source, record, seq)
-             SELECT gen_random_uuid(), gen_random_uuid(), 'auth.users', '{}', g FROM generate_series(1, 20000) g;
+            "INSERT INTO new_user_hook.outbox (id, user_id, source, record, seq, status)
+             SELECT gen_random_uuid(), gen_random_uuid(), 'auth.users', '{}', g, 'delivered' FROM generate_series(1, 20000) g;
+             ANALYZE new_user_hook.outbox;
+             UPDATE new_user_hook.outbox SET status = 'pending';
              INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, seq)
              SELECT gen_random_uuid(), user_id, source, record, 'updated', seq + 100000
-               FROM new_user_hook.outbox WHERE seq <= 20;
-             ANALYZE new_user_hook.outbox;",
+               FROM new_user_hook.outbox WHERE seq <= 20;",
         )
         .unwrap();
         for sql in [
@@ -357,14 +360,16 @@ mod tests {
             crate::outbox::next_due_sql(true).replace("$1", "'{}'"),
         ] {
             let plan = Spi::explain(&sql).unwrap().0;
-            // Each candidate is checked by a look-up of its user (a nested loop probing
-            // the index), never by reading the whole backlog (a hash anti join).
-            let anti = find_node(&plan, &|n| n["Join Type"] == "Anti").expect("an anti join");
-            assert_eq!(anti["Node Type"], "Nested Loop", "{plan}");
+            // Each candidate is checked by a look-up of its user in the index, never by
+            // joining the whole backlog.
             assert!(
-                anti["Plans"][1]["Index Name"] == "outbox_pending_user",
+                find_node(&plan, &|n| n["Join Type"] == "Anti").is_none(),
                 "{plan}"
             );
+            let probe = find_node(&plan, &|n| n["Index Name"] == "outbox_user")
+                .unwrap_or_else(|| panic!("no probe of outbox_user: {plan}"));
+            let cond = probe["Index Cond"].as_str().unwrap_or_default();
+            assert!(cond.starts_with("(user_id = o"), "{plan}");
         }
         // The later events wait for their users' first ones; the others are claimable.
         let claimable = Spi::get_one::<i64>(&format!(
