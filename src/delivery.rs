@@ -91,24 +91,24 @@ impl Channel {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let headers = request::headers(&self.target, &event.id, timestamp, request.body.as_deref());
+        // ureq types requests with and without a body apart: the headers go on either.
+        fn with<B>(
+            req: ureq::RequestBuilder<B>,
+            headers: Vec<(String, String)>,
+        ) -> ureq::RequestBuilder<B> {
+            headers
+                .into_iter()
+                .fold(req, |req, (name, value)| req.header(name, value))
+        }
         let sent = match &request.body {
             Some(body) => {
-                let mut req = match request.method {
+                let req = match request.method {
                     "PATCH" => self.agent.patch(&request.url),
                     _ => self.agent.post(&request.url),
                 };
-                for (name, value) in headers {
-                    req = req.header(name, value);
-                }
-                req.send(body.as_bytes())
+                with(req, headers).send(body.as_bytes())
             }
-            None => {
-                let mut req = self.agent.delete(&request.url);
-                for (name, value) in headers {
-                    req = req.header(name, value);
-                }
-                req.call()
-            }
+            None => with(self.agent.delete(&request.url), headers).call(),
         };
         match sent {
             Ok(mut response) => {

@@ -47,17 +47,25 @@ impl Kinds {
     pub fn lifecycle(self) -> bool {
         self.updated || self.deleted
     }
+
+    /// One bit per kind, in `Kind::ALL`'s order: for keeping the setting in an atomic.
+    pub const fn bits(self) -> u8 {
+        self.created as u8 | (self.updated as u8) << 1 | (self.deleted as u8) << 2
+    }
+
+    pub const fn from_bits(bits: u8) -> Kinds {
+        Kinds {
+            created: bits & 0b001 != 0,
+            updated: bits & 0b010 != 0,
+            deleted: bits & 0b100 != 0,
+        }
+    }
 }
 
 /// Parses `pg_new_user_hook.events`: a comma-separated list of `created`, `updated`,
 /// `deleted`. Empty means the default (`created`).
 pub fn parse_kinds(list: &str) -> Result<Kinds, String> {
-    let mut kinds = Kinds {
-        created: false,
-        updated: false,
-        deleted: false,
-    };
-    let mut any = false;
+    let mut bits = 0;
     for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         let kind = Kind::from_name(&name.to_ascii_lowercase()).ok_or_else(|| {
             format!(
@@ -65,14 +73,17 @@ pub fn parse_kinds(list: &str) -> Result<Kinds, String> {
                 names::EVENTS
             )
         })?;
-        any = true;
-        match kind {
-            Kind::Created => kinds.created = true,
-            Kind::Updated => kinds.updated = true,
-            Kind::Deleted => kinds.deleted = true,
-        }
+        bits |= 1
+            << Kind::ALL
+                .iter()
+                .position(|k| *k == kind)
+                .expect("a kind is in ALL");
     }
-    Ok(if any { kinds } else { Kinds::DEFAULT })
+    Ok(if bits == 0 {
+        Kinds::DEFAULT
+    } else {
+        Kinds::from_bits(bits)
+    })
 }
 
 /// A pending event as claimed from the outbox for one delivery attempt.
@@ -124,6 +135,16 @@ mod tests {
         assert!(err.contains("pg_new_user_hook.events"), "{err}");
         assert!(err.contains("\"signed_in\""), "{err}");
         assert!(err.contains("allowed: created, updated, deleted"), "{err}");
+    }
+
+    #[test]
+    fn kinds_round_trip_through_their_bits() {
+        for bits in 0..8 {
+            assert_eq!(Kinds::from_bits(bits).bits(), bits);
+        }
+        let none = Kinds::from_bits(0);
+        assert!(!none.created && !none.updated && !none.deleted);
+        assert_eq!(Kinds::DEFAULT.bits(), 0b001);
     }
 
     #[test]

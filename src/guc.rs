@@ -366,7 +366,8 @@ unsafe extern "C-unwind" fn check_events(
 }
 
 /// `events` as parsed at its last assignment: the trigger reads it at every signup.
-static EVENT_KINDS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0b001);
+static EVENT_KINDS: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(crate::event::Kinds::DEFAULT.bits());
 
 #[pg_guard]
 unsafe extern "C-unwind" fn assign_events(newval: *const c_char, _extra: *mut c_void) {
@@ -375,8 +376,7 @@ unsafe extern "C-unwind" fn assign_events(newval: *const c_char, _extra: *mut c_
     // The check hook has accepted it.
     let kinds = crate::event::parse_kinds(value.as_deref().unwrap_or(""))
         .unwrap_or(crate::event::Kinds::DEFAULT);
-    let bits = kinds.created as u8 | (kinds.updated as u8) << 1 | (kinds.deleted as u8) << 2;
-    EVENT_KINDS.store(bits, std::sync::atomic::Ordering::Relaxed);
+    EVENT_KINDS.store(kinds.bits(), std::sync::atomic::Ordering::Relaxed);
 }
 
 #[pg_guard]
@@ -545,12 +545,7 @@ pub fn paused() -> bool {
 
 /// The kinds of event to capture (`events`), as this process last read the settings.
 pub fn events() -> crate::event::Kinds {
-    let bits = EVENT_KINDS.load(std::sync::atomic::Ordering::Relaxed);
-    crate::event::Kinds {
-        created: bits & 0b001 != 0,
-        updated: bits & 0b010 != 0,
-        deleted: bits & 0b100 != 0,
-    }
+    crate::event::Kinds::from_bits(EVENT_KINDS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// The fields whose change makes an update event, for the configured payload.
