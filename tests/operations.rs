@@ -48,11 +48,8 @@ impl Exporter {
             )
             .unwrap();
         let port = free_port();
-        let log = std::fs::File::create(std::env::temp_dir().join(format!(
-            "pg_new_user_hook-exporter-{}.log",
-            std::process::id()
-        )))
-        .unwrap();
+        // Beside the cluster's server.log: kept with it when a test fails, removed with it otherwise.
+        let log = std::fs::File::create(cluster.root.join("exporter.log")).unwrap();
         let child = Command::new(program(
             "prometheus-postgres-exporter",
             "prometheus-postgres-exporter",

@@ -17,9 +17,12 @@ pub fn bindir() -> PathBuf {
     .clone()
 }
 
-/// with the Supabase roles and the 70 GoTrue migrations; every test copies it.
+/// Each PostgreSQL installation's template cluster: (bindir, root).
+static TEMPLATES: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+
+/// The template cluster of one PostgreSQL installation, with the Supabase roles and the
+/// 70 GoTrue migrations; every test copies it.
 fn template(bindir: &Path) -> PathBuf {
-    static TEMPLATES: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
     let mut templates = TEMPLATES.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, root)) = templates.iter().find(|(b, _)| b == bindir) {
         return root.clone();
@@ -36,9 +39,23 @@ fn template(bindir: &Path) -> PathBuf {
     run(load, "loading the Supabase Auth schema (load.sh)");
     cluster.shut_down();
     let root = cluster.root.clone();
+    // Lives as long as the test binary: removed when it exits (see remove_templates).
     std::mem::forget(cluster);
+    if templates.is_empty() {
+        // SAFETY: registers a plain function without arguments; the C library calls it at exit.
+        unsafe { libc::atexit(remove_templates) };
+    }
     templates.push((bindir.to_path_buf(), root.clone()));
     root
+}
+
+/// Removes the template clusters when the test binary exits, so that a run leaves nothing
+/// behind in the temporary directory (each is a whole cluster, ≈ 40 MB).
+extern "C" fn remove_templates() {
+    let templates = TEMPLATES.lock().unwrap_or_else(|e| e.into_inner());
+    for (_, root) in templates.iter() {
+        let _ = std::fs::remove_dir_all(root);
+    }
 }
 
 /// What every test cluster runs with: the library preloaded, loopback only.
