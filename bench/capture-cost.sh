@@ -98,7 +98,7 @@ printf '%-6s %16d   %s\n' hook "${signin[hook]}" "$(awk -v a="${signin[hook]}" -
 # A variant that failed would look cheap: check that the hook queued an event per INSERT
 # (and none for the sign-ins).
 as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/server.log" -w start >/dev/null
-queued=$(as_pg "$bindir/psql" -X -A -t -U supabase_admin -c "SELECT count(*) FROM new_user_hook.outbox")
+queued=$(as_pg "$bindir/psql" -X -A -t -U supabase_admin -c "SELECT count(*) FROM new_user_hook.deliveries")
 as_pg "$bindir/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
 if [ "$queued" -ne $((4 * n)) ]; then
   echo "capture-cost: the hook queued $queued events for $((4 * n)) inserts: its figure is not valid" >&2

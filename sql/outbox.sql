@@ -41,6 +41,26 @@ COMMENT ON TABLE new_user_hook.outbox IS
 -- Queued events are data: pg_dump keeps them.
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.outbox', '');
 
+-- Events as a committing transaction writes them (src/capture.rs), until the worker
+-- takes them into the outbox (src/outbox.rs, take_captured: everything it sees, in
+-- one statement, before it claims). Narrow and without an index, constraint or
+-- default: a signup appends one heap row and nothing else, and the outbox's indexes
+-- are maintained by the worker, in batches. Logged: a committed event survives a
+-- crash here as in the outbox. Shown in new_user_hook.deliveries as pending.
+CREATE TABLE new_user_hook.captured (
+    id         uuid        NOT NULL,
+    user_id    uuid        NOT NULL,
+    source     text        NOT NULL,
+    kind       text        NOT NULL,
+    record     json        NOT NULL,
+    old_record json,
+    seq        bigint      NOT NULL,
+    created_at timestamptz NOT NULL
+);
+COMMENT ON TABLE new_user_hook.captured IS
+    'Events of users just committed, moved into new_user_hook.outbox by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
+SELECT pg_catalog.pg_extension_config_dump('new_user_hook.captured', '');
+
 -- Cumulative counts for the metrics, one row. The worker adds to them in the
 -- transaction that records the outcomes they count, so they survive restarts and
 -- crashes exactly as the outbox does, and only go up. Upper bounds (seconds) of the
@@ -85,11 +105,13 @@ CREATE FUNCTION new_user_hook.queue_gauges(
     OUT pending bigint, OUT failed bigint, OUT oldest_pending timestamptz, OUT captured bigint)
 STABLE SECURITY DEFINER LANGUAGE sql SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-    SELECT q.pending, (SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'),
-           q.oldest_pending, c.first_attempts - c.requeued + q.never_attempted
+    SELECT q.pending + k.pending, (SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'),
+           LEAST(q.oldest_pending, k.oldest_pending), c.first_attempts - c.requeued + q.never_attempted + k.pending
       FROM (SELECT count(*) AS pending, count(*) FILTER (WHERE attempts = 0) AS never_attempted,
                    min(created_at) AS oldest_pending
               FROM new_user_hook.outbox WHERE status = 'pending') AS q,
+           -- Not taken into the outbox yet: pending, never attempted.
+           (SELECT count(*) AS pending, min(created_at) AS oldest_pending FROM new_user_hook.captured) AS k,
            new_user_hook.counters AS c;
 END;
 
@@ -147,6 +169,8 @@ BEGIN
          WHERE u.record IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o
                             WHERE o.user_id = u.id AND o.source = $2 AND o.kind = 'created')
+           AND NOT EXISTS (SELECT 1 FROM new_user_hook.captured k
+                            WHERE k.user_id = u.id AND k.source = $2 AND k.kind = 'created')
         ON CONFLICT (id) DO NOTHING$q$, rel)
       USING user_ids, event_source, rel;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -250,7 +274,11 @@ SELECT id,
        created_at,
        delivered_at,
        kind AS event_type
-  FROM new_user_hook.outbox;
+  FROM new_user_hook.outbox
+UNION ALL
+-- Committed and not yet taken into the outbox by the worker: pending, due now.
+SELECT id, user_id, source, 'pending', 0, created_at, NULL, NULL, NULL, created_at, NULL, kind
+  FROM new_user_hook.captured;
 
 -- For Prometheus (postgres_exporter: examples/monitoring/queries.yml), one row:
 -- gauges of the queue as the worker last published them, the worker's state, and
@@ -334,6 +362,9 @@ SELECT w.pid                      AS worker_pid,
 CREATE FUNCTION new_user_hook.redeliver(event_id uuid) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF EXISTS (SELECT 1 FROM new_user_hook.captured WHERE id = event_id) THEN
+        RETURN false; -- pending: not taken into the outbox yet
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM new_user_hook.outbox WHERE id = event_id) THEN
         RAISE EXCEPTION 'no event with id %', event_id
             USING HINT = 'Event ids are in new_user_hook.deliveries (column id); delivered events are deleted after pg_new_user_hook.retention.';

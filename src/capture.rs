@@ -5,7 +5,8 @@
 //! after an update of a watched column, after delete), so it runs at commit, after
 //! every statement of the transaction. It follows the row's update chain to the
 //! version this transaction sees last — the user as committed — without a query,
-//! and writes the event with a saved INSERT plan. The first firing for a user in a
+//! and appends the event to the capture table (`new_user_hook.captured`) as one heap
+//! row; the worker takes it into the outbox. The first firing for a user in a
 //! transaction decides that transaction's one event for that user, from the user
 //! before it (none: a new user) and as committed (none: deleted); the others are
 //! skipped. A user inserted and deleted in one transaction produces no event;
@@ -348,6 +349,90 @@ unsafe fn insert_event(
     }
 }
 
+/// The capture table's columns (sql/outbox.sql), in order, with their types.
+const CAPTURED_COLUMNS: [(&[u8], pg_sys::Oid); 8] = [
+    (b"id", pg_sys::UUIDOID),
+    (b"user_id", pg_sys::UUIDOID),
+    (b"source", pg_sys::TEXTOID),
+    (b"kind", pg_sys::TEXTOID),
+    (b"record", pg_sys::JSONOID),
+    (b"old_record", pg_sys::JSONOID),
+    (b"seq", pg_sys::INT8OID),
+    (b"created_at", pg_sys::TIMESTAMPTZOID),
+];
+
+thread_local! {
+    /// The capture table last found with the columns above (its columns are checked once).
+    static CAPTURED_CHECKED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+}
+
+/// new_user_hook.captured, opened, if the installed schema has it as this library
+/// writes it (0.7.0 and later); None before ALTER EXTENSION UPDATE.
+unsafe fn open_captured() -> Option<pg_sys::Relation> {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return None;
+        }
+        let relid = pg_sys::get_relname_relid(c"captured".as_ptr(), namespace);
+        if relid == pg_sys::InvalidOid {
+            return None;
+        }
+        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let desc = (*rel).rd_att;
+        let same = (*desc).natts as usize == CAPTURED_COLUMNS.len()
+            && (CAPTURED_CHECKED.get() == relid
+                || CAPTURED_COLUMNS.iter().enumerate().all(|(i, (name, typid))| {
+                    let attr = &*(*desc).attrs.as_ptr().add(i);
+                    !attr.attisdropped
+                        && attr.atttypid == *typid
+                        && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
+                }));
+        if !same {
+            pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            return None;
+        }
+        CAPTURED_CHECKED.set(relid);
+        Some(rel)
+    }
+}
+
+/// Appends the event to new_user_hook.captured: one heap row, written directly — the
+/// table has no index, trigger, constraint or default to run, so the executor's
+/// set-up for a statement (most of what a one-row INSERT costs) is skipped. The
+/// worker gives a change's `seq` its place after the user's pending events when it
+/// takes the event into the outbox.
+unsafe fn append_captured(
+    captured: pg_sys::Relation,
+    kind: Kind,
+    user_id: &mut [u8; 16],
+    source: &str,
+    record: &str,
+    old_record: Option<&str>,
+) {
+    unsafe {
+        let mut event_id = *uuid::Uuid::now_v7().as_bytes();
+        let mut values = [
+            pg_sys::Datum::from(event_id.as_mut_ptr()),
+            pg_sys::Datum::from(user_id.as_mut_ptr()),
+            text_datum(source),
+            text_datum(kind.name()),
+            text_datum(record),
+            old_record.map_or(pg_sys::Datum::from(0), text_datum),
+            pg_sys::Datum::from(pg_sys::GetXLogInsertRecPtr() as i64),
+            pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp()),
+        ];
+        let mut nulls = [false; 8];
+        nulls[5] = old_record.is_none();
+        let tuple =
+            pg_sys::heap_form_tuple((*captured).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::simple_heap_insert(captured, tuple);
+        pg_sys::heap_freetuple(tuple);
+        // The lock is kept until the transaction ends, as an INSERT's is.
+        pg_sys::table_close(captured, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+}
+
 thread_local! {
     /// The users this transaction's firings have decided an event for (by table and
     /// id), and the transaction they belong to.
@@ -426,8 +511,10 @@ unsafe fn committed_version(
     }
 }
 
-/// The trigger function (SQL: `new_user_hook.capture()`). The event is written as
-/// the function's owner: the changing role needs no privilege on the outbox.
+/// The trigger function (SQL: `new_user_hook.capture()`). The changing role needs no
+/// privilege on the extension's tables: the event is appended to the capture table
+/// directly (no privilege is checked there), or, into an older schema's outbox,
+/// inserted as the function's owner.
 #[pg_trigger(sql = false)]
 fn capture<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -501,11 +588,24 @@ fn capture<'a>(
             }
             _ => return Ok(None),
         };
-        if kind != Kind::Created && !outbox::lifecycle_columns() {
-            // Until ALTER EXTENSION UPDATE, the outbox holds new users only.
+        let mut user_id = user_id;
+        if let Some(captured) = open_captured() {
+            append_captured(
+                captured,
+                kind,
+                &mut user_id,
+                &source.name,
+                &record,
+                old_record.as_deref(),
+            );
+            wake::wake_on_commit();
             return Ok(None);
         }
-        let mut user_id = user_id;
+        // An installed schema older than this library (until ALTER EXTENSION UPDATE):
+        // the event goes into the outbox, which before 0.6.0 holds new users only.
+        if kind != Kind::Created && !outbox::lifecycle_columns() {
+            return Ok(None);
+        }
         as_owner_of((*data.tg_trigger).tgfoid, || {
             insert_event(
                 kind,

@@ -1,9 +1,10 @@
 //! pg_new_user_hook: tells an application backend about every new Supabase Auth user.
 //!
 //! The pipeline, one module each:
-//! trigger and outbox (`sql/outbox.sql`) → wake on commit (`wake`) → worker loop
-//! (`worker`) → delivery over HTTP (`delivery`, built by `request`) → outcome
-//! (`classify`, `backoff`) → recording (`outbox`). Settings live in `guc`.
+//! trigger (`capture`) → capture table and outbox (`sql/outbox.sql`) → wake on commit
+//! (`wake`) → worker loop (`worker`; it takes captured events into the outbox) →
+//! delivery over HTTP (`delivery`, built by `request`) → outcome (`classify`,
+//! `backoff`) → recording (`outbox`). Settings live in `guc`.
 
 use pgrx::prelude::*;
 
@@ -182,13 +183,13 @@ mod tests {
         )
         .unwrap();
         let (email, status) = Spi::get_two::<String, String>(
-            "SELECT o.record->>'email', d.status FROM new_user_hook.outbox o JOIN new_user_hook.deliveries d USING (id)",
+            "SELECT o.record->>'email', d.status FROM new_user_hook.captured o JOIN new_user_hook.deliveries d USING (id)",
         )
         .unwrap();
         assert_eq!(email.as_deref(), Some("final@example.com"));
         assert_eq!(status.as_deref(), Some("pending"));
         // Only id and email are taken from a custom table: never other columns.
-        let keys = Spi::get_one::<String>("SELECT string_agg(k, ',' ORDER BY k) FROM new_user_hook.outbox, json_object_keys(record) k")
+        let keys = Spi::get_one::<String>("SELECT string_agg(k, ',' ORDER BY k) FROM new_user_hook.captured, json_object_keys(record) k")
             .unwrap()
             .unwrap();
         assert_eq!(keys, "email,id");
@@ -213,13 +214,13 @@ mod tests {
                     'raw_app_meta_data', '{\"provider\": \"email\", \"providers\": [\"email\"]}'::jsonb,
                     'raw_user_meta_data', u.raw_user_meta_data, 'created_at', u.created_at,
                     'confirmed_at', u.confirmed_at, 'is_anonymous', u.is_anonymous)
-               FROM new_user_hook.outbox o JOIN auth.users u ON u.id = o.user_id",
+               FROM new_user_hook.captured o JOIN auth.users u ON u.id = o.user_id",
         )
         .unwrap();
         assert_eq!(same, Some(true));
         let via_snapshot = Spi::get_one::<bool>(
             "SELECT o.record::text = new_user_hook.snapshot('auth.users', u.ctid)::text
-               FROM new_user_hook.outbox o JOIN auth.users u ON u.id = o.user_id",
+               FROM new_user_hook.captured o JOIN auth.users u ON u.id = o.user_id",
         )
         .unwrap();
         assert_eq!(via_snapshot, Some(true));
@@ -248,7 +249,7 @@ mod tests {
              SET CONSTRAINTS ALL IMMEDIATE;",
         )
         .unwrap();
-        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox"), 0);
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries"), 0);
     }
 
     #[pg_test]
@@ -272,7 +273,7 @@ mod tests {
             0
         );
         Spi::run("INSERT INTO app.users VALUES (gen_random_uuid(), 'x@example.com'); SET CONSTRAINTS ALL IMMEDIATE").unwrap();
-        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox"), 0);
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries"), 0);
         let twice = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')")
             .unwrap()
             .unwrap();
@@ -339,6 +340,57 @@ mod tests {
     }
 
     #[pg_test]
+    fn captured_events_are_taken_into_the_outbox_in_their_users_order() {
+        users_table();
+        Spi::run(
+            "SELECT new_user_hook.install('app.users');
+             INSERT INTO app.users VALUES ('11111111-1111-1111-1111-111111111111', 'a@example.com');
+             SET CONSTRAINTS ALL IMMEDIATE;",
+        )
+        .unwrap();
+        // A restored event of another user, pending, from a cluster further ahead in its WAL.
+        Spi::run(
+            "INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, seq)
+             VALUES (gen_random_uuid(), '22222222-2222-2222-2222-222222222222', 'app.users', '{}', 'created', 9e15);
+             INSERT INTO app.users VALUES ('22222222-2222-2222-2222-222222222222', 'b@example.com');
+             SET CONSTRAINTS ALL IMMEDIATE;",
+        )
+        .unwrap();
+        // Two later changes of user 2, as the trigger appends them.
+        Spi::run(
+            "INSERT INTO new_user_hook.captured
+             SELECT gen_random_uuid(), '22222222-2222-2222-2222-222222222222', 'app.users', 'updated', '{}', '{}',
+                    pg_current_wal_insert_lsn() - '0/0' + g, now()
+               FROM generate_series(1, 2) g",
+        )
+        .unwrap();
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending'"), 5);
+        assert_eq!(crate::outbox::take_captured(), 4);
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.captured"), 0);
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending' AND attempts = 0"), 5);
+        // User 2's changes come after its restored event, in the order they were captured.
+        let order = Spi::get_one::<String>(
+            "SELECT string_agg(kind, ',' ORDER BY seq) FROM new_user_hook.outbox
+              WHERE user_id = '22222222-2222-2222-2222-222222222222'",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(order, "created,created,updated,updated");
+        let (restored, first_change) = Spi::get_two::<i64, i64>(
+            "SELECT (SELECT seq FROM new_user_hook.outbox WHERE seq = 9e15),
+                    (SELECT min(seq) FROM new_user_hook.outbox WHERE kind = 'updated')",
+        )
+        .unwrap();
+        assert!(first_change > restored, "{first_change:?} after {restored:?}");
+        // Each due at its creation, so the claim takes them in the order they were queued.
+        assert_eq!(
+            count("SELECT count(*) FROM new_user_hook.outbox WHERE next_attempt_at <> created_at"),
+            0
+        );
+        assert_eq!(crate::outbox::take_captured(), 0);
+    }
+
+    #[pg_test]
     fn the_claim_probes_each_users_earlier_events_through_the_index() {
         // A backlog of 20,000 users, a few of them with a later event waiting, and
         // statistics taken when the backlog was small (as autovacuum leaves them while
@@ -391,7 +443,7 @@ mod tests {
              INSERT INTO app.users VALUES (gen_random_uuid(), 'plain@example.com');",
         )
         .unwrap();
-        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox WHERE record->>'email' = 'plain@example.com'"), 1);
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.captured WHERE record->>'email' = 'plain@example.com'"), 1);
     }
 
     #[pg_test]

@@ -87,6 +87,56 @@ pub fn lifecycle_columns() -> bool {
     found
 }
 
+thread_local! {
+    static CAPTURE_TABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the schema has the capture table (`new_user_hook.captured`; 0.7.0), looked
+/// up as `lifecycle_columns` is: before ALTER EXTENSION UPDATE, the trigger writes
+/// into the outbox itself.
+fn capture_table() -> bool {
+    if CAPTURE_TABLE.get() {
+        return true;
+    }
+    let found = unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), true);
+        pg_sys::get_relname_relid(c"captured".as_ptr(), namespace) != pg_sys::InvalidOid
+    };
+    CAPTURE_TABLE.set(found);
+    found
+}
+
+/// Takes every event of the capture table this transaction sees into the outbox, in
+/// one statement: all of them, so that a user's earlier event never stays behind
+/// while a later one is claimed (a transaction that committed a later event of a
+/// user committed after the earlier one). A change's `seq` is moved past its user's
+/// pending events where it is not already (events restored from a dump carry the
+/// positions of the cluster they were written in), keeping the order of the user's
+/// events taken together. They are due at their creation time, so the claim keeps
+/// taking events in the order they were queued. Returns how many it took.
+pub fn take_captured() -> i64 {
+    if !capture_table() {
+        return 0;
+    }
+    Spi::get_one::<i64>(
+        "WITH taken AS (
+             DELETE FROM new_user_hook.captured RETURNING *
+         ), placed AS (
+             SELECT t.*, CASE WHEN t.kind = 'created' THEN t.seq ELSE
+                        t.seq + GREATEST(0, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox AS p
+                                              WHERE p.user_id = t.user_id AND p.status NOT IN ('delivered', 'failed'))
+                                            - min(t.seq) OVER (PARTITION BY t.user_id)) END AS placed_seq
+               FROM taken AS t
+         ), moved AS (
+             INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, next_attempt_at)
+             SELECT id, user_id, source, record, kind, old_record, placed_seq, created_at, created_at FROM placed
+             RETURNING 1)
+         SELECT count(*) FROM moved",
+    )
+    .expect("taking captured events into the outbox")
+    .unwrap_or(0)
+}
+
 /// An event waits while an earlier event of its user is pending (in flight, being
 /// retried or held back): a user's events go out one at a time, in commit order.
 /// `o` is the outbox row in question; its user's events are probed through index

@@ -686,6 +686,7 @@ fn run_round(round: Round) -> RoundResult {
         outbox::release_backoff();
     }
     let claimed = if round.claim > 0 {
+        outbox::take_captured();
         outbox::claim(round.claim, &round.busy, round.probe)
     } else {
         Vec::new()
