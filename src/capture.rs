@@ -382,12 +382,15 @@ unsafe fn open_captured() -> Option<pg_sys::Relation> {
         let desc = (*rel).rd_att;
         let same = (*desc).natts as usize == CAPTURED_COLUMNS.len()
             && (CAPTURED_CHECKED.get() == relid
-                || CAPTURED_COLUMNS.iter().enumerate().all(|(i, (name, typid))| {
-                    let attr = &*(*desc).attrs.as_ptr().add(i);
-                    !attr.attisdropped
-                        && attr.atttypid == *typid
-                        && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
-                }));
+                || CAPTURED_COLUMNS
+                    .iter()
+                    .enumerate()
+                    .all(|(i, (name, typid))| {
+                        let attr = &*(*desc).attrs.as_ptr().add(i);
+                        !attr.attisdropped
+                            && attr.atttypid == *typid
+                            && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
+                    }));
         if !same {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             return None;

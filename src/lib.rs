@@ -364,7 +364,10 @@ mod tests {
                FROM generate_series(1, 2) g",
         )
         .unwrap();
-        assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending'"), 5);
+        assert_eq!(
+            count("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending'"),
+            5
+        );
         assert_eq!(crate::outbox::take_captured(), 4);
         assert_eq!(count("SELECT count(*) FROM new_user_hook.captured"), 0);
         assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending' AND attempts = 0"), 5);
@@ -381,7 +384,10 @@ mod tests {
                     (SELECT min(seq) FROM new_user_hook.outbox WHERE kind = 'updated')",
         )
         .unwrap();
-        assert!(first_change > restored, "{first_change:?} after {restored:?}");
+        assert!(
+            first_change > restored,
+            "{first_change:?} after {restored:?}"
+        );
         // Each due at its creation, so the claim takes them in the order they were queued.
         assert_eq!(
             count("SELECT count(*) FROM new_user_hook.outbox WHERE next_attempt_at <> created_at"),

@@ -87,7 +87,7 @@ fn a_rolled_back_signup_sends_nothing() {
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!(requests[0].json()["email"], "real@example.com");
     let events: i64 = cluster
-        .one_row("SELECT count(*) FROM new_user_hook.outbox")
+        .one_row("SELECT count(*) FROM new_user_hook.deliveries")
         .get(0);
     assert_eq!(events, 1);
 }
@@ -554,7 +554,7 @@ fn a_bulk_load_with_capture_off_is_not_announced_and_backfill_announces_chosen_u
     let live = cluster.signup("live-during-load@example.com");
     receiver.wait_for_requests(1, WITHIN);
     let queued: i64 = cluster
-        .one_row("SELECT count(*) FROM new_user_hook.outbox")
+        .one_row("SELECT count(*) FROM new_user_hook.deliveries")
         .get(0);
     assert_eq!(queued, 1, "only the live signup is queued");
     // The setting can be delegated, per role.

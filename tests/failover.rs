@@ -17,7 +17,7 @@ fn events(cluster: &Cluster, status: &str) -> HashSet<(String, String)> {
     cluster
         .connect("supabase_admin")
         .query(
-            "SELECT id::text, user_id::text FROM new_user_hook.outbox WHERE status = $1",
+            "SELECT id::text, user_id::text FROM new_user_hook.deliveries WHERE status = $1",
             &[&status],
         )
         .unwrap()

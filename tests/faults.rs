@@ -392,7 +392,7 @@ fn server_crash_mid_delivery() {
     let crashed_at = Instant::now();
     cluster.kill9_and_restart();
     let pending: i64 = cluster
-        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending'")
+        .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending'")
         .get(0);
     assert!(
         pending > 0,
@@ -470,7 +470,7 @@ fn worker_hits_an_internal_error() {
     tally.finish(|| from_receiver(&receiver));
     wait_for("every event recorded as delivered", WITHIN, || {
         let n: i64 = cluster
-            .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status <> 'delivered'")
+            .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status <> 'delivered'")
             .get(0);
         (n == 0).then_some(())
     });

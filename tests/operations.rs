@@ -322,6 +322,7 @@ fn the_metrics_are_readable_by_pg_monitor_and_reveal_nothing_else() {
     assert_eq!(row.get::<_, i64>(1), 1);
     for sql in [
         "SELECT * FROM new_user_hook.outbox",
+        "SELECT * FROM new_user_hook.captured",
         "SELECT * FROM new_user_hook.deliveries",
         "SELECT * FROM new_user_hook.counters",
     ] {

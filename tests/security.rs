@@ -51,6 +51,7 @@ fn supabase_roles_cannot_read_events_secrets_or_control_the_hook() {
             .unwrap();
         for sql in [
             "SELECT * FROM new_user_hook.outbox",
+            "SELECT * FROM new_user_hook.captured",
             "SELECT * FROM new_user_hook.deliveries",
             "SELECT * FROM new_user_hook.status",
             "SELECT new_user_hook.redeliver_failed()",
@@ -99,11 +100,13 @@ fn an_operator_can_grant_read_only_monitoring_to_postgres() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    expect_denied(
-        &mut postgres,
-        "postgres",
-        "SELECT record FROM new_user_hook.outbox",
-    );
+    for table in ["outbox", "captured"] {
+        expect_denied(
+            &mut postgres,
+            "postgres",
+            &format!("SELECT record FROM new_user_hook.{table}"),
+        );
+    }
     expect_denied(
         &mut postgres,
         "postgres",
@@ -260,7 +263,11 @@ fn no_credential_ever_leaves_the_database_in_any_format() {
         }
     }
     let stored: i64 = cluster
-        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE record::text LIKE '%SECRET%'")
+        .one_row(
+            "SELECT count(*) FROM (SELECT record, old_record FROM new_user_hook.outbox
+                                   UNION ALL SELECT record, old_record FROM new_user_hook.captured) e
+              WHERE record::text LIKE '%SECRET%' OR old_record::text LIKE '%SECRET%'",
+        )
         .get(0);
     assert_eq!(stored, 0, "a credential was stored in the outbox");
 

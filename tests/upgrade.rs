@@ -77,6 +77,11 @@ fn an_installed_0_5_0_upgrades_in_place_without_losing_queued_events() {
     upgrades_in_place_from("0.5.0");
 }
 
+#[test]
+fn an_installed_0_6_0_upgrades_in_place_without_losing_queued_events() {
+    upgrades_in_place_from("0.6.0");
+}
+
 fn upgrades_in_place_from(release: &str) {
     require_release_script(release);
     let cluster = Cluster::new(&[]);
@@ -141,7 +146,10 @@ fn upgrades_in_place_from(release: &str) {
         "ALTER EXTENSION UPDATE and a fresh install differ"
     );
 
-    // And the events queued before the update are delivered, each once.
+    // A signup after the update is captured the new way; it and the events queued
+    // before the update are delivered, each once.
+    let mut ids = ids;
+    ids.push(cluster.signup("after-upgrade@example.com"));
     let receiver = Receiver::ok();
     cluster.configure(&[("url", &receiver.url)]);
     for id in &ids {

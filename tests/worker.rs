@@ -300,18 +300,26 @@ fn thirty_thousand_expired_deliveries_are_purged_within_seconds() {
 
 #[test]
 fn a_lock_on_the_outbox_delays_recording_without_a_restart_or_a_resend() {
-    let receiver = Receiver::ok();
+    let (receiver, gate) = Receiver::holding_after(0);
     let cluster = Cluster::with_hook(&[]);
-    let users = cluster.bulk_signups("locked", 50, 50);
+    // Fewer than `concurrency` (32): every event is on the wire at once.
+    let users = cluster.bulk_signups("locked", 20, 20);
     let worker = cluster.worker_pid().expect("the worker runs");
-    // Row locks on every queued event: claims (plain reads) go through, recording
-    // the outcomes waits for the lock, times out, and is tried again.
+    cluster.configure(&[("url", &receiver.url)]);
+    // Every event taken into the outbox and claimed, its answer held back.
+    receiver.wait_for_requests(users.len(), WITHIN);
+    // Row locks on every event: recording the outcomes waits for the lock, times
+    // out, and is tried again.
     let mut locker = cluster.connect("supabase_admin");
     locker
         .batch_execute("BEGIN; SELECT 1 FROM new_user_hook.outbox FOR UPDATE")
         .unwrap();
-    cluster.configure(&[("url", &receiver.url)]);
-    receiver.wait_for_requests(users.len(), WITHIN);
+    let locked: i64 = locker
+        .query_one("SELECT count(*) FROM new_user_hook.outbox", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(locked, users.len() as i64);
+    gate.open();
     wait_for("a failed round in the log", WITHIN, || {
         cluster
             .log()

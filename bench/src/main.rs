@@ -248,7 +248,7 @@ fn delivered(cluster: &Cluster) -> i64 {
 
 fn pending(cluster: &Cluster) -> i64 {
     cluster
-        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending'")
+        .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending'")
         .get(0)
 }
 
