@@ -26,17 +26,22 @@ pub fn transaction<R>(
         .catch_others(|error| {
             // Releases the locks, snapshot and SPI state of the failed transaction.
             unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(match error {
-                CaughtError::PostgresError(report)
-                | CaughtError::ErrorReport(report)
-                | CaughtError::RustPanic {
-                    ereport: report, ..
-                } => report.message().to_string(),
-            })
+            Err(message_of(error))
         })
         .execute();
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
     result
+}
+
+/// The message of an error caught in the worker's transactions.
+fn message_of(error: CaughtError) -> String {
+    match error {
+        CaughtError::PostgresError(report)
+        | CaughtError::ErrorReport(report)
+        | CaughtError::RustPanic {
+            ereport: report, ..
+        } => report.message().to_string(),
+    }
 }
 
 /// Session settings of the worker. Its own commits (claims, outcomes) need not wait
@@ -49,7 +54,7 @@ pub fn transaction<R>(
 /// knows, and stays able to answer a shutdown.
 pub fn configure_session() {
     Spi::run(
-        "SET synchronous_commit = off; SET lock_timeout = '1s'; SET application_name = 'pg_new_user_hook'",
+        "SET synchronous_commit = off; SET lock_timeout = '1s'; SET jit = off; SET application_name = 'pg_new_user_hook'",
     )
     .expect("configuring the worker's session");
 }
@@ -135,6 +140,60 @@ pub fn take_captured() -> i64 {
     )
     .expect("taking captured events into the outbox")
     .unwrap_or(0)
+}
+
+/// Refreshes the planner's statistics of the outbox (ANALYZE), in the round's
+/// transaction, so that the claim that follows is planned for the events just taken
+/// in (ANALYZE counts the rows its own transaction wrote). Skipped (false) while
+/// autovacuum or another ANALYZE holds the table: waiting would hold up delivery.
+pub fn analyze_outbox() -> bool {
+    let relid = unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), false);
+        pg_sys::get_relname_relid(c"outbox".as_ptr(), namespace)
+    };
+    let free = unsafe {
+        pg_sys::ConditionalLockRelationOid(
+            relid,
+            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+        )
+    };
+    if free {
+        Spi::run("ANALYZE new_user_hook.outbox").expect("analyzing the outbox");
+    }
+    free
+}
+
+/// Vacuums the capture table, in transactions of its own (VACUUM cannot run in the
+/// worker's rounds): the rows the takes deleted are made free space again, so the
+/// table stays the size of what arrives between two vacuums. Skips the table if
+/// autovacuum is at it, and never truncates it (that would need a lock signups hold).
+pub fn vacuum_captured() -> Result<(), String> {
+    if !capture_table() {
+        return Ok(());
+    }
+    PgTryBuilder::new(|| unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        let parsed = pg_sys::raw_parser(
+            c"VACUUM (SKIP_LOCKED, TRUNCATE false) new_user_hook.captured".as_ptr(),
+            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
+        );
+        let raw = (*(*parsed).elements).ptr_value as *mut pg_sys::RawStmt;
+        // As PostgreSQL runs a VACUUM typed in a session: at top level, outside a
+        // transaction block (it commits this transaction and starts one at the end).
+        pg_sys::ExecVacuum(
+            pg_sys::make_parsestate(std::ptr::null_mut()),
+            (*raw).stmt as *mut pg_sys::VacuumStmt,
+            true,
+        );
+        pg_sys::CommitTransactionCommand();
+        Ok(())
+    })
+    .catch_others(|error| {
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        Err(message_of(error))
+    })
+    .execute()
 }
 
 /// An event waits while an earlier event of its user is pending (in flight, being

@@ -154,6 +154,42 @@ fn the_statistics_system_sees_the_outbox_churn_while_the_worker_runs() {
 }
 
 #[test]
+fn a_burst_leaves_the_capture_table_vacuumed_and_the_outbox_analyzed() {
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver.url, &[("paused", "on")]);
+    // Committed while delivery is paused: taken into the outbox at once when it resumes.
+    cluster.bulk_signups("burst", 12_000, 4_000);
+    cluster.configure(&[("paused", "off")]);
+    wait_for("12,000 deliveries", WITHIN, || {
+        (pending(&cluster) == 0).then_some(())
+    });
+    // The worker vacuums the capture table behind its takes (its dead rows would
+    // otherwise be scanned by every take until autovacuum comes), and refreshes the
+    // outbox's statistics after so many came in (or claims are planned for an empty
+    // queue and read the whole backlog).
+    let (vacuums, dead, analyzes): (i64, i64, i64) = wait_for(
+        "the capture table vacuumed and the outbox analyzed",
+        Duration::from_secs(20),
+        || {
+            let row = cluster.one_row(
+                "SELECT k.vacuum_count + k.autovacuum_count, k.n_dead_tup, o.analyze_count + o.autoanalyze_count
+                   FROM pg_stat_user_tables k, pg_stat_user_tables o
+                  WHERE k.relid = 'new_user_hook.captured'::regclass AND o.relid = 'new_user_hook.outbox'::regclass",
+            );
+            let found = (row.get(0), row.get(1), row.get(2));
+            (found.0 >= 1 && found.2 >= 1).then_some(found)
+        },
+    );
+    assert!(dead < 1_000, "{dead} dead rows left in the capture table");
+    eprintln!("capture table vacuumed {vacuums} times, outbox analyzed {analyzes} times");
+    let log = cluster.log();
+    assert!(
+        !log.contains("vacuuming new_user_hook.captured failed"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_new_url_takes_effect_for_every_request_not_yet_on_the_wire() {
     let hanging = Receiver::start(|_, _| Reply::Hang);
     let cluster = hooked(&hanging.url, &[("timeout_ms", "2s")]);
