@@ -107,7 +107,16 @@ pub fn path_with(bindir: &Path) -> std::ffi::OsString {
 
 /// CPU time (user + system, all threads) a process has used so far.
 pub fn cpu_time(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat_cpu_time(&format!("/proc/{pid}/stat"))
+}
+
+/// The CPU time (user + system) of one thread `tid` of process `pid`.
+pub fn thread_cpu_time(pid: i32, tid: i32) -> Duration {
+    stat_cpu_time(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+fn stat_cpu_time(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap();
     // Fields after the command name (which may contain spaces): utime and stime are 14 and 15.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
