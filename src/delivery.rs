@@ -75,7 +75,11 @@ impl Channel {
         }
         Ok(Channel {
             target,
-            agent: config.build().new_agent(),
+            agent: ureq::Agent::with_parts(
+                config.build(),
+                ureq::unversioned::transport::DefaultConnector::default(),
+                RecentLookup::<ureq::unversioned::resolver::DefaultResolver>::default(),
+            ),
             timeout,
         })
     }
@@ -166,6 +170,59 @@ impl Channel {
             ureq::Error::Io(e) => format!("network error talking to {url}: {e}"),
             _ => format!("request to {url} failed: {text}"),
         }
+    }
+}
+
+/// How long a looked-up address of the backend is used for new connections.
+const LOOKUP_KEPT: Duration = Duration::from_secs(5);
+
+/// ureq looks the backend's host up before every request, a pooled connection or
+/// not, and with a timeout set it does so on a thread started for the lookup: a
+/// thread per delivered event. This keeps the last lookup for LOOKUP_KEPT, so a
+/// name is looked up (with ureq's timeout) at most that often; a change of the
+/// name's address reaches new connections within that time. Failures are not kept.
+#[derive(Debug, Default)]
+struct RecentLookup<R = ureq::unversioned::resolver::DefaultResolver> {
+    inner: R,
+    last: Mutex<Option<Lookup>>,
+}
+
+#[derive(Debug)]
+struct Lookup {
+    scheme: String,
+    authority: String,
+    at: std::time::Instant,
+    addrs: ureq::unversioned::resolver::ResolvedSocketAddrs,
+}
+
+impl<R: ureq::unversioned::resolver::Resolver> ureq::unversioned::resolver::Resolver
+    for RecentLookup<R>
+{
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let (scheme, authority) = (uri.scheme_str(), uri.authority().map(|a| a.as_str()));
+        if let (Some(scheme), Some(authority)) = (scheme, authority) {
+            let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(l) = last.as_ref().filter(|l| {
+                l.scheme == scheme && l.authority == authority && l.at.elapsed() < LOOKUP_KEPT
+            }) {
+                return Ok(l.addrs.clone());
+            }
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        if let (Some(scheme), Some(authority)) = (scheme, authority) {
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Lookup {
+                scheme: scheme.to_string(),
+                authority: authority.to_string(),
+                at: std::time::Instant::now(),
+                addrs: addrs.clone(),
+            });
+        }
+        Ok(addrs)
     }
 }
 
@@ -491,6 +548,56 @@ fn sender_loop(
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    /// Counts its lookups; every name resolves to 127.0.0.1 and the URI's port.
+    #[derive(Debug, Default)]
+    struct Counting(AtomicU32);
+
+    impl ureq::unversioned::resolver::Resolver for Counting {
+        fn resolve(
+            &self,
+            uri: &ureq::http::Uri,
+            _: &ureq::config::Config,
+            _: ureq::unversioned::transport::NextTimeout,
+        ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let mut addrs = self.empty();
+            addrs.push(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                uri.port_u16().unwrap_or(80),
+            )));
+            Ok(addrs)
+        }
+    }
+
+    #[test]
+    fn a_host_is_looked_up_once_for_many_requests_and_again_for_another_host() {
+        use ureq::unversioned::resolver::Resolver;
+        let lookup = RecentLookup::<Counting>::default();
+        let config = ureq::Agent::config_builder().build();
+        let timeout = || ureq::unversioned::transport::NextTimeout {
+            after: Duration::from_secs(5).into(),
+            reason: ureq::Timeout::Global,
+            per_read: None,
+            per_write: None,
+        };
+        let a: ureq::http::Uri = "http://backend.internal:3000/users".parse().unwrap();
+        let b: ureq::http::Uri = "http://other.internal:3001/users".parse().unwrap();
+        for _ in 0..100 {
+            let addrs = lookup.resolve(&a, &config, timeout()).unwrap();
+            assert_eq!(addrs[0].port(), 3000);
+        }
+        assert_eq!(lookup.inner.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            lookup.resolve(&b, &config, timeout()).unwrap()[0].port(),
+            3001
+        );
+        assert_eq!(lookup.inner.0.load(Ordering::SeqCst), 2);
+        // Kept for LOOKUP_KEPT only.
+        lookup.last.lock().unwrap().as_mut().unwrap().at -= LOOKUP_KEPT;
+        lookup.resolve(&b, &config, timeout()).unwrap();
+        assert_eq!(lookup.inner.0.load(Ordering::SeqCst), 3);
+    }
 
     /// A one-shot HTTP responder on loopback, enough to exercise the client side.
     fn serve(responses: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<String>>) {
