@@ -321,6 +321,15 @@ impl Worker {
             }
             if settings.breaker.failures == 0 && self.breaker.reset().is_some() {
                 self.backend_transition(Transition::Closed);
+            } else if settings.url != self.config.settings().url && self.breaker.reset().is_some() {
+                // The failures were the previous backend's: try the new one at once.
+                log!(
+                    "pg_new_user_hook: {} changed: delivery to the new backend starts now",
+                    guc::names::URL
+                );
+                self.release_backoff = true;
+                self.maybe_due = true;
+                shared::set_backend_state(self.breaker.state().gauge());
             }
             self.config.reload(settings);
             self.hold();

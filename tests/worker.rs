@@ -100,6 +100,35 @@ fn a_worker_facing_a_backend_that_is_down_sleeps_between_probes() {
 }
 
 #[test]
+fn a_new_url_is_tried_at_once_though_the_previous_backend_opened_the_circuit() {
+    let down = Receiver::start(|_, _| Reply::Status(503));
+    // The first probe would come 20 s after the circuit opens: the new backend must
+    // not wait for it, nor the events for their backoff from the outage.
+    let cluster = hooked(
+        &down.url,
+        &[("retry_base_ms", "20s"), ("probe_interval_ms", "60s")],
+    );
+    cluster.bulk_signups("moved", 100, 100);
+    wait_for("the circuit to open", WITHIN, || {
+        let state: String = cluster
+            .one_row("SELECT backend_state FROM new_user_hook.status")
+            .get(0);
+        (state == "open").then_some(())
+    });
+    let good = Receiver::ok();
+    cluster.configure(&[("url", &good.url)]);
+    wait_for(
+        "every event at the new backend",
+        Duration::from_secs(10),
+        || (good.accepted().len() >= 100).then_some(()),
+    );
+    let state: String = cluster
+        .one_row("SELECT backend_state FROM new_user_hook.status")
+        .get(0);
+    assert_eq!(state, "closed");
+}
+
+#[test]
 fn a_worker_with_a_full_window_sleeps_until_an_answer_comes() {
     let hanging = Receiver::start(|_, _| Reply::Hang);
     let cluster = hooked(&hanging.url, &[("concurrency", "2"), ("timeout_ms", "60s")]);
