@@ -39,11 +39,14 @@ pub enum Attempt {
     Unsendable(String),
 }
 
-/// What happened to a job. `sent` is false when the pool stopped before sending it.
+/// What happened to a job. `sent` is false when the pool stopped before sending it;
+/// `current`, whether the target it was sent to is still the one requests go to (a
+/// new URL makes the old one's answers say nothing about the backend now).
 pub struct Outcome {
     pub id: String,
     pub attempt: u32,
     pub sent: bool,
+    pub current: bool,
     pub result: Attempt,
 }
 
@@ -406,6 +409,7 @@ impl Pool {
                 id: job.id,
                 attempt: job.attempt,
                 sent: false,
+                current: true,
                 result: Attempt::Transport("delivery thread pool is gone".into()),
             });
         }
@@ -509,6 +513,7 @@ fn sender_loop(
             Ok(Message::Exit) | Err(_) => return,
         };
         let channel = current.lock().ok().and_then(|c| c.clone());
+        let mut still_current = true;
         let (sent, result) = if flags.stopping.load(Ordering::SeqCst) {
             (
                 false,
@@ -522,7 +527,13 @@ fn sender_loop(
                     .unwrap_or_else(|_| {
                         Attempt::Transport("internal error while sending (panic)".into())
                     });
-            flags.breaker.observe(&result);
+            still_current = current
+                .lock()
+                .map(|c| c.as_ref().is_some_and(|now| Arc::ptr_eq(now, &channel)))
+                .unwrap_or(false);
+            if still_current {
+                flags.breaker.observe(&result);
+            }
             (true, result)
         } else {
             (
@@ -534,6 +545,7 @@ fn sender_loop(
             id: job.id,
             attempt: job.attempt,
             sent,
+            current: still_current,
             result,
         };
         if outcomes.send(outcome).is_err() {
@@ -946,6 +958,41 @@ mod tests {
         assert_eq!(server.join().unwrap().len(), 2);
         pool.hold(false);
         assert!(!pool.tripped(), "letting go starts the count over");
+    }
+
+    #[test]
+    fn failures_of_a_target_replaced_meanwhile_do_not_count_towards_the_trip() {
+        // Accepts connections (the kernel does) and never answers: each request times out.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let old = format!("http://{}/users", silent.local_addr().unwrap());
+        let mut pool = Pool::new(2).unwrap();
+        pool.set_channel(Some(Arc::new(channel(
+            &old,
+            "",
+            Duration::from_millis(300),
+        ))));
+        pool.trip_after(2);
+        for i in 0..2 {
+            pool.submit(Event {
+                id: format!("e{i}"),
+                ..job()
+            });
+        }
+        // A new URL while both are on the wire.
+        std::thread::sleep(Duration::from_millis(50));
+        pool.set_channel(Some(Arc::new(channel(
+            "http://127.0.0.1:9/users",
+            "",
+            Duration::from_millis(300),
+        ))));
+        let got = outcomes_within(&mut pool, 2, Duration::from_secs(10));
+        assert!(got
+            .iter()
+            .all(|o| o.sent && !o.current && matches!(o.result, Attempt::Timeout(_))));
+        assert!(
+            !pool.tripped(),
+            "the old backend's failures tripped the new one"
+        );
     }
 
     #[test]

@@ -603,7 +603,7 @@ impl Worker {
                 random_jitter(),
                 now,
             );
-            if let Some(up) = classify::backend_up(&outcome.result) {
+            if let Some(up) = classify::backend_up(&outcome.result).filter(|_| outcome.current) {
                 let policy = self.config.settings().breaker;
                 let not_before = classify::retry_after(&outcome.result, now);
                 let observed =
