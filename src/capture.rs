@@ -370,14 +370,7 @@ thread_local! {
 /// writes it (0.7.0 and later); None before ALTER EXTENSION UPDATE.
 unsafe fn open_captured() -> Option<pg_sys::Relation> {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), true);
-        if namespace == pg_sys::InvalidOid {
-            return None;
-        }
-        let relid = pg_sys::get_relname_relid(c"captured".as_ptr(), namespace);
-        if relid == pg_sys::InvalidOid {
-            return None;
-        }
+        let relid = outbox::table_oid(c"captured")?;
         let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let desc = (*rel).rd_att;
         let same = (*desc).natts as usize == CAPTURED_COLUMNS.len()

@@ -8,6 +8,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
+use std::ffi::CStr;
 use std::time::Duration;
 
 /// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
@@ -73,6 +74,27 @@ thread_local! {
     static LIFECYCLE_COLUMNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// The table `new_user_hook.<name>`, looked up in the catalog by schema and name (no
+/// search_path); None if it does not exist (yet).
+pub fn table_oid(name: &CStr) -> Option<pg_sys::Oid> {
+    let relid = unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), true);
+        pg_sys::get_relname_relid(name.as_ptr(), namespace)
+    };
+    (relid != pg_sys::InvalidOid).then_some(relid)
+}
+
+/// Takes the lock VACUUM and ANALYZE take, if nobody (autovacuum) holds it: held
+/// until the transaction ends. False: waiting would hold up delivery.
+fn lock_for_maintenance(relid: pg_sys::Oid) -> bool {
+    unsafe {
+        pg_sys::ConditionalLockRelationOid(
+            relid,
+            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+        )
+    }
+}
+
 /// Whether the outbox has the lifecycle columns (`kind`, `old_record`, `seq`; 0.6.0).
 /// After the library is updated and PostgreSQL restarted, the installed extension
 /// keeps its older schema until `ALTER EXTENSION pg_new_user_hook UPDATE`: until then
@@ -82,12 +104,9 @@ pub fn lifecycle_columns() -> bool {
     if LIFECYCLE_COLUMNS.get() {
         return true;
     }
-    let found = unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), true);
-        let outbox = pg_sys::get_relname_relid(c"outbox".as_ptr(), namespace);
-        outbox != pg_sys::InvalidOid
-            && pg_sys::get_attnum(outbox, c"seq".as_ptr()) != pg_sys::InvalidAttrNumber as i16
-    };
+    let found = table_oid(c"outbox").is_some_and(|outbox| unsafe {
+        pg_sys::get_attnum(outbox, c"seq".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    });
     LIFECYCLE_COLUMNS.set(found);
     found
 }
@@ -103,10 +122,7 @@ fn capture_table() -> bool {
     if CAPTURE_TABLE.get() {
         return true;
     }
-    let found = unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), true);
-        pg_sys::get_relname_relid(c"captured".as_ptr(), namespace) != pg_sys::InvalidOid
-    };
+    let found = table_oid(c"captured").is_some();
     CAPTURE_TABLE.set(found);
     found
 }
@@ -147,16 +163,7 @@ pub fn take_captured() -> i64 {
 /// in (ANALYZE counts the rows its own transaction wrote). Skipped (false) while
 /// autovacuum or another ANALYZE holds the table: waiting would hold up delivery.
 pub fn analyze_outbox() -> bool {
-    let relid = unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), false);
-        pg_sys::get_relname_relid(c"outbox".as_ptr(), namespace)
-    };
-    let free = unsafe {
-        pg_sys::ConditionalLockRelationOid(
-            relid,
-            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
-        )
-    };
+    let free = table_oid(c"outbox").is_some_and(lock_for_maintenance);
     if free {
         // A small sample (3,000 rows, not 30,000): enough to see how many are pending
         // and when they are due, and quick enough (tens of ms with a large retention)
@@ -177,14 +184,7 @@ pub fn vacuum_captured() -> Result<bool, String> {
         return Ok(true);
     }
     // Released when this transaction ends: only a look whether autovacuum holds it.
-    let free = transaction(|| unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), false);
-        let relid = pg_sys::get_relname_relid(c"captured".as_ptr(), namespace);
-        pg_sys::ConditionalLockRelationOid(
-            relid,
-            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
-        )
-    })?;
+    let free = transaction(|| table_oid(c"captured").is_some_and(lock_for_maintenance))?;
     if !free {
         return Ok(false);
     }
