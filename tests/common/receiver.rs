@@ -196,7 +196,14 @@ async fn handle(
         .collect();
     let body = match request.into_body().collect().await {
         Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-        Err(_) => String::new(),
+        // The sender went away mid-request (a killed worker): no request was made, as a
+        // real backend, which never sees a truncated body, would count it.
+        Err(_) => {
+            return Ok(hyper::Response::builder()
+                .status(400)
+                .body(Full::new(Bytes::new()))
+                .unwrap())
+        }
     };
     let received = Received {
         method,
