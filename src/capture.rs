@@ -594,23 +594,21 @@ fn capture<'a>(
                 &record,
                 old_record.as_deref(),
             );
-            wake::wake_on_commit();
+        } else if kind == Kind::Created || outbox::lifecycle_columns() {
+            // An installed schema older than this library (until ALTER EXTENSION UPDATE):
+            // the event goes into the outbox, which before 0.6.0 holds new users only.
+            as_owner_of((*data.tg_trigger).tgfoid, || {
+                insert_event(
+                    kind,
+                    &mut user_id,
+                    &source.name,
+                    &record,
+                    old_record.as_deref(),
+                )
+            });
+        } else {
             return Ok(None);
         }
-        // An installed schema older than this library (until ALTER EXTENSION UPDATE):
-        // the event goes into the outbox, which before 0.6.0 holds new users only.
-        if kind != Kind::Created && !outbox::lifecycle_columns() {
-            return Ok(None);
-        }
-        as_owner_of((*data.tg_trigger).tgfoid, || {
-            insert_event(
-                kind,
-                &mut user_id,
-                &source.name,
-                &record,
-                old_record.as_deref(),
-            )
-        });
     }
     wake::wake_on_commit();
     Ok(None)
