@@ -40,6 +40,9 @@ COMMENT ON TABLE new_user_hook.outbox IS
     'Events of users (created, updated, deleted), delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 -- Queued events are data: pg_dump keeps them.
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.outbox', '');
+-- VACUUM never truncates it: truncating takes an exclusive lock for a moment, which
+-- the worker's rounds would wait for (since 0.8.0).
+ALTER TABLE new_user_hook.outbox SET (vacuum_truncate = false);
 
 -- Events as a committing transaction writes them (src/capture.rs), until the worker
 -- takes them into the outbox (src/outbox.rs, take_captured: everything it sees, in
@@ -60,6 +63,13 @@ CREATE TABLE new_user_hook.captured (
 COMMENT ON TABLE new_user_hook.captured IS
     'Events of users just committed, moved into new_user_hook.outbox by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.captured', '');
+-- A publication that takes it in (FOR ALL TABLES, FOR TABLES IN SCHEMA
+-- new_user_hook: logical replication, CDC) refuses the worker's DELETE of a table
+-- without a replica identity; FULL needs no index, and costs WAL only at
+-- wal_level = logical. Never truncated by VACUUM: that lock would hold signups up
+-- (since 0.8.0).
+ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL;
+ALTER TABLE new_user_hook.captured SET (vacuum_truncate = false);
 
 -- Cumulative counts for the metrics, one row. The worker adds to them in the
 -- transaction that records the outcomes they count, so they survive restarts and
@@ -153,7 +163,11 @@ DECLARE
     n bigint;
 BEGIN
     IF rel IS NULL THEN
-        RAISE EXCEPTION 'table "%" does not exist', target
+        RAISE EXCEPTION 'table "%" does not exist', coalesce(target, 'NULL')
+            USING HINT = 'Pass the schema-qualified name of the users table, as given to new_user_hook.install().';
+    END IF;
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) <> 'r' THEN
+        RAISE EXCEPTION '"%" is not a table: backfill() reads the users of the table the hook is installed on', rel
             USING HINT = 'Pass the schema-qualified name of the users table, as given to new_user_hook.install().';
     END IF;
     SELECT format('%I.%I', ns.nspname, c.relname) INTO event_source
@@ -193,13 +207,23 @@ DECLARE
     added int := 0;
     problem text;
 BEGIN
+    IF target IS NULL THEN
+        RAISE EXCEPTION 'new_user_hook.install() needs the name of a users table, not NULL'
+            USING HINT = 'Call new_user_hook.install() for auth.users, or pass the schema-qualified name of another table.';
+    END IF;
     IF rel IS NULL THEN
         RAISE EXCEPTION 'table "%" does not exist', target
             USING HINT = CASE WHEN target = 'auth.users'
                 THEN 'auth.users is created by Supabase Auth (GoTrue) migrations: start Supabase Auth first, then install.'
                 ELSE 'Pass the schema-qualified name of the users table, e.g. new_user_hook.install(''public.users'').' END;
     END IF;
-    IF (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
+    -- A partitioned table's triggers fire on its partitions: events would name the
+    -- partition a user is stored in (since 0.8.0: refused).
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) = 'p' THEN
+        RAISE EXCEPTION '% is a partitioned table: pg_new_user_hook attaches to a plain table', rel
+            USING HINT = 'Install it on the (unpartitioned) table users are inserted into.';
+    END IF;
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) <> 'r' THEN
         RAISE EXCEPTION '"%" is not a table', rel USING HINT = 'The hook attaches to the table users are inserted into.';
     END IF;
     SELECT atttypid::regtype INTO id_type FROM pg_attribute
@@ -316,7 +340,10 @@ SELECT (w.pid IS NOT NULL)::int                                     AS worker_up
        new_user_hook.latency_bounds()                               AS delivery_latency_seconds,
        c.latency_bucket                                             AS delivery_latency_seconds_bucket,
        c.latency_sum                                                AS delivery_latency_seconds_sum,
-       c.delivered                                                  AS delivery_latency_seconds_count
+       c.delivered                                                  AS delivery_latency_seconds_count,
+       -- 1 while new_user_hook.status has a problem of configuration or of the worker
+       -- (a step that keeps failing, a database it cannot connect to); since 0.8.0.
+       (new_user_hook.config_problem() IS NOT NULL)::int            AS problem
   FROM new_user_hook.counters c
   CROSS JOIN published p
   CROSS JOIN queue q
@@ -359,8 +386,9 @@ SELECT w.pid                      AS worker_pid,
   LEFT JOIN worker w ON true;
 
 -- Puts one event back in the queue, to be sent again now (attempts start over).
+-- SECURITY DEFINER (since 0.8.0): EXECUTE on it is all an operator needs.
 CREATE FUNCTION new_user_hook.redeliver(event_id uuid) RETURNS boolean
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM new_user_hook.captured WHERE id = event_id) THEN
         RETURN false; -- pending: not taken into the outbox yet
@@ -383,8 +411,9 @@ END
 $$;
 
 -- Puts every failed event back in the queue; returns how many.
+-- SECURITY DEFINER (since 0.8.0): EXECUTE on it is all an operator needs.
 CREATE FUNCTION new_user_hook.redeliver_failed() RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n bigint;
 BEGIN

@@ -134,6 +134,17 @@ impl Breaker {
         }
     }
 
+    /// The probe was answered by a target replaced while it was on its way (a new
+    /// key, timeout or URL): the answer says nothing of the current one, which is
+    /// probed at once. Without this, the circuit would stay half-open for ever.
+    pub fn probe_stale(&mut self, id: &str, now: Instant) {
+        if self.state == State::HalfOpen && self.probe.as_deref() == Some(id) {
+            self.state = State::Open;
+            self.probe = None;
+            self.next_probe = Some(now);
+        }
+    }
+
     pub fn allowance(&self, now: Instant) -> Allowance {
         match self.state {
             State::Closed => Allowance::All,
@@ -336,5 +347,25 @@ mod tests {
         b.probe_lost("p", at);
         assert_eq!(b.state(), State::Open);
         assert_eq!(b.next_probe().unwrap() - at, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_probe_answered_by_a_replaced_target_is_sent_again_at_once() {
+        let now = Instant::now();
+        let mut b = opened(now);
+        let at = b.next_probe().unwrap();
+        b.probe_sent("p");
+        // Another event's stale answer changes nothing.
+        b.probe_stale("q", at);
+        assert_eq!(b.state(), State::HalfOpen);
+        b.probe_stale("p", at);
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.allowance(at), Allowance::Probe);
+        // The next probe's answer decides as usual.
+        b.probe_sent("r");
+        assert_eq!(
+            b.observe(&POLICY, "r", true, None, at),
+            Some(Transition::Closed)
+        );
     }
 }

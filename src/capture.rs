@@ -2,24 +2,44 @@
 //! event, and the allow-listed record an event holds.
 //!
 //! `install()` attaches `capture()` as deferred constraint triggers (after insert,
-//! after an update of a watched column, after delete), so it runs at commit, after
-//! every statement of the transaction. It follows the row's update chain to the
-//! version this transaction sees last — the user as committed — without a query,
-//! and appends the event to the capture table (`new_user_hook.captured`) as one heap
-//! row; the worker takes it into the outbox. The first firing for a user in a
-//! transaction decides that transaction's one event for that user, from the user
-//! before it (none: a new user) and as committed (none: deleted); the others are
-//! skipped. A user inserted and deleted in one transaction produces no event;
-//! neither does a session with `pg_new_user_hook.capture` off.
+//! after an update of a watched column, after delete). A firing only notes the user
+//! (with the user before the transaction, for an update or a deletion); notes made
+//! in a subtransaction that rolls back are forgotten. When the transaction commits
+//! (or prepares), after its last deferred firing, each noted user's row is followed
+//! through its updates to the version the transaction leaves — the user as
+//! committed — without a query, and one event per user is appended to the capture
+//! table (`new_user_hook.captured`) as one heap row; the worker takes it into the
+//! outbox. So whatever fires when (`SET CONSTRAINTS … IMMEDIATE`, savepoints), the
+//! event reflects the committed state: a user inserted and deleted in one
+//! transaction produces no event; neither does a session with
+//! `pg_new_user_hook.capture` off.
 
 use crate::event::Kind;
 use crate::{guc, outbox, request, wake};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, varlena, PgTrigger};
+use pgrx::{pg_sys, varlena};
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
 use std::ffi::{c_char, CStr};
 use std::rc::Rc;
+
+/// Attribute `i` (0-based) of a tuple descriptor; PostgreSQL 18 keeps them behind
+/// its compact attributes.
+pub(crate) unsafe fn tuple_attr<'a>(
+    desc: pg_sys::TupleDesc,
+    i: usize,
+) -> &'a pg_sys::FormData_pg_attribute {
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        let attrs = (*desc).attrs.as_ptr();
+        #[cfg(feature = "pg18")]
+        let attrs = (*desc)
+            .compact_attrs
+            .as_ptr()
+            .add((*desc).natts as usize)
+            .cast::<pg_sys::FormData_pg_attribute>();
+        &*attrs.add(i)
+    }
+}
 
 /// The varlena of a datum, decompressed or fetched from TOAST if need be.
 unsafe fn plain_varlena(datum: pg_sys::Datum) -> *const pg_sys::varlena {
@@ -97,14 +117,12 @@ fn providers_only(app_meta_data: &str) -> String {
 struct Row {
     /// The allow-listed columns as a JSON object.
     record: String,
-    /// The uuid `id` (install() requires one).
-    id: Option<[u8; 16]>,
     /// Soft-deleted: its `deleted_at` is set (GoTrue's soft delete).
     deleted: bool,
 }
 
 /// The row in `slot` (all attributes fetched): its record — the allow-listed columns
-/// of auth.users, or `id` and `email` of another users table —, id and deletion mark.
+/// of auth.users, or `id` and `email` of another users table — and deletion mark.
 unsafe fn record_of(
     rel: pg_sys::Relation,
     slot: *mut pg_sys::TupleTableSlot,
@@ -113,18 +131,14 @@ unsafe fn record_of(
     unsafe {
         let desc = (*rel).rd_att;
         let mut out = String::with_capacity(512);
-        let mut id = None;
         let mut deleted = false;
         out.push('{');
         for i in 0..(*desc).natts as usize {
-            let attr = &*(*desc).attrs.as_ptr().add(i);
+            let attr = tuple_attr(desc, i);
             if attr.attisdropped {
                 continue;
             }
             let name = CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes();
-            if name == b"id" && attr.atttypid == pg_sys::UUIDOID && !*(*slot).tts_isnull.add(i) {
-                id = Some(*(*(*slot).tts_values.add(i)).cast_mut_ptr::<[u8; 16]>());
-            }
             if name == b"deleted_at" {
                 deleted = !*(*slot).tts_isnull.add(i);
             }
@@ -158,7 +172,6 @@ unsafe fn record_of(
         out.push('}');
         Row {
             record: out,
-            id,
             deleted,
         }
     }
@@ -225,7 +238,8 @@ unsafe fn source(rel: pg_sys::Relation) -> Rc<Source> {
 }
 
 /// The version of the row at `tid` that `snapshot` sees last (following updates);
-/// None if it sees none (the row was deleted).
+/// None if it sees none (the row was deleted). A snapshot sees one version of a row
+/// at most: the one at `tid` if it is visible, else the end of its update chain.
 unsafe fn latest_version(
     rel: pg_sys::Relation,
     tid: pg_sys::ItemPointerData,
@@ -233,18 +247,21 @@ unsafe fn latest_version(
     auth_users: bool,
 ) -> Option<Row> {
     unsafe {
-        let mut tid = tid;
-        let scan = pg_sys::table_beginscan_tid(rel, snapshot);
-        pg_sys::table_tuple_get_latest_tid(scan, &mut tid);
-        pg_sys::table_endscan(scan);
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
-        let found =
-            pg_sys::table_tuple_fetch_row_version(rel, &mut tid, snapshot, slot).then(|| {
-                pg_sys::slot_getallattrs(slot);
-                record_of(rel, slot, auth_users)
-            });
+        let mut tid = tid;
+        let mut found = pg_sys::table_tuple_fetch_row_version(rel, &mut tid, snapshot, slot);
+        if !found {
+            let scan = pg_sys::table_beginscan_tid(rel, snapshot);
+            pg_sys::table_tuple_get_latest_tid(scan, &mut tid);
+            pg_sys::table_endscan(scan);
+            found = pg_sys::table_tuple_fetch_row_version(rel, &mut tid, snapshot, slot);
+        }
+        let row = found.then(|| {
+            pg_sys::slot_getallattrs(slot);
+            record_of(rel, slot, auth_users)
+        });
         pg_sys::ExecDropSingleTupleTableSlot(slot);
-        found
+        row
     }
 }
 
@@ -367,11 +384,15 @@ thread_local! {
 }
 
 /// new_user_hook.captured, opened, if the installed schema has it as this library
-/// writes it (0.7.0 and later); None before ALTER EXTENSION UPDATE.
+/// writes it (0.7.0 and later); None before ALTER EXTENSION UPDATE, or when the
+/// extension was dropped since the table was looked up (no event to write then).
 unsafe fn open_captured() -> Option<pg_sys::Relation> {
     unsafe {
         let relid = outbox::table_oid(c"captured")?;
-        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return None;
+        }
         let desc = (*rel).rd_att;
         let same = (*desc).natts as usize == CAPTURED_COLUMNS.len()
             && (CAPTURED_CHECKED.get() == relid
@@ -379,7 +400,7 @@ unsafe fn open_captured() -> Option<pg_sys::Relation> {
                     .iter()
                     .enumerate()
                     .all(|(i, (name, typid))| {
-                        let attr = &*(*desc).attrs.as_ptr().add(i);
+                        let attr = tuple_attr(desc, i);
                         !attr.attisdropped
                             && attr.atttypid == *typid
                             && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
@@ -416,7 +437,8 @@ unsafe fn append_captured(
             text_datum(record),
             old_record.map_or(pg_sys::Datum::from(0), text_datum),
             pg_sys::Datum::from(pg_sys::GetXLogInsertRecPtr() as i64),
-            pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp()),
+            // Written as the transaction commits: its commit time, near enough.
+            pg_sys::Datum::from(pg_sys::GetCurrentTimestamp()),
         ];
         let mut nulls = [false; 8];
         nulls[5] = old_record.is_none();
@@ -424,29 +446,236 @@ unsafe fn append_captured(
             pg_sys::heap_form_tuple((*captured).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::simple_heap_insert(captured, tuple);
         pg_sys::heap_freetuple(tuple);
-        // The lock is kept until the transaction ends, as an INSERT's is.
-        pg_sys::table_close(captured, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
 }
 
-thread_local! {
-    /// The users this transaction's firings have decided an event for (by table and
-    /// id), and the transaction they belong to.
-    static DECIDED: RefCell<(pg_sys::TransactionId, HashSet<(u32, [u8; 16])>)> =
-        RefCell::new((pg_sys::InvalidTransactionId, HashSet::new()));
+/// Which row a note is about: the table and the user's id.
+type UserKey = (u32, [u8; 16]);
+
+/// One firing of the trigger for a user, noted until the transaction commits.
+struct Note {
+    key: UserKey,
+    /// A version of the user's row to follow, through its updates, to the version
+    /// the transaction leaves: the row the firing saw (an UPDATE's or DELETE's old
+    /// row, an INSERT's new one).
+    tid: pg_sys::ItemPointerData,
+    /// The subtransaction that fired it (moved to the parent when that commits).
+    subxact: pg_sys::SubTransactionId,
+    /// The transaction's first live note for the user; the others only add a
+    /// version to follow (a user deleted and inserted again).
+    first: bool,
+    /// First notes: the user before the transaction (None: the transaction inserted it).
+    before: Option<Row>,
+    /// First notes: the trigger function, whose owner writes into an older schema's outbox.
+    function: pg_sys::Oid,
 }
 
-/// Whether this is the transaction's first firing for the user (and notes it).
-fn first_firing(relid: pg_sys::Oid, user_id: [u8; 16]) -> bool {
-    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() };
-    DECIDED.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.0 != xid {
-            d.0 = xid;
-            d.1.clear();
+/// What this transaction's firings noted, in firing order. Subtransaction ids grow
+/// with time, so the notes of a subtransaction that ends are a suffix of the list.
+#[derive(Default)]
+struct Notes {
+    list: Vec<Note>,
+    /// The index in `list` of each user's first note.
+    first: std::collections::HashMap<UserKey, usize>,
+}
+
+thread_local! {
+    static NOTES: RefCell<Notes> = RefCell::new(Notes::default());
+    static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Notes a firing for the user `key` (see `Note`); `before` is asked for the user's
+/// first note only.
+fn note(
+    key: UserKey,
+    tid: pg_sys::ItemPointerData,
+    before: impl FnOnce() -> Option<Row>,
+    function: pg_sys::Oid,
+) {
+    if !CALLBACKS_REGISTERED.replace(true) {
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
         }
-        d.1.insert((relid.to_u32(), user_id))
-    })
+    }
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    NOTES.with(|n| {
+        let mut notes = n.borrow_mut();
+        let first = !notes.first.contains_key(&key);
+        if first {
+            let at = notes.list.len();
+            notes.first.insert(key, at);
+        }
+        notes.list.push(Note {
+            key,
+            tid,
+            subxact,
+            first,
+            before: if first { before() } else { None },
+            function,
+        });
+    });
+}
+
+/// A subtransaction ended: its notes are forgotten (rolled back) or become its
+/// parent's (released). A later note never outlives an earlier one of the same user
+/// (it was made in the same subtransaction or one nested in it), so forgetting a
+/// first note forgets the user's others with it.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    my: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    NOTES.with(|n| {
+        let mut notes = n.borrow_mut();
+        let notes = &mut *notes;
+        match event {
+            SUBXACT_EVENT_ABORT_SUB => {
+                while notes.list.last().is_some_and(|note| note.subxact >= my) {
+                    let note = notes.list.pop().expect("a last note");
+                    if note.first {
+                        notes.first.remove(&note.key);
+                    }
+                }
+            }
+            SUBXACT_EVENT_COMMIT_SUB => {
+                for note in notes.list.iter_mut().rev() {
+                    if note.subxact < my {
+                        break;
+                    }
+                    note.subxact = parent;
+                }
+            }
+            _ => {}
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        // After the deferred triggers fired, before the commit record: the events
+        // are written in the transaction, as the user is at its end.
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
+            let notes = NOTES.with(|n| std::mem::take(&mut *n.borrow_mut()));
+            if !notes.list.is_empty() {
+                unsafe { write_events(notes) };
+            }
+        }
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PREPARE
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_PARALLEL_ABORT => {
+            NOTES.with(|n| *n.borrow_mut() = Notes::default());
+        }
+        _ => {}
+    }
+}
+
+/// Writes the events of the noted users: each user as the transaction leaves it,
+/// compared with the user before it.
+unsafe fn write_events(notes: Notes) {
+    unsafe {
+        let kinds = guc::events();
+        // Every change of this transaction visible, the last statement's included.
+        pg_sys::CommandCounterIncrement();
+        pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+        let snapshot = pg_sys::GetActiveSnapshot();
+        let mut reinserted: std::collections::HashMap<UserKey, Vec<pg_sys::ItemPointerData>> =
+            std::collections::HashMap::new();
+        for note in notes.list.iter().filter(|n| !n.first) {
+            reinserted.entry(note.key).or_default().push(note.tid);
+        }
+        let mut captured = None;
+        let mut wrote = false;
+        for note in notes.list.iter().filter(|n| n.first) {
+            // Held already (the firing's statement locked it); gone if dropped since.
+            let rel = pg_sys::try_table_open(
+                pg_sys::Oid::from(note.key.0),
+                pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+            );
+            if rel.is_null() {
+                continue;
+            }
+            let source = source(rel);
+            let auth_users = source.auth_users;
+            let mut committed = latest_version(rel, note.tid, snapshot, auth_users);
+            if committed.is_none() {
+                if let Some(tids) = reinserted.get(&note.key) {
+                    committed = tids
+                        .iter()
+                        .find_map(|tid| latest_version(rel, *tid, snapshot, auth_users));
+                }
+            }
+            pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let event = match &note.before {
+                None => committed
+                    .filter(|_| kinds.created)
+                    .map(|row| (Kind::Created, row.record, None)),
+                Some(before) => change_event(before, committed.as_ref(), kinds)
+                    .map(|(kind, record, old)| (kind, record.to_string(), old.map(str::to_string))),
+            };
+            let Some((kind, record, old_record)) = event else {
+                continue;
+            };
+            let mut user_id = note.key.1;
+            if captured.is_none() {
+                captured = Some(open_captured());
+            }
+            match captured.expect("looked up above") {
+                Some(table) => append_captured(
+                    table,
+                    kind,
+                    &mut user_id,
+                    &source.name,
+                    &record,
+                    old_record.as_deref(),
+                ),
+                None if kind == Kind::Created || outbox::lifecycle_columns() => {
+                    // An installed schema older than this library (until ALTER EXTENSION
+                    // UPDATE): the event goes into the outbox, which before 0.6.0 holds
+                    // new users only.
+                    as_owner_of(note.function, || {
+                        insert_event(
+                            kind,
+                            &mut user_id,
+                            &source.name,
+                            &record,
+                            old_record.as_deref(),
+                        )
+                    });
+                }
+                None => continue,
+            }
+            wrote = true;
+        }
+        if let Some(Some(table)) = captured {
+            // The lock is kept until the transaction ends, as an INSERT's is.
+            pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+        }
+        pg_sys::PopActiveSnapshot();
+        if wrote {
+            wake::wake_on_commit();
+        }
+    }
+}
+
+/// Test support: writes the events noted so far, as a commit would (a `#[pg_test]`
+/// never commits).
+#[cfg(any(test, feature = "pg_test"))]
+pub fn write_noted_events() {
+    let notes = NOTES.with(|n| std::mem::take(&mut *n.borrow_mut()));
+    if !notes.list.is_empty() {
+        unsafe { write_events(notes) };
+    }
 }
 
 /// The one event of a transaction for a user who existed before it: from the user
@@ -480,138 +709,99 @@ fn change_event<'r>(
     }
 }
 
-/// The version of a firing's row that the transaction sees last: the row at hand if
-/// nothing changed it since, else its update chain's end (None: deleted).
-unsafe fn committed_version(
-    rel: pg_sys::Relation,
-    tuple: pg_sys::HeapTuple,
-    slot: *mut pg_sys::TupleTableSlot,
-    auth_users: bool,
-) -> Option<Row> {
+/// The uuid `id` of the row in `slot` (install() requires one).
+unsafe fn row_id(rel: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot) -> Option<[u8; 16]> {
     unsafe {
-        let header = (*tuple).t_data;
-        let untouched = (*header).t_infomask as u32 & pg_sys::HEAP_XMAX_INVALID != 0
-            || (*header).t_choice.t_heap.t_xmax == pg_sys::InvalidTransactionId;
-        if untouched {
-            // Neither updated nor deleted since: the row at hand is the user as
-            // committed (the trigger's row is read afresh when it fires).
-            pg_sys::slot_getallattrs(slot);
-            Some(record_of(rel, slot, auth_users))
-        } else {
-            // A snapshot that sees this transaction's every change, the firing
-            // statement's own included (as a query in a PL/pgSQL trigger would).
-            pg_sys::CommandCounterIncrement();
-            let snapshot = pg_sys::GetLatestSnapshot();
-            latest_version(rel, (*tuple).t_self, snapshot, auth_users)
+        let desc = (*rel).rd_att;
+        for i in 0..(*desc).natts as usize {
+            let attr = tuple_attr(desc, i);
+            if !attr.attisdropped
+                && attr.atttypid == pg_sys::UUIDOID
+                && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == b"id"
+            {
+                let mut isnull = false;
+                let datum = pg_sys::slot_getattr(slot, (i + 1) as i32, &mut isnull);
+                return (!isnull).then(|| *datum.cast_mut_ptr::<[u8; 16]>());
+            }
+        }
+        None
+    }
+}
+
+/// The trigger function (SQL: `new_user_hook.capture()`), fired at commit (a deferred
+/// constraint trigger) or at the end of a statement (SET CONSTRAINTS … IMMEDIATE).
+/// A firing only notes the user; the events are written when the transaction
+/// commits, from the user as it leaves the transaction (`write_events`). The changing
+/// role needs no privilege on the extension's tables: the event is appended to the
+/// capture table directly (no privilege is checked there), or, into an older
+/// schema's outbox, inserted as the function's owner.
+unsafe fn capture(data: &pg_sys::TriggerData) {
+    unsafe {
+        let event = data.tg_event;
+        let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
+        let after_row = event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER
+            && event & pg_sys::TRIGGER_EVENT_ROW != 0
+            && op != pg_sys::TRIGGER_EVENT_TRUNCATE;
+        if !after_row {
+            refuse_trigger_kind(event);
+        }
+        if !guc::capturing() {
+            return;
+        }
+        let kinds = guc::events();
+        let rel = data.tg_relation;
+        let relid = (*rel).rd_id.to_u32();
+        let function = (*data.tg_trigger).tgfoid;
+        match op {
+            pg_sys::TRIGGER_EVENT_INSERT => {
+                if let Some(id) = row_id(rel, data.tg_trigslot) {
+                    note((relid, id), (*data.tg_trigtuple).t_self, || None, function);
+                }
+            }
+            pg_sys::TRIGGER_EVENT_UPDATE | pg_sys::TRIGGER_EVENT_DELETE if kinds.lifecycle() => {
+                let Some(id) = row_id(rel, data.tg_trigslot) else {
+                    return;
+                };
+                let auth_users = source(rel).auth_users;
+                note(
+                    (relid, id),
+                    (*data.tg_trigtuple).t_self,
+                    || {
+                        pg_sys::slot_getallattrs(data.tg_trigslot);
+                        Some(record_of(rel, data.tg_trigslot, auth_users))
+                    },
+                    function,
+                );
+            }
+            _ => {}
         }
     }
 }
 
-/// The trigger function (SQL: `new_user_hook.capture()`). The changing role needs no
-/// privilege on the extension's tables: the event is appended to the capture table
-/// directly (no privilege is checked there), or, into an older schema's outbox,
-/// inserted as the function's owner.
-#[pg_trigger(sql = false)]
-fn capture<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, std::convert::Infallible> {
-    let data = trigger.trigger_data();
-    let event = data.tg_event;
-    let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
-    let after_row = event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER
-        && event & pg_sys::TRIGGER_EVENT_ROW != 0
-        && op != pg_sys::TRIGGER_EVENT_TRUNCATE;
-    if !after_row {
-        refuse_trigger_kind(event);
-    }
-    if !guc::capturing() {
-        return Ok(None);
-    }
-    let kinds = guc::events();
+/// `new_user_hook.capture()`'s entry point (symbol `capture_wrapper`, as in every
+/// release's install script). Called other than as a trigger, it says so.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn capture_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
-        let rel = data.tg_relation;
-        let source = source(rel);
-        let auth_users = source.auth_users;
-        let (kind, user_id, record, old_record) = match op {
-            pg_sys::TRIGGER_EVENT_INSERT => {
-                let committed =
-                    committed_version(rel, data.tg_trigtuple, data.tg_trigslot, auth_users);
-                if kinds.lifecycle() {
-                    // Later firings for this user in this transaction are part of its creation.
-                    let id = match &committed {
-                        Some(row) => row.id,
-                        None => {
-                            pg_sys::slot_getallattrs(data.tg_trigslot);
-                            record_of(rel, data.tg_trigslot, auth_users).id
-                        }
-                    };
-                    if let Some(id) = id {
-                        first_firing((*rel).rd_id, id);
-                    }
-                }
-                match committed {
-                    Some(Row {
-                        record,
-                        id: Some(id),
-                        ..
-                    }) if kinds.created => (Kind::Created, id, record, None),
-                    _ => return Ok(None),
-                }
-            }
-            pg_sys::TRIGGER_EVENT_UPDATE | pg_sys::TRIGGER_EVENT_DELETE => {
-                if !kinds.lifecycle() {
-                    return Ok(None);
-                }
-                pg_sys::slot_getallattrs(data.tg_trigslot);
-                let before = record_of(rel, data.tg_trigslot, auth_users);
-                let Some(id) = before.id else {
-                    return Ok(None);
-                };
-                if !first_firing((*rel).rd_id, id) {
-                    return Ok(None);
-                }
-                let committed = if op == pg_sys::TRIGGER_EVENT_UPDATE {
-                    committed_version(rel, data.tg_newtuple, data.tg_newslot, auth_users)
-                } else {
-                    None
-                };
-                match change_event(&before, committed.as_ref(), kinds) {
-                    Some((kind, record, old)) => {
-                        (kind, id, record.to_string(), old.map(str::to_string))
-                    }
-                    None => return Ok(None),
-                }
-            }
-            _ => return Ok(None),
-        };
-        let mut user_id = user_id;
-        if let Some(captured) = open_captured() {
-            append_captured(
-                captured,
-                kind,
-                &mut user_id,
-                &source.name,
-                &record,
-                old_record.as_deref(),
-            );
-        } else if kind == Kind::Created || outbox::lifecycle_columns() {
-            // An installed schema older than this library (until ALTER EXTENSION UPDATE):
-            // the event goes into the outbox, which before 0.6.0 holds new users only.
-            as_owner_of((*data.tg_trigger).tgfoid, || {
-                insert_event(
-                    kind,
-                    &mut user_id,
-                    &source.name,
-                    &record,
-                    old_record.as_deref(),
-                )
-            });
-        } else {
-            return Ok(None);
+        if !pgrx::trigger_support::called_as_trigger(fcinfo) {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "new_user_hook.capture() is a trigger function: it cannot be called directly",
+                "capture",
+            )
+            .set_hint("Attach it with SELECT new_user_hook.install('schema.table').")
+            .report(PgLogLevel::ERROR);
         }
+        capture(&*((*fcinfo).context as *const pg_sys::TriggerData));
+        pg_sys::Datum::from(0)
     }
-    wake::wake_on_commit();
-    Ok(None)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_capture_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1_API
 }
 
 fn refuse_trigger_kind(event: pg_sys::TriggerEvent) -> ! {
@@ -681,10 +871,15 @@ fn quote_identifier(name: &str) -> String {
 
 /// The record an event of this row would hold (SQL: `new_user_hook.snapshot(regclass,
 /// tid) RETURNS json` — a json Datum is its text), for `backfill()`. Needs SELECT on
-/// the table.
+/// the table, which must be a plain table (a partition is one): a view, an index, a
+/// partitioned table, a sequence or a type has no rows of its own to read.
 #[pg_extern(stable, parallel_safe, sql = false)]
 fn snapshot(target: pg_sys::Oid, row_id: pg_sys::ItemPointerData) -> Option<String> {
     unsafe {
+        let relkind = pg_sys::get_rel_relkind(target);
+        if relkind == 0 {
+            no_such_table(target);
+        }
         // The heap is read directly, so the privilege a query would need is checked here.
         let allowed = pg_sys::pg_class_aclcheck(
             target,
@@ -698,16 +893,43 @@ fn snapshot(target: pg_sys::Oid, row_id: pg_sys::ItemPointerData) -> Option<Stri
                 pg_sys::get_rel_name(target),
             );
         }
-        let rel = pg_sys::relation_open(target, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let found = latest_version(
-            rel,
-            row_id,
-            pg_sys::GetActiveSnapshot(),
-            source(rel).auth_users,
-        );
-        pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if relkind != pg_sys::RELKIND_RELATION as c_char {
+            let name = CStr::from_ptr(pg_sys::get_rel_name(target)).to_string_lossy();
+            pgrx::pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                format!("\"{name}\" is not a table: new_user_hook.snapshot() reads a row of a table"),
+                "snapshot",
+            )
+            .set_hint("Pass the users table (a partitioned table's rows are in its partitions: pass the partition, e.g. tableoid of the row).")
+            .report(PgLogLevel::ERROR);
+        }
+        let rel = pg_sys::table_open(target, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        // A tid past the table's end, or offset 0, names no row.
+        let (block, offset) = pgrx::itemptr::item_pointer_get_both(row_id);
+        let blocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM);
+        let found = (offset != 0 && block < blocks)
+            .then(|| {
+                latest_version(
+                    rel,
+                    row_id,
+                    pg_sys::GetActiveSnapshot(),
+                    source(rel).auth_users,
+                )
+            })
+            .flatten();
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         found.map(|row| row.record)
     }
+}
+
+fn no_such_table(oid: pg_sys::Oid) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+        format!("no table with OID {}", oid.to_u32()),
+        "pg_new_user_hook",
+    )
+    .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR does not return")
 }
 
 /// The columns of a users table whose change can make an event (SQL:
@@ -722,7 +944,7 @@ fn watched_columns(target: pg_sys::Oid) -> Vec<String> {
         let namespace = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(target));
         let table = pg_sys::get_rel_name(target);
         if namespace.is_null() || table.is_null() {
-            error!("pg_new_user_hook: table {} does not exist", target.to_u32());
+            no_such_table(target);
         }
         let auth_users = CStr::from_ptr(namespace).to_bytes() == b"auth"
             && CStr::from_ptr(table).to_bytes() == b"users";

@@ -11,7 +11,7 @@ use crate::guc::names;
 use crate::request::{self, Target};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -282,7 +282,34 @@ fn trusted_roots(ca_file: &str) -> Result<ureq::tls::RootCerts, String> {
 
 enum Message {
     Send(Event),
-    Exit,
+    /// Look whether there are more threads than wanted, and leave if so.
+    Nudge,
+}
+
+/// How many sending threads run, and how many should: a thread leaves only between
+/// two requests, so after the pool shrinks a busy thread finishes its request, and
+/// none starts one while more threads run than `concurrency` allows.
+#[derive(Default)]
+struct Headcount {
+    live: AtomicUsize,
+    wanted: AtomicUsize,
+}
+
+impl Headcount {
+    /// Whether the calling thread is one too many, in which case it is counted out.
+    fn leave_if_too_many(&self) -> bool {
+        let mut live = self.live.load(Ordering::SeqCst);
+        while live > self.wanted.load(Ordering::SeqCst) {
+            match self
+                .live
+                .compare_exchange(live, live - 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(now) => live = now,
+            }
+        }
+        false
+    }
 }
 
 /// Where requests go now: read by a thread when it starts a request, so a new URL or
@@ -303,6 +330,7 @@ pub struct Pool {
     /// wire come back unsent, except a probe.
     holding: Arc<AtomicBool>,
     breaker: Arc<Trip>,
+    headcount: Arc<Headcount>,
     threads: Vec<JoinHandle<()>>,
     in_flight: usize,
 }
@@ -325,6 +353,7 @@ impl Pool {
             stopping: Arc::new(AtomicBool::new(false)),
             holding: Arc::new(AtomicBool::new(false)),
             breaker: Arc::new(Trip::default()),
+            headcount: Arc::new(Headcount::default()),
             threads: Vec::new(),
             in_flight: 0,
         };
@@ -342,21 +371,23 @@ impl Pool {
         self.in_flight
     }
 
+    /// Threads running now (some may be about to leave after a shrink).
     #[cfg(test)]
     pub fn threads(&self) -> usize {
-        self.threads.len()
+        self.threads.iter().filter(|t| !t.is_finished()).count()
     }
 
     /// Grows or shrinks the number of sending threads; jobs already queued are kept.
     pub fn resize(&mut self, wanted: usize) -> std::io::Result<()> {
         let wanted = wanted.max(1);
         self.threads.retain(|t| !t.is_finished());
-        while self.threads.len() > wanted {
-            // Whichever thread takes it exits; the count is what matters.
-            let _ = self.jobs.send(Message::Exit);
-            self.threads.pop();
+        self.headcount.wanted.store(wanted, Ordering::SeqCst);
+        let live = self.headcount.live.load(Ordering::SeqCst);
+        // Threads waiting for a job look at the count; busy ones do after their request.
+        for _ in wanted..live {
+            let _ = self.jobs.send(Message::Nudge);
         }
-        while self.threads.len() < wanted {
+        while self.headcount.live.load(Ordering::SeqCst) < wanted {
             let queue = Arc::clone(&self.job_queue);
             let outcomes = self.outcome_sender.clone();
             let channel = Arc::clone(&self.channel);
@@ -365,13 +396,22 @@ impl Pool {
                 stopping: Arc::clone(&self.stopping),
                 holding: Arc::clone(&self.holding),
                 breaker: Arc::clone(&self.breaker),
+                headcount: Arc::clone(&self.headcount),
+                requeue: self.jobs.clone(),
             };
-            let handle = with_signals_blocked(|| {
+            self.headcount.live.fetch_add(1, Ordering::SeqCst);
+            let spawned = with_signals_blocked(|| {
                 std::thread::Builder::new()
                     .name("pg_new_user_hook sender".into())
                     .spawn(move || sender_loop(queue, channel, outcomes, wake, flags))
-            })?;
-            self.threads.push(handle);
+            });
+            match spawned {
+                Ok(handle) => self.threads.push(handle),
+                Err(e) => {
+                    self.headcount.live.fetch_sub(1, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
@@ -447,6 +487,16 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    /// The threads hold a sender of the job queue (to put a job back): tell them all to leave.
+    fn drop(&mut self) {
+        self.headcount.wanted.store(0, Ordering::SeqCst);
+        for _ in 0..self.headcount.live.load(Ordering::SeqCst) {
+            let _ = self.jobs.send(Message::Nudge);
+        }
+    }
+}
+
 /// Runs `spawn` with every signal blocked in the calling thread, so the threads it
 /// starts inherit a full mask: signals meant for the worker (SIGTERM, SIGHUP,
 /// SIGUSR1 for latches) must run their handlers on the worker's own thread.
@@ -494,6 +544,9 @@ struct Flags {
     stopping: Arc<AtomicBool>,
     holding: Arc<AtomicBool>,
     breaker: Arc<Trip>,
+    headcount: Arc<Headcount>,
+    /// Where a thread leaving puts back the job it took.
+    requeue: Sender<Message>,
 }
 
 fn sender_loop(
@@ -504,14 +557,23 @@ fn sender_loop(
     flags: Flags,
 ) {
     loop {
+        if flags.headcount.leave_if_too_many() {
+            return;
+        }
         let message = match queue.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
         let job = match message {
             Ok(Message::Send(job)) => job,
-            Ok(Message::Exit) | Err(_) => return,
+            Ok(Message::Nudge) => continue,
+            Err(_) => return,
         };
+        if flags.headcount.leave_if_too_many() {
+            // Taken before the pool shrank: another thread sends it.
+            let _ = flags.requeue.send(Message::Send(job));
+            return;
+        }
         let channel = current.lock().ok().and_then(|c| c.clone());
         let mut still_current = true;
         let (sent, result) = if flags.stopping.load(Ordering::SeqCst) {
@@ -833,8 +895,75 @@ mod tests {
             .iter()
             .all(|o| matches!(o.result, Attempt::Unsendable(_))));
         pool.resize(1).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.threads() > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(pool.threads(), 1);
         assert!(pool.stop(Duration::from_secs(1)).is_empty());
+    }
+
+    /// A backend on loopback that takes `delay` over each request (one per connection)
+    /// and counts how many it was handling at most at once.
+    fn slow_backend(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::AtomicUsize;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/users", listener.local_addr().unwrap());
+        let open = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&most);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (open, most) = (Arc::clone(&open), Arc::clone(&most));
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf);
+                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(delay);
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    #[test]
+    fn a_shrunk_pool_never_sends_more_requests_at_once_than_it_has_threads() {
+        let (url, most) = slow_backend(Duration::from_millis(50));
+        let mut pool = Pool::new(32).unwrap();
+        pool.set_channel(Some(Arc::new(channel(&url, "", Duration::from_secs(5)))));
+        pool.resize(4).unwrap();
+        // The threads told to leave have left; a reload resizes to the same count again.
+        std::thread::sleep(Duration::from_millis(200));
+        pool.resize(4).unwrap();
+        for i in 0..40 {
+            pool.submit(Event {
+                id: format!("e{i}"),
+                record: r#"{"id":"u-1","email":"a@example.com"}"#.into(),
+                ..job()
+            });
+        }
+        let got = outcomes_within(&mut pool, 40, Duration::from_secs(20));
+        assert_eq!(got.len(), 40);
+        assert!(
+            got.iter()
+                .all(|o| o.sent && matches!(o.result, Attempt::Response { status: 200, .. })),
+            "{:?}",
+            got.iter()
+                .map(|o| format!("{:?}", o.result))
+                .collect::<Vec<_>>()
+        );
+        let at_once = most.load(Ordering::SeqCst);
+        assert!(
+            at_once <= 4 && at_once >= 2,
+            "{at_once} requests at once with 4 threads"
+        );
+        assert_eq!(pool.threads(), 4);
     }
 
     fn outcomes_within(pool: &mut Pool, n: usize, within: Duration) -> Vec<Outcome> {

@@ -17,6 +17,7 @@ mod delivery;
 mod event;
 mod guc;
 mod outbox;
+mod problem;
 mod redact;
 mod request;
 mod shared;
@@ -182,6 +183,7 @@ mod tests {
              SET CONSTRAINTS ALL IMMEDIATE;",
         )
         .unwrap();
+        crate::capture::write_noted_events();
         let (email, status) = Spi::get_two::<String, String>(
             "SELECT o.record->>'email', d.status FROM new_user_hook.captured o JOIN new_user_hook.deliveries d USING (id)",
         )
@@ -209,6 +211,7 @@ mod tests {
              SET CONSTRAINTS ALL IMMEDIATE;",
         )
         .unwrap();
+        crate::capture::write_noted_events();
         let same = Spi::get_one::<bool>(
             "SELECT o.record::jsonb = jsonb_build_object('id', u.id, 'email', u.email, 'phone', u.phone,
                     'raw_app_meta_data', '{\"provider\": \"email\", \"providers\": [\"email\"]}'::jsonb,
@@ -249,6 +252,7 @@ mod tests {
              SET CONSTRAINTS ALL IMMEDIATE;",
         )
         .unwrap();
+        crate::capture::write_noted_events();
         assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries"), 0);
     }
 
@@ -273,6 +277,7 @@ mod tests {
             0
         );
         Spi::run("INSERT INTO app.users VALUES (gen_random_uuid(), 'x@example.com'); SET CONSTRAINTS ALL IMMEDIATE").unwrap();
+        crate::capture::write_noted_events();
         assert_eq!(count("SELECT count(*) FROM new_user_hook.deliveries"), 0);
         let twice = Spi::get_one::<String>("SELECT new_user_hook.uninstall('app.users')")
             .unwrap()
@@ -308,6 +313,7 @@ mod tests {
              INSERT INTO app.users VALUES (gen_random_uuid(), 'x@example.com');",
         )
         .unwrap();
+        crate::capture::write_noted_events();
     }
 
     #[pg_test]
@@ -348,6 +354,7 @@ mod tests {
              SET CONSTRAINTS ALL IMMEDIATE;",
         )
         .unwrap();
+        crate::capture::write_noted_events();
         // A restored event of another user, pending, from a cluster further ahead in its WAL.
         Spi::run(
             "INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, seq)
@@ -356,6 +363,7 @@ mod tests {
              SET CONSTRAINTS ALL IMMEDIATE;",
         )
         .unwrap();
+        crate::capture::write_noted_events();
         // Two later changes of user 2, as the trigger appends them.
         Spi::run(
             "INSERT INTO new_user_hook.captured
@@ -449,6 +457,7 @@ mod tests {
              INSERT INTO app.users VALUES (gen_random_uuid(), 'plain@example.com');",
         )
         .unwrap();
+        crate::capture::write_noted_events();
         assert_eq!(count("SELECT count(*) FROM new_user_hook.captured WHERE record->>'email' = 'plain@example.com'"), 1);
     }
 

@@ -45,6 +45,83 @@ fn message_of(error: CaughtError) -> String {
     }
 }
 
+/// Runs `work` in a subtransaction of the current transaction: a failure rolls back
+/// what `work` did only, and comes back as the error's message, so that one failing
+/// step of a round (say, a take that a publication breaks) does not stop the others.
+pub fn subtransaction<R>(
+    work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        PgTryBuilder::new(|| {
+            let result = work();
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+            Ok(result)
+        })
+        .catch_others(|error| {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+            Err(message_of(error))
+        })
+        .execute()
+    }
+}
+
+/// The first column of a query's first row, read with read-only SPI: unlike pgrx's
+/// `Spi::get_one`, it assigns no transaction id, so a worker that only looks writes
+/// no WAL.
+fn read_one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
+    Spi::connect(|client| client.select(sql, Some(1), args)?.first().get_one::<T>())
+        .unwrap_or_else(|e| error!("pg_new_user_hook: {e}: {sql}"))
+}
+
+/// Runs a statement that may write, and returns how many rows it processed (an
+/// INSERT, UPDATE or DELETE: the rows it wrote). A transaction id is assigned only
+/// if it writes something (pgrx's `Spi::run` assigns one first): a take or a purge
+/// that finds nothing costs no WAL.
+fn write(sql: &CStr, args: &[DatumWithOid]) -> u64 {
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("pg_new_user_hook: SPI_connect failed");
+        }
+        let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
+        let mut values: Vec<pg_sys::Datum> = args
+            .iter()
+            .map(|a| {
+                a.datum()
+                    .map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())
+            })
+            .collect();
+        let nulls: Vec<std::ffi::c_char> = args
+            .iter()
+            .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+            .collect();
+        let rc = pg_sys::SPI_execute_with_args(
+            sql.as_ptr(),
+            args.len() as i32,
+            types.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            false,
+            0,
+        );
+        if rc < 0 {
+            error!(
+                "pg_new_user_hook: SPI error {rc} in: {}",
+                sql.to_string_lossy()
+            );
+        }
+        let processed = pg_sys::SPI_processed;
+        pg_sys::SPI_finish();
+        processed
+    }
+}
+
 /// Session settings of the worker. Its own commits (claims, outcomes) need not wait
 /// for the WAL flush: losing the last of them in a crash only means an event is
 /// sent again, never lost, since the event itself was made durable by the signup's
@@ -54,19 +131,18 @@ fn message_of(error: CaughtError) -> String {
 /// after a second instead of blocking it: the worker then retries with what it
 /// knows, and stays able to answer a shutdown.
 pub fn configure_session() {
-    Spi::run(
-        "SET synchronous_commit = off; SET lock_timeout = '1s'; SET jit = off; SET application_name = 'pg_new_user_hook'",
-    )
-    .expect("configuring the worker's session");
+    write(
+        c"SET synchronous_commit = off; SET lock_timeout = '1s'; SET jit = off; SET application_name = 'pg_new_user_hook'",
+        &[],
+    );
 }
 
 /// Whether the extension's objects exist in this database.
 pub fn installed() -> bool {
-    Spi::get_one::<bool>(
+    read_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_new_user_hook')",
+        &[],
     )
-    .ok()
-    .flatten()
     .unwrap_or(false)
 }
 
@@ -139,23 +215,19 @@ pub fn take_captured() -> i64 {
     if !capture_table() {
         return 0;
     }
-    Spi::get_one::<i64>(
-        "WITH taken AS (
+    write(
+        c"WITH taken AS (
              DELETE FROM new_user_hook.captured RETURNING *
          ), placed AS (
              SELECT t.*, CASE WHEN t.kind = 'created' THEN t.seq ELSE
                         t.seq + GREATEST(0, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox AS p
                                               WHERE p.user_id = t.user_id AND p.status NOT IN ('delivered', 'failed'))
                                             - min(t.seq) OVER (PARTITION BY t.user_id)) END AS placed_seq
-               FROM taken AS t
-         ), moved AS (
-             INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, next_attempt_at)
-             SELECT id, user_id, source, record, kind, old_record, placed_seq, created_at, created_at FROM placed
-             RETURNING 1)
-         SELECT count(*) FROM moved",
-    )
-    .expect("taking captured events into the outbox")
-    .unwrap_or(0)
+               FROM taken AS t)
+         INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, next_attempt_at)
+         SELECT id, user_id, source, record, kind, old_record, placed_seq, created_at, created_at FROM placed",
+        &[],
+    ) as i64
 }
 
 /// Refreshes the planner's statistics of the outbox (ANALYZE), in the round's
@@ -174,43 +246,64 @@ pub fn analyze_outbox() -> bool {
     free
 }
 
-/// Vacuums the capture table, in transactions of its own (VACUUM cannot run in the
-/// worker's rounds): the rows the takes deleted are made free space again, so the
-/// table stays the size of what arrives between two vacuums. Never truncates it
-/// (that would need a lock signups hold). Returns false, having done nothing, while
-/// autovacuum is at it: try again later.
+/// Vacuums the capture table (VACUUM cannot run in the worker's rounds): the rows the
+/// takes deleted are made free space again, so the table stays the size of what
+/// arrives between two vacuums. Never truncates it (that would need a lock signups
+/// hold), and skips it at once, without waiting, while autovacuum or anyone else
+/// holds a conflicting lock (SKIP_LOCKED): then it returns false, to try again later.
 pub fn vacuum_captured() -> Result<bool, String> {
-    if !capture_table() {
-        return Ok(true);
-    }
-    // Released when this transaction ends: only a look whether autovacuum holds it.
-    let free = transaction(|| table_oid(c"captured").is_some_and(lock_for_maintenance))?;
-    if !free {
-        return Ok(false);
-    }
-    PgTryBuilder::new(|| unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        let parsed = pg_sys::raw_parser(
-            c"VACUUM (TRUNCATE false) new_user_hook.captured".as_ptr(),
-            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
+    unsafe {
+        // VACUUM commits the transaction it is started in and starts another at its
+        // end: what it is given, and the context it allocates in (under
+        // PortalContext), must outlive that commit, so both live in a context of
+        // their own, deleted here whether it succeeds or fails.
+        let context = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::TopMemoryContext,
+            c"pg_new_user_hook vacuum".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         );
-        let raw = (*(*parsed).elements).ptr_value as *mut pg_sys::RawStmt;
-        // As PostgreSQL runs a VACUUM typed in a session: at top level, outside a
-        // transaction block (it commits this transaction and starts one at the end).
-        pg_sys::ExecVacuum(
-            pg_sys::make_parsestate(std::ptr::null_mut()),
-            (*raw).stmt as *mut pg_sys::VacuumStmt,
-            true,
-        );
-        pg_sys::CommitTransactionCommand();
-        Ok(true)
-    })
-    .catch_others(|error| {
-        unsafe { pg_sys::AbortCurrentTransaction() };
-        Err(message_of(error))
-    })
-    .execute()
+        let previous_portal_context = pg_sys::PortalContext;
+        let previous = pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::PortalContext = context;
+        let result = PgTryBuilder::new(|| {
+            pg_sys::SetCurrentStatementStartTimestamp();
+            pg_sys::StartTransactionCommand();
+            pg_sys::MemoryContextSwitchTo(context);
+            // Looked up and probed in the transaction VACUUM starts from: while
+            // autovacuum holds the table, nothing is done (no wait, no log line).
+            let free = capture_table() && table_oid(c"captured").is_some_and(lock_for_maintenance);
+            if !free {
+                pg_sys::CommitTransactionCommand();
+                return Ok(capture_table().then_some(false).unwrap_or(true));
+            }
+            let parsed = pg_sys::raw_parser(
+                c"VACUUM (TRUNCATE false, SKIP_LOCKED) new_user_hook.captured".as_ptr(),
+                pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
+            );
+            let raw = (*(*parsed).elements).ptr_value as *mut pg_sys::RawStmt;
+            // As PostgreSQL runs a VACUUM typed in a session: at top level, outside a
+            // transaction block. SKIP_LOCKED: should another take the lock between
+            // this transaction's end and VACUUM's own, VACUUM skips the table.
+            pg_sys::ExecVacuum(
+                pg_sys::make_parsestate(std::ptr::null_mut()),
+                (*raw).stmt as *mut pg_sys::VacuumStmt,
+                true,
+            );
+            pg_sys::CommitTransactionCommand();
+            Ok(true)
+        })
+        .catch_others(|error| {
+            pg_sys::AbortCurrentTransaction();
+            Err(message_of(error))
+        })
+        .execute();
+        pg_sys::MemoryContextSwitchTo(previous);
+        pg_sys::PortalContext = previous_portal_context;
+        pg_sys::MemoryContextDelete(context);
+        result
+    }
 }
 
 /// An event waits while an earlier event of its user is pending (in flight, being
@@ -287,8 +380,7 @@ pub fn claim_sql(lifecycle: bool) -> String {
 /// overdue): not in flight, and not waiting for an earlier event of its user.
 pub fn next_due(in_flight: &[String]) -> Option<Duration> {
     let args: [DatumWithOid; 1] = [in_flight.to_vec().into()];
-    Spi::get_one_with_args::<f64>(&next_due_sql(lifecycle_columns()), &args)
-        .expect("finding the next due event")
+    read_one::<f64>(&next_due_sql(lifecycle_columns()), &args)
         .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
 
@@ -435,15 +527,11 @@ pub fn record(outcomes: &[Record]) {
 /// in the order they were queued (an earlier event of a user first, before the
 /// later ones that waited for it).
 pub fn release_backoff() -> i64 {
-    Spi::get_one::<i64>(
-        "WITH due AS (
-             UPDATE new_user_hook.outbox SET next_attempt_at = created_at
-              WHERE status = 'pending' AND next_attempt_at > clock_timestamp()
-             RETURNING 1)
-         SELECT count(*) FROM due",
-    )
-    .expect("releasing backed-off events")
-    .unwrap_or(0)
+    write(
+        c"UPDATE new_user_hook.outbox SET next_attempt_at = created_at
+           WHERE status = 'pending' AND next_attempt_at > clock_timestamp()",
+        &[],
+    ) as i64
 }
 
 /// What the queue holds now (`new_user_hook.queue_gauges()`), to publish.
@@ -472,28 +560,24 @@ pub fn queue_gauges() -> QueueGauges {
 /// (through index outbox_delivered); returns how many.
 pub fn purge_delivered(retention: Duration, limit: i64) -> i64 {
     let args: [DatumWithOid; 2] = [(retention.as_secs() as i64).into(), limit.into()];
-    Spi::get_one_with_args::<i64>(
-        "WITH gone AS (
-             DELETE FROM new_user_hook.outbox WHERE id IN (
-                 SELECT id FROM new_user_hook.outbox
-                  WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
-                  ORDER BY delivered_at
-                  LIMIT $2)
-             RETURNING 1)
-         SELECT count(*) FROM gone",
+    write(
+        c"DELETE FROM new_user_hook.outbox WHERE id IN (
+              SELECT id FROM new_user_hook.outbox
+               WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
+               ORDER BY delivered_at
+               LIMIT $2)",
         &args,
-    )
-    .expect("purging delivered events")
-    .unwrap_or(0)
+    ) as i64
 }
 
 /// The value of a Supabase Vault secret (`vault.decrypted_secrets`, by name).
 /// `setting` names the setting that points at it, for the message.
 pub fn vault_secret(name: &str, setting: &str) -> Result<String, String> {
-    let vault = Spi::get_one::<bool>("SELECT to_regclass('vault.decrypted_secrets') IS NOT NULL")
-        .ok()
-        .flatten()
-        .unwrap_or(false);
+    let vault = read_one::<bool>(
+        "SELECT to_regclass('vault.decrypted_secrets') IS NOT NULL",
+        &[],
+    )
+    .unwrap_or(false);
     if !vault {
         return Err(format!(
             "{setting} = '{name}' names a Supabase Vault secret, but this database has no vault.decrypted_secrets: \
@@ -501,10 +585,17 @@ pub fn vault_secret(name: &str, setting: &str) -> Result<String, String> {
         ));
     }
     let args: [DatumWithOid; 1] = [name.into()];
-    match Spi::get_one_with_args::<String>(
-        "SELECT (SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = $1 LIMIT 1)",
-        &args,
-    ) {
+    // Read-only: a re-read every few seconds assigns no transaction id.
+    match Spi::connect(|client| {
+        client
+            .select(
+                "SELECT (SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = $1 LIMIT 1)",
+                Some(1),
+                &args,
+            )?
+            .first()
+            .get_one::<String>()
+    }) {
         Ok(Some(value)) if !value.is_empty() => Ok(value),
         Ok(_) => Err(format!(
             "{setting} = '{name}': Supabase Vault has no secret of that name (or it is empty); \

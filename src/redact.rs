@@ -1,7 +1,9 @@
 //! Keeps secret settings out of the server log. Postgres itself logs
 //! `parameter "…" changed to "<value>"` on every reload, and logged statements
 //! (`log_statement`, the STATEMENT line of an error) show `ALTER SYSTEM SET …`
-//! verbatim; an emit_log_hook cuts the value from such messages.
+//! verbatim; an emit_log_hook cuts the value from such messages. The same hook
+//! notes a FATAL error of the worker while it connects (`shared`), so that its next
+//! start can say why instead of failing again.
 
 use crate::guc::{names, SECRET_SETTINGS};
 use crate::request::redact_userinfo;
@@ -21,6 +23,14 @@ pub fn install() {
 unsafe extern "C-unwind" fn hide_secrets(edata: *mut pg_sys::ErrorData) {
     unsafe {
         if let Some(edata) = edata.as_mut() {
+            if edata.elevel >= pg_sys::FATAL as i32 && !edata.message.is_null() {
+                let message = CStr::from_ptr(edata.message).to_string_lossy();
+                crate::shared::note_fatal_while_connecting(
+                    edata.elevel,
+                    edata.sqlerrcode,
+                    &message,
+                );
+            }
             for field in [
                 &mut edata.message,
                 &mut edata.detail,

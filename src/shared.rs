@@ -38,6 +38,39 @@ impl Default for ProblemText {
 // SAFETY: plain bytes, no pointers.
 unsafe impl PGRXSharedMemory for ProblemText {}
 
+impl ProblemText {
+    /// Keeps as much of `text` as fits, cut at a character boundary.
+    fn set(&mut self, text: &str) {
+        let mut cut = text.len().min(PROBLEM_CAPACITY);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.bytes[..cut].copy_from_slice(&text.as_bytes()[..cut]);
+        self.len = cut;
+    }
+
+    fn get(&self) -> Option<String> {
+        (self.len > 0).then(|| String::from_utf8_lossy(&self.bytes[..self.len]).into_owned())
+    }
+}
+
+/// Why the worker could not connect to its database at its last start: the error's
+/// SQLSTATE (0: none) and message, kept across its restart.
+#[derive(Clone, Copy, Default)]
+pub struct ConnectFailure {
+    code: i32,
+    message: ProblemText,
+}
+
+// SAFETY: plain numbers and bytes, no pointers.
+unsafe impl PGRXSharedMemory for ConnectFailure {}
+
+static CONNECT_FAILURE: PgLwLock<ConnectFailure> =
+    unsafe { PgLwLock::new(c"pg_new_user_hook_connect_failure") };
+
+/// Set in the worker process while it connects to its database.
+static CONNECTING: AtomicBool = AtomicBool::new(false);
+
 /// The problem the worker last reported (empty: none).
 static WORKER_PROBLEM: PgLwLock<ProblemText> =
     unsafe { PgLwLock::new(c"pg_new_user_hook_worker_problem") };
@@ -72,6 +105,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 pub fn init() {
     pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(WORKER_PROBLEM);
+    pg_shmem_init!(CONNECT_FAILURE);
     pg_shmem_init!(IN_FLIGHT = AtomicI32::new(0));
     pg_shmem_init!(WORKER_STARTS = AtomicI32::new(0));
     pg_shmem_init!(QUEUE_GAUGES);
@@ -129,22 +163,39 @@ pub fn in_flight() -> Option<i32> {
 }
 
 pub fn set_worker_problem(problem: Option<&str>) {
-    let text = problem.unwrap_or("");
-    let mut cut = text.len().min(PROBLEM_CAPACITY);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let mut slot = WORKER_PROBLEM.exclusive();
-    slot.bytes[..cut].copy_from_slice(&text.as_bytes()[..cut]);
-    slot.len = cut;
+    WORKER_PROBLEM.exclusive().set(problem.unwrap_or(""));
 }
 
 pub fn worker_problem() -> Option<String> {
     if !preloaded() {
         return None;
     }
-    let slot = WORKER_PROBLEM.share();
-    (slot.len > 0).then(|| String::from_utf8_lossy(&slot.bytes[..slot.len]).into_owned())
+    WORKER_PROBLEM.share().get()
+}
+
+/// The worker is connecting to its database (true) or has connected (false, which
+/// also forgets an earlier failure).
+pub fn connecting(on: bool) {
+    CONNECTING.store(on, Ordering::Relaxed);
+    if !on {
+        *CONNECT_FAILURE.exclusive() = ConnectFailure::default();
+    }
+}
+
+/// Called for every message logged: a FATAL error while the worker connects (its
+/// database does not exist, say) is kept for the worker's next start.
+pub fn note_fatal_while_connecting(elevel: i32, code: i32, message: &str) {
+    if CONNECTING.load(Ordering::Relaxed) && elevel >= pg_sys::FATAL as i32 && preloaded() {
+        let mut slot = CONNECT_FAILURE.exclusive();
+        slot.code = code;
+        slot.message.set(message);
+    }
+}
+
+/// Why the worker's previous start could not connect (SQLSTATE and message), if it could not.
+pub fn connect_failure() -> Option<(i32, String)> {
+    let slot = CONNECT_FAILURE.share();
+    (slot.code != 0).then(|| (slot.code, slot.message.get().unwrap_or_default()))
 }
 
 pub fn publish_queue_gauges(gauges: QueueGauges) {

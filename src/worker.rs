@@ -12,6 +12,7 @@ use crate::delivery::{Outcome, Pool};
 use crate::event::Event;
 use crate::guc::{self, Settings};
 use crate::outbox::{self, transaction, Record};
+use crate::problem::{Change, Failures, Step};
 use crate::shared;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
@@ -73,7 +74,15 @@ pub fn register() {
 pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::database();
+    if let Some((code, message)) = shared::connect_failure() {
+        wait_after_connect_failure(&database, code, &message);
+    }
+    // A FATAL error while connecting ends this process; the log hook keeps it for
+    // the next start (above).
+    shared::connecting(true);
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    shared::connecting(false);
+    shared::set_worker_problem(None);
     shared::announce_worker(true);
     log!("pg_new_user_hook: delivery worker started for database \"{database}\"");
 
@@ -86,6 +95,60 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     // Exit code 1 makes the postmaster start the worker again if only the worker
     // was terminated (pg_terminate_backend); during shutdown it is not restarted.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// How long the worker waits before connecting again after its database refused it
+/// for a reason other than not existing (connections not allowed, say).
+const CONNECT_RETRY: Duration = Duration::from_secs(60);
+
+/// The previous start of the worker could not connect to its database: say why and
+/// what to do, instead of failing again every few seconds. A database that does not
+/// exist needs another `database` setting, which takes a restart: wait for the
+/// shutdown. Any other refusal is tried again after CONNECT_RETRY.
+fn wait_after_connect_failure(database: &str, code: i32, message: &str) -> ! {
+    let missing = PgSqlErrorCode::from(code) == PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME; // 3D000: no such database
+    let setting = guc::names::DATABASE;
+    let problem = if missing {
+        format!(
+            "{setting} = '{database}', but there is no such database ({message}): set it to the database \
+             where CREATE EXTENSION pg_new_user_hook was run (ALTER SYSTEM SET {setting} = '...') and restart \
+             PostgreSQL; new users are queued meanwhile"
+        )
+    } else {
+        format!(
+            "the delivery worker cannot connect to database \"{database}\" ({setting}): {message}; \
+             it tries again every {} s",
+            CONNECT_RETRY.as_secs()
+        )
+    };
+    warning!("pg_new_user_hook: {problem}");
+    shared::set_worker_problem(Some(&problem));
+    let retry_at = (!missing).then(|| Instant::now() + CONNECT_RETRY);
+    loop {
+        if BackgroundWorker::sigterm_received() {
+            unsafe { pg_sys::proc_exit(1) };
+        }
+        let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
+        let mut timeout_ms = -1;
+        if let Some(at) = retry_at {
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Exit code 1: the postmaster starts the worker again, which connects.
+                unsafe { pg_sys::proc_exit(1) };
+            }
+            events |= pg_sys::WL_TIMEOUT;
+            timeout_ms = left.as_millis() as i64;
+        }
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                events as i32,
+                timeout_ms as _,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+    }
 }
 
 /// Hands the statistics of the worker's transactions (rows updated and deleted in the
@@ -113,6 +176,8 @@ struct Timers {
     gauges: Option<Instant>,
     /// The capture table is to be vacuumed (VACUUM_CAPTURED_AFTER events were taken).
     vacuum: Option<Instant>,
+    /// A failed take is to be tried again.
+    retry_take: Option<Instant>,
 }
 
 impl Timers {
@@ -125,6 +190,7 @@ impl Timers {
             // Published at start, so the metrics never show another life's counts.
             gauges: Some(Instant::now()),
             vacuum: None,
+            retry_take: None,
         }
     }
 
@@ -156,6 +222,7 @@ impl Timers {
             next_probe,
             self.gauges.filter(|_| can_purge),
             self.vacuum.filter(|_| can_purge),
+            self.retry_take.filter(|_| can_claim),
         ]
         .into_iter()
         .flatten()
@@ -193,8 +260,9 @@ struct RoundResult {
     claimed: Vec<Event>,
     /// Until the next pending event not claimed is due (None: nothing pending).
     next_due: Option<Duration>,
-    /// Events taken from the capture table, and whether the outbox was analyzed.
-    taken: i64,
+    /// Events taken from the capture table (or why the take failed: the round went
+    /// on without it), and whether the outbox was analyzed.
+    taken: Result<i64, String>,
     analyzed: bool,
 }
 
@@ -225,6 +293,8 @@ struct Worker {
     problem: Option<String>,
     /// The error of the last failed round, so a repeated one is logged once.
     round_error: Option<String>,
+    /// Steps failing in a row: twice makes a problem (status, metric, log).
+    failures: Failures,
     backend_failing: bool,
     breaker: Breaker,
     /// When the queue was last counted for the metrics, and how long that took.
@@ -259,6 +329,7 @@ impl Worker {
             timers: Timers::new(),
             problem: None,
             round_error: None,
+            failures: Failures::default(),
             backend_failing: false,
             breaker: Breaker::new(),
             counted_at: Instant::now(),
@@ -358,7 +429,7 @@ impl Worker {
                 database = guc::names::DATABASE
             ))
         } else {
-            self.config.problem()
+            self.config.problem().or_else(|| self.failures.problem())
         };
         if problem == self.problem {
             return;
@@ -372,6 +443,18 @@ impl Worker {
         }
         shared::set_worker_problem(problem.as_deref());
         self.problem = problem;
+    }
+
+    /// Counts a step's success or failure; a step failing repeatedly, or recovering,
+    /// changes the problem reported.
+    fn step_outcome(&mut self, step: Step, result: Result<(), &str>) {
+        let change = match result {
+            Ok(()) => self.failures.succeeded(step),
+            Err(error) => self.failures.failed(step, error),
+        };
+        if change != Change::Nothing {
+            self.report();
+        }
     }
 
     fn max_in_flight(&self) -> usize {
@@ -463,11 +546,13 @@ impl Worker {
         if self.timers.retry_round.is_some_and(|at| at > now) {
             return None;
         }
-        let (claim, probe) = if self.maybe_due || Timers::reached(self.timers.due, now) {
-            self.claimable()
-        } else {
-            (0, false)
-        };
+        let retry_take = Timers::reached(self.timers.retry_take, now);
+        let (claim, probe) =
+            if self.maybe_due || retry_take || Timers::reached(self.timers.due, now) {
+                self.claimable()
+            } else {
+                (0, false)
+            };
         if self.record_due() {
             let outcomes = std::mem::take(&mut self.outcomes);
             let decisions = self.decide(outcomes);
@@ -480,7 +565,10 @@ impl Worker {
         let mut busy: Vec<String> = self.in_flight.iter().cloned().collect();
         busy.extend(self.unrecorded.iter().map(|r| r.id.clone()));
         // Commits from now on set the latch again: none is missed by the take's snapshot.
-        let take = claim > 0 && std::mem::take(&mut self.maybe_captured);
+        // After a failed take, the next try waits RETRY_FAILED_ROUND.
+        let take = claim > 0
+            && self.timers.retry_take.is_none_or(|at| at <= now)
+            && std::mem::take(&mut self.maybe_captured);
         let analyze_after = self
             .analyzed_at
             .is_none_or(|at| at.elapsed() >= ANALYZE_EVERY)
@@ -502,6 +590,7 @@ impl Worker {
         let result = match result {
             Ok(result) => result,
             Err(error) => {
+                self.step_outcome(Step::Round, Err(&error));
                 if self.round_error.as_ref() != Some(&error) {
                     warning!(
                         "pg_new_user_hook: a delivery round failed and is retried in {} s, with the outcomes it had to record: {error}",
@@ -519,9 +608,27 @@ impl Worker {
         if self.round_error.take().is_some() {
             log!("pg_new_user_hook: delivery rounds succeed again");
         }
+        self.step_outcome(Step::Round, Ok(()));
+        let taken = match &result.taken {
+            Ok(taken) => {
+                if *taken > 0 || self.timers.retry_take.is_some() {
+                    self.timers.retry_take = None;
+                    self.step_outcome(Step::Take, Ok(()));
+                }
+                *taken
+            }
+            Err(error) => {
+                // The round recorded and claimed without it; the events stay captured.
+                warning!("pg_new_user_hook: taking captured events into the outbox failed, retried in {} s: {error}", RETRY_FAILED_ROUND.as_secs());
+                self.step_outcome(Step::Take, Err(error));
+                self.maybe_captured = true;
+                self.timers.retry_take = Some(Instant::now() + RETRY_FAILED_ROUND);
+                0
+            }
+        };
         self.timers.retry_round = None;
         self.timers.statistics = flush_statistics(false);
-        self.taken_since_vacuum += result.taken;
+        self.taken_since_vacuum += taken;
         if self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER && self.timers.vacuum.is_none() {
             self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY);
         }
@@ -529,7 +636,7 @@ impl Worker {
             self.taken_since_analyze = 0;
             self.analyzed_at = Some(Instant::now());
         } else {
-            self.taken_since_analyze += result.taken;
+            self.taken_since_analyze += taken;
         }
         if self.installed != Some(result.installed) {
             self.installed = Some(result.installed);
@@ -567,6 +674,7 @@ impl Worker {
         let retention = self.config.settings().retention;
         match transaction(move || outbox::purge_delivered(retention, PURGE_BATCH)) {
             Ok(purged) => {
+                self.step_outcome(Step::Purge, Ok(()));
                 self.timers.statistics = flush_statistics(false);
                 self.timers.purge = if purged >= PURGE_BATCH {
                     Instant::now()
@@ -576,6 +684,7 @@ impl Worker {
             }
             Err(error) => {
                 warning!("pg_new_user_hook: purging delivered events failed, retried in a minute: {error}");
+                self.step_outcome(Step::Purge, Err(&error));
                 self.timers.purge = Instant::now() + Duration::from_secs(60);
                 self.installed = None;
             }
@@ -595,6 +704,11 @@ impl Worker {
             if !outcome.sent {
                 self.breaker.probe_lost(&outcome.id, Instant::now());
                 continue;
+            }
+            if !outcome.current {
+                // Sent to a target replaced since: its answer is recorded for the
+                // event, but a probe's must not leave the circuit half-open.
+                self.breaker.probe_stale(&outcome.id, Instant::now());
             }
             let decision = classify::decide(
                 &outcome.result,
@@ -658,9 +772,13 @@ impl Worker {
         match outbox::vacuum_captured() {
             Ok(false) => self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY),
             done => {
-                if let Err(e) = done {
+                if let Err(e) = &done {
                     warning!("pg_new_user_hook: vacuuming new_user_hook.captured failed (autovacuum will): {e}");
                 }
+                self.step_outcome(
+                    Step::Vacuum,
+                    done.as_ref().map(|_| ()).map_err(String::as_str),
+                );
                 self.taken_since_vacuum -= taken;
                 self.timers.vacuum = None;
             }
@@ -680,9 +798,14 @@ impl Worker {
         let counted = transaction(outbox::queue_gauges);
         self.count_took = self.counted_at.elapsed();
         match counted {
-            Ok(gauges) => shared::publish_queue_gauges(gauges),
-            // The round's own error handling reports a database problem.
-            Err(_) => self.installed = None,
+            Ok(gauges) => {
+                shared::publish_queue_gauges(gauges);
+                self.step_outcome(Step::Count, Ok(()));
+            }
+            Err(error) => {
+                self.step_outcome(Step::Count, Err(&error));
+                self.installed = None;
+            }
         }
     }
 
@@ -764,7 +887,7 @@ fn run_round(round: Round) -> RoundResult {
             wanted: round.claim,
             claimed: Vec::new(),
             next_due: None,
-            taken: 0,
+            taken: Ok(0),
             analyzed: false,
         };
     }
@@ -772,14 +895,16 @@ fn run_round(round: Round) -> RoundResult {
     if round.release_backoff {
         outbox::release_backoff();
     }
+    // In a subtransaction of its own: a take that fails (a publication, a lock) must
+    // not stop the outcomes from being recorded or the outbox's events from going out.
     let taken = if round.take {
-        outbox::take_captured()
+        outbox::subtransaction(outbox::take_captured)
     } else {
-        0
+        Ok(0)
     };
     let analyzed = round
         .analyze_after
-        .is_some_and(|before| before + taken >= ANALYZE_AFTER)
+        .is_some_and(|before| before + *taken.as_ref().unwrap_or(&0) >= ANALYZE_AFTER)
         && outbox::analyze_outbox();
     let claimed = if round.claim > 0 {
         outbox::claim(round.claim, &round.busy, round.probe)

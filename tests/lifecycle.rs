@@ -510,3 +510,166 @@ fn updates_and_deletions_carry_no_credential_in_any_format() {
         "{update}"
     );
 }
+
+/// The event of a transaction is decided at its commit, from the user as committed,
+/// whatever fired before: `SET CONSTRAINTS ALL IMMEDIATE` (Django's
+/// check_constraints issues it) makes the triggers fire mid-transaction, and a
+/// savepoint may roll back what they saw.
+#[test]
+fn the_event_reflects_the_commit_whatever_the_constraint_mode_and_savepoints() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::hooked_to(&receiver.url, &[ALL]);
+    let mut gotrue = cluster.connect("supabase_auth_admin");
+    let email_of = |calls: &[(String, String, String)], n: usize| {
+        serde_json::from_str::<Value>(&calls[n].2).unwrap()["email"].clone()
+    };
+
+    // Update, IMMEDIATE, update: the second update is the event.
+    let twice = cluster.signup("imm-a@example.com");
+    wait_delivered(&cluster, &twice, 1);
+    gotrue
+        .batch_execute(&format!(
+            "BEGIN;
+             UPDATE users SET email = 'imm-b@example.com' WHERE id = '{twice}';
+             SET CONSTRAINTS ALL IMMEDIATE;
+             UPDATE users SET email = 'imm-c@example.com' WHERE id = '{twice}';
+             COMMIT;"
+        ))
+        .unwrap();
+
+    // An update seen by an IMMEDIATE firing, then rolled back to a savepoint; another
+    // update after it: that one is the event.
+    let rolled = cluster.signup("sp-a@example.com");
+    wait_delivered(&cluster, &rolled, 1);
+    gotrue
+        .batch_execute(&format!(
+            "BEGIN;
+             SAVEPOINT s;
+             UPDATE users SET email = 'sp-b@example.com' WHERE id = '{rolled}';
+             SET CONSTRAINTS ALL IMMEDIATE;
+             ROLLBACK TO SAVEPOINT s;
+             SET CONSTRAINTS ALL DEFERRED;
+             UPDATE users SET email = 'sp-c@example.com' WHERE id = '{rolled}';
+             COMMIT;"
+        ))
+        .unwrap();
+
+    // Update, IMMEDIATE, delete: the user is gone, the backend must delete it.
+    let gone = cluster.signup("imm-gone@example.com");
+    wait_delivered(&cluster, &gone, 1);
+    gotrue
+        .batch_execute(&format!(
+            "BEGIN;
+             UPDATE users SET email = 'imm-gone-2@example.com' WHERE id = '{gone}';
+             SET CONSTRAINTS ALL IMMEDIATE;
+             DELETE FROM users WHERE id = '{gone}';
+             COMMIT;"
+        ))
+        .unwrap();
+
+    // Insert, IMMEDIATE, update: the creation carries the committed email.
+    gotrue
+        .batch_execute(&format!(
+            "BEGIN; {};
+             SET CONSTRAINTS ALL IMMEDIATE;
+             UPDATE users SET email = 'imm-new-final@example.com' WHERE email = 'imm-new@example.com';
+             COMMIT;",
+            insert_users(&[("email", "'imm-new@example.com'")])
+        ))
+        .unwrap();
+    let created: String = gotrue
+        .query_one(
+            "SELECT id::text FROM users WHERE email = 'imm-new-final@example.com'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+
+    // A change made only inside a savepoint that is rolled back is no event at all.
+    let untouched = cluster.signup("sp-only@example.com");
+    wait_delivered(&cluster, &untouched, 1);
+    gotrue
+        .batch_execute(&format!(
+            "BEGIN;
+             SAVEPOINT s;
+             UPDATE users SET email = 'sp-only-2@example.com' WHERE id = '{untouched}';
+             SET CONSTRAINTS ALL IMMEDIATE;
+             ROLLBACK TO SAVEPOINT s;
+             COMMIT;"
+        ))
+        .unwrap();
+
+    wait_delivered(&cluster, &twice, 2);
+    wait_delivered(&cluster, &rolled, 2);
+    wait_delivered(&cluster, &gone, 2);
+    wait_delivered(&cluster, &created, 1);
+
+    let calls = calls_for(&receiver, &twice);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[1].0, "PATCH");
+    assert_eq!(email_of(&calls, 1), "imm-c@example.com");
+
+    let calls = calls_for(&receiver, &rolled);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[1].0, "PATCH");
+    assert_eq!(email_of(&calls, 1), "sp-c@example.com");
+
+    let calls = calls_for(&receiver, &gone);
+    assert_eq!(
+        calls.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+        ["POST", "DELETE"],
+        "{calls:?}"
+    );
+
+    let calls = calls_for(&receiver, &created);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].0, "POST");
+    assert_eq!(email_of(&calls, 0), "imm-new-final@example.com");
+
+    // Every other event was delivered after the rolled-back one's transaction committed.
+    assert_eq!(
+        event_count(&cluster, &untouched),
+        1,
+        "a rolled-back change made an event"
+    );
+    assert!(
+        !receiver
+            .requests()
+            .iter()
+            .any(|r| r.body.contains("sp-only-2@")),
+        "a change rolled back to a savepoint was announced"
+    );
+}
+
+/// A user deleted and inserted again with the same id in one transaction (a
+/// "replace" done as DELETE + INSERT) still exists when it commits: an update, not a
+/// deletion.
+#[test]
+fn a_user_deleted_and_inserted_again_in_one_transaction_is_updated() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::hooked_to(&receiver.url, &[ALL]);
+    let id = cluster.signup("replaced@example.com");
+    wait_delivered(&cluster, &id, 1);
+    let quoted = format!("'{id}'");
+    cluster
+        .connect("supabase_auth_admin")
+        .batch_execute(&format!(
+            "BEGIN;
+             DELETE FROM users WHERE id = '{id}';
+             {};
+             COMMIT;",
+            insert_users(&[("id", &quoted), ("email", "'replaced-2@example.com'")])
+        ))
+        .unwrap();
+    wait_delivered(&cluster, &id, 2);
+    let calls = calls_for(&receiver, &id);
+    assert_eq!(
+        calls.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+        ["POST", "PATCH"],
+        "{calls:?}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&calls[1].2).unwrap()["email"],
+        "replaced-2@example.com"
+    );
+}

@@ -114,6 +114,56 @@ fn an_operator_can_grant_read_only_monitoring_to_postgres() {
     );
 }
 
+/// The README's grant for resending events is all an operator needs: the functions
+/// run as their owner (as pg_cron's do), and give nothing else away.
+#[test]
+fn an_operator_granted_execute_can_resend_events() {
+    let failing = Receiver::start(|_, _| common::Reply::Status(400));
+    let cluster = Cluster::hooked_to(&failing.url, &[]);
+    let id = cluster.signup("resend@example.com");
+    cluster.wait_for_event(&id, "status = 'failed'", WITHIN);
+    cluster
+        .connect("supabase_admin")
+        .batch_execute(
+            "GRANT USAGE ON SCHEMA new_user_hook TO postgres;
+             GRANT SELECT ON new_user_hook.status, new_user_hook.deliveries TO postgres;
+             GRANT EXECUTE ON FUNCTION new_user_hook.redeliver(uuid), new_user_hook.redeliver_failed() TO postgres;",
+        )
+        .unwrap();
+    let receiver = Receiver::ok();
+    cluster.configure(&[("url", &receiver.url)]);
+    let mut postgres = cluster.connect("postgres");
+    let requeued: i64 = postgres
+        .query_one("SELECT new_user_hook.redeliver_failed()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(requeued, 1);
+    cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
+    let event: String = postgres
+        .query_one(
+            "SELECT id::text FROM new_user_hook.deliveries WHERE user_id = $1::text::uuid",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    let again: bool = postgres
+        .query_one("SELECT new_user_hook.redeliver($1::text::uuid)", &[&event])
+        .unwrap()
+        .get(0);
+    assert!(again);
+    wait_for("the event delivered a second time", WITHIN, || {
+        (receiver.count() >= 2).then_some(())
+    });
+    // Still nothing beyond what was granted.
+    for table in ["outbox", "captured", "counters"] {
+        expect_denied(
+            &mut postgres,
+            "postgres",
+            &format!("SELECT * FROM new_user_hook.{table}"),
+        );
+    }
+}
+
 #[test]
 fn postgres_can_install_the_hook_once_granted() {
     let receiver = Receiver::ok();

@@ -42,6 +42,7 @@ const SCHEMA_FINGERPRINT: &str = "
          WHERE c.relnamespace = 'new_user_hook'::regnamespace
         UNION ALL
         SELECT c.relname || ' ' || c.relkind::text || ' ' || coalesce(pg_get_viewdef(c.oid), '') || coalesce(c.relacl::text, '')
+               || ' replica identity ' || c.relreplident::text || ' ' || coalesce(c.reloptions::text, '')
           FROM pg_class c WHERE c.relnamespace = 'new_user_hook'::regnamespace AND c.relkind IN ('r', 'v')
         UNION ALL
         SELECT format('%s.%s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid))
@@ -80,6 +81,11 @@ fn an_installed_0_5_0_upgrades_in_place_without_losing_queued_events() {
 #[test]
 fn an_installed_0_6_0_upgrades_in_place_without_losing_queued_events() {
     upgrades_in_place_from("0.6.0");
+}
+
+#[test]
+fn an_installed_0_7_0_upgrades_in_place_without_losing_queued_events() {
+    upgrades_in_place_from("0.7.0");
 }
 
 fn upgrades_in_place_from(release: &str) {

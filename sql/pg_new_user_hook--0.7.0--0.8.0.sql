@@ -1,0 +1,204 @@
+-- pg_new_user_hook 0.7.0 -> 0.8.0: delivery that no publication, typo or SQL call
+-- can stop. The queue tables get a replica identity (a publication FOR ALL TABLES
+-- refused the worker's DELETE) and are never truncated by VACUUM; install() refuses
+-- partitioned tables and backfill() anything but a table; redeliver() and
+-- redeliver_failed() run as their owner, so EXECUTE is all an operator needs; the
+-- metrics say whether there is a problem. The trigger function's code changed
+-- (events written at commit), not its definition.
+
+ALTER TABLE new_user_hook.outbox SET (vacuum_truncate = false);
+ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL;
+ALTER TABLE new_user_hook.captured SET (vacuum_truncate = false);
+
+CREATE OR REPLACE FUNCTION new_user_hook.install(target text DEFAULT 'auth.users') RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := to_regclass(target);
+    id_type regtype;
+    watched text;
+    added int := 0;
+    problem text;
+BEGIN
+    IF target IS NULL THEN
+        RAISE EXCEPTION 'new_user_hook.install() needs the name of a users table, not NULL'
+            USING HINT = 'Call new_user_hook.install() for auth.users, or pass the schema-qualified name of another table.';
+    END IF;
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'table "%" does not exist', target
+            USING HINT = CASE WHEN target = 'auth.users'
+                THEN 'auth.users is created by Supabase Auth (GoTrue) migrations: start Supabase Auth first, then install.'
+                ELSE 'Pass the schema-qualified name of the users table, e.g. new_user_hook.install(''public.users'').' END;
+    END IF;
+    -- A partitioned table's triggers fire on its partitions: events would name the
+    -- partition a user is stored in (since 0.8.0: refused).
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) = 'p' THEN
+        RAISE EXCEPTION '% is a partitioned table: pg_new_user_hook attaches to a plain table', rel
+            USING HINT = 'Install it on the (unpartitioned) table users are inserted into.';
+    END IF;
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) <> 'r' THEN
+        RAISE EXCEPTION '"%" is not a table', rel USING HINT = 'The hook attaches to the table users are inserted into.';
+    END IF;
+    SELECT atttypid::regtype INTO id_type FROM pg_attribute
+     WHERE attrelid = rel AND attname = 'id' AND attnum > 0 AND NOT attisdropped;
+    IF id_type IS DISTINCT FROM 'uuid'::regtype THEN
+        RAISE EXCEPTION 'table % needs a column "id" of type uuid (found: %)', rel, coalesce(id_type::text, 'no such column')
+            USING HINT = 'The id is sent to the backend as the user''s id.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = 'email' AND attnum > 0 AND NOT attisdropped) THEN
+        RAISE EXCEPTION 'table % needs a column "email"', rel USING HINT = 'The email is sent to the backend with the id.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook') THEN
+        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook AFTER INSERT ON %s '
+                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
+        added := added + 1;
+    END IF;
+    -- Only for an UPDATE that sets a column an event can carry: a sign-in (which
+    -- sets last_sign_in_at and updated_at) queues nothing. A column list, not a
+    -- WHEN: PostgreSQL parses a trigger's WHEN anew for every statement.
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_updated') THEN
+        SELECT string_agg(format('%I', c), ', ') INTO watched
+          FROM unnest(new_user_hook.watched_columns(rel)) AS c;
+        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_updated AFTER UPDATE OF %s ON %s '
+                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()',
+                       watched, rel);
+        added := added + 1;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_deleted') THEN
+        EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_deleted AFTER DELETE ON %s '
+                       'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
+        added := added + 1;
+    END IF;
+    IF added = 0 THEN
+        RETURN format('pg_new_user_hook is already installed on %s', rel);
+    END IF;
+    problem := new_user_hook.config_problem_after_reload();
+    IF problem IS NOT NULL THEN
+        RAISE WARNING 'new users of % will be queued but not delivered yet: %', rel, problem;
+    END IF;
+    RETURN format('pg_new_user_hook installed on %s', rel);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION new_user_hook.backfill(user_ids uuid[], target text DEFAULT 'auth.users') RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := to_regclass(target);
+    event_source text;
+    n bigint;
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'table "%" does not exist', coalesce(target, 'NULL')
+            USING HINT = 'Pass the schema-qualified name of the users table, as given to new_user_hook.install().';
+    END IF;
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) <> 'r' THEN
+        RAISE EXCEPTION '"%" is not a table: backfill() reads the users of the table the hook is installed on', rel
+            USING HINT = 'Pass the schema-qualified name of the users table, as given to new_user_hook.install().';
+    END IF;
+    SELECT format('%I.%I', ns.nspname, c.relname) INTO event_source
+      FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace WHERE c.oid = rel;
+    EXECUTE format($q$
+        INSERT INTO new_user_hook.outbox (id, user_id, source, record)
+        SELECT encode(set_byte(set_byte(h, 6, (get_byte(h, 6) & 15) | 128), 8, (get_byte(h, 8) & 63) | 128), 'hex')::uuid,
+               u.id, $2, u.record
+          FROM (SELECT t.id, new_user_hook.snapshot($3, t.ctid) AS record FROM %s AS t WHERE t.id = ANY ($1)) AS u,
+               -- A name-based UUID (version 8): the first 16 bytes of a SHA-256.
+               LATERAL (SELECT substring(sha256(convert_to('pg_new_user_hook backfill ' || $2 || ' ' || u.id, 'UTF8'))
+                                         FROM 1 FOR 16) AS h) AS digest
+         WHERE u.record IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o
+                            WHERE o.user_id = u.id AND o.source = $2 AND o.kind = 'created')
+           AND NOT EXISTS (SELECT 1 FROM new_user_hook.captured k
+                            WHERE k.user_id = u.id AND k.source = $2 AND k.kind = 'created')
+        ON CONFLICT (id) DO NOTHING$q$, rel)
+      USING user_ids, event_source, rel;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM new_user_hook.wake_on_commit();
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- SECURITY DEFINER: EXECUTE on it is all an operator needs.
+CREATE OR REPLACE FUNCTION new_user_hook.redeliver(event_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM new_user_hook.captured WHERE id = event_id) THEN
+        RETURN false; -- pending: not taken into the outbox yet
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM new_user_hook.outbox WHERE id = event_id) THEN
+        RAISE EXCEPTION 'no event with id %', event_id
+            USING HINT = 'Event ids are in new_user_hook.deliveries (column id); delivered events are deleted after pg_new_user_hook.retention.';
+    END IF;
+    UPDATE new_user_hook.outbox
+       SET status = 'pending', attempts = 0, next_attempt_at = now(), delivered_at = NULL
+     WHERE id = event_id AND status <> 'pending';
+    IF NOT FOUND THEN
+        RETURN false; -- already pending
+    END IF;
+    -- Queued again, not captured again (captured_total in the metrics).
+    UPDATE new_user_hook.counters SET requeued = requeued + 1;
+    PERFORM new_user_hook.wake_on_commit();
+    RETURN true;
+END
+$$;
+
+-- SECURITY DEFINER: EXECUTE on it is all an operator needs.
+CREATE OR REPLACE FUNCTION new_user_hook.redeliver_failed() RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    UPDATE new_user_hook.outbox
+       SET status = 'pending', attempts = 0, next_attempt_at = now()
+     WHERE status = 'failed';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        UPDATE new_user_hook.counters SET requeued = requeued + n;
+        PERFORM new_user_hook.wake_on_commit();
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE VIEW new_user_hook.metrics AS
+WITH worker AS (
+    SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_new_user_hook' LIMIT 1
+), published AS (
+    SELECT * FROM new_user_hook.worker_state()
+), queue AS (
+    -- What the running worker published; counted here when no worker runs or it has not counted yet.
+    SELECT p.pending, p.failed, to_timestamp(p.oldest_pending) AS oldest_pending, p.captured FROM published p WHERE p.published
+    UNION ALL
+    SELECT g.pending, g.failed, g.oldest_pending, g.captured
+      FROM new_user_hook.queue_gauges() g WHERE NOT (SELECT published FROM published)
+)
+SELECT (w.pid IS NOT NULL)::int                                     AS worker_up,
+       p.paused::int                                                AS paused,
+       p.backend_state                                              AS backend_state,
+       q.pending                                                    AS pending,
+       coalesce(new_user_hook.in_flight(), 0)                       AS in_flight,
+       q.failed                                                     AS failed,
+       coalesce(extract(epoch FROM now() - q.oldest_pending), 0)::float8 AS oldest_pending_age_seconds,
+       extract(epoch FROM now() - c.last_delivered_at)::float8     AS seconds_since_last_delivery,
+       q.captured                                                   AS captured_total,
+       c.delivered                                                  AS delivered_total,
+       c.retried                                                    AS retried_total,
+       c.failed                                                     AS failed_total,
+       c.attempts_2xx                                               AS attempts_2xx_total,
+       c.attempts_3xx                                               AS attempts_3xx_total,
+       c.attempts_4xx                                               AS attempts_4xx_total,
+       c.attempts_5xx                                               AS attempts_5xx_total,
+       c.attempts_timeout                                           AS attempts_timeout_total,
+       c.attempts_network                                           AS attempts_network_total,
+       new_user_hook.latency_bounds()                               AS delivery_latency_seconds,
+       c.latency_bucket                                             AS delivery_latency_seconds_bucket,
+       c.latency_sum                                                AS delivery_latency_seconds_sum,
+       c.delivered                                                  AS delivery_latency_seconds_count,
+       -- 1 while new_user_hook.status has a problem of configuration or of the worker
+       -- (a step that keeps failing, a database it cannot connect to); since 0.8.0.
+       (new_user_hook.config_problem() IS NOT NULL)::int            AS problem
+  FROM new_user_hook.counters c
+  CROSS JOIN published p
+  CROSS JOIN queue q
+  LEFT JOIN worker w ON true;
