@@ -97,6 +97,9 @@ fn config_problem() -> Option<String> {
                 .to_string(),
         );
     }
+    if shared::disconnected() {
+        return shared::worker_problem();
+    }
     guc::Settings::read()
         .problem()
         .or_else(shared::worker_problem)

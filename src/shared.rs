@@ -71,6 +71,11 @@ static CONNECT_FAILURE: PgLwLock<ConnectFailure> =
 /// Set in the worker process while it connects to its database.
 static CONNECTING: AtomicBool = AtomicBool::new(false);
 
+/// Set while the worker waits after failing to connect: nothing is delivered, whatever
+/// the settings say, so its problem comes first.
+static DISCONNECTED: PgAtomic<AtomicBool> =
+    unsafe { PgAtomic::new(c"pg_new_user_hook_disconnected") };
+
 /// The problem the worker last reported (empty: none).
 static WORKER_PROBLEM: PgLwLock<ProblemText> =
     unsafe { PgLwLock::new(c"pg_new_user_hook_worker_problem") };
@@ -106,6 +111,7 @@ pub fn init() {
     pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(WORKER_PROBLEM);
     pg_shmem_init!(CONNECT_FAILURE);
+    pg_shmem_init!(DISCONNECTED = AtomicBool::new(false));
     pg_shmem_init!(IN_FLIGHT = AtomicI32::new(0));
     pg_shmem_init!(WORKER_STARTS = AtomicI32::new(0));
     pg_shmem_init!(QUEUE_GAUGES);
@@ -179,7 +185,18 @@ pub fn connecting(on: bool) {
     CONNECTING.store(on, Ordering::Relaxed);
     if !on {
         *CONNECT_FAILURE.exclusive() = ConnectFailure::default();
+        DISCONNECTED.get().store(false, Ordering::SeqCst);
     }
+}
+
+/// The worker waits after failing to connect (its problem says why).
+pub fn set_disconnected() {
+    DISCONNECTED.get().store(true, Ordering::SeqCst);
+}
+
+/// Whether the worker is waiting after failing to connect to its database.
+pub fn disconnected() -> bool {
+    preloaded() && DISCONNECTED.get().load(Ordering::SeqCst)
 }
 
 /// Called for every message logged: a FATAL error while the worker connects (its

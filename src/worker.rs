@@ -123,6 +123,7 @@ fn wait_after_connect_failure(database: &str, code: i32, message: &str) -> ! {
     };
     warning!("pg_new_user_hook: {problem}");
     shared::set_worker_problem(Some(&problem));
+    shared::set_disconnected();
     let retry_at = (!missing).then(|| Instant::now() + CONNECT_RETRY);
     loop {
         if BackgroundWorker::sigterm_received() {

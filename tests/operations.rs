@@ -159,6 +159,7 @@ fn postgres_exporter_serves_correct_metrics_through_deliveries_failures_a_pause_
     assert_eq!(metric(&m, "worker_up"), 1.0);
     assert_eq!(metric(&m, "paused"), 0.0);
     assert_eq!(metric(&m, "backend_state"), 0.0);
+    assert_eq!(metric(&m, "problem"), 0.0);
     assert_eq!(metric(&m, "attempts_2xx_total"), 3.0);
     assert_eq!(metric(&m, "delivery_latency_seconds_count"), 3.0);
     assert_eq!(
@@ -290,6 +291,24 @@ fn postgres_exporter_serves_correct_metrics_through_deliveries_failures_a_pause_
     cluster.signup("after-crash@example.com");
     exporter.wait_for("delivered_total", 46.0);
     let m = exporter.wait_for("captured_total", 47.0);
+
+    // A step of the worker that keeps failing (a publication refusing the take of a
+    // table without a replica identity): the problem metric says so until mended.
+    let mut admin = cluster.connect("supabase_admin");
+    admin
+        .batch_execute(
+            "ALTER TABLE new_user_hook.captured REPLICA IDENTITY NOTHING;
+             CREATE PUBLICATION everything FOR ALL TABLES;",
+        )
+        .unwrap();
+    cluster.signup("refused@example.com");
+    exporter.wait_for("problem", 1.0);
+    admin
+        .batch_execute("ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL")
+        .unwrap();
+    exporter.wait_for("problem", 0.0);
+    exporter.wait_for("delivered_total", 47.0);
+    let m = exporter.wait_for("captured_total", 48.0);
 
     // And a clean restart.
     let counters: Vec<(&str, f64)> = ["captured_total", "delivered_total", "attempts_2xx_total"]

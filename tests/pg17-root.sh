@@ -20,9 +20,10 @@ root="${PG17_ROOT:-/var/tmp/pg_new_user_hook-pg17-root}"
 # openssl for the security tests, Node.js and npm for the NestJS example,
 # postgres_exporter and promtool (package prometheus) for the monitoring tests.
 base_packages=postgresql-17,postgresql-server-dev-17,libclang-dev,clang,ca-certificates,python3
-extra_packages=(gcc libc6-dev make python3-venv openssl sudo curl procps nodejs npm prometheus-postgres-exporter prometheus)
-# Bump when the packages change: an older root is rebuilt.
-stamp_version=2
+extra_packages=(gcc libc6-dev make python3-venv openssl sudo curl procps nodejs npm prometheus-postgres-exporter prometheus
+  postgresql-17-pgaudit postgresql-17-cron postgresql-17-plpgsql-check)
+# Bump when the packages change: an older root gets the missing packages.
+stamp_version=3
 
 mounted_in() { grep -q " $1" /proc/mounts; }
 
@@ -53,8 +54,28 @@ mirror() {
 }
 
 create() {
-  if [ "$(cat "$root/.pg_new_user_hook-root" 2>/dev/null)" = "$stamp_version" ]; then
+  local stamp
+  stamp=$(cat "$root/.pg_new_user_hook-root" 2>/dev/null || true)
+  if [ "$stamp" = "$stamp_version" ]; then
     return 0
+  fi
+  if [ -n "$stamp" ] && ! mounted_in "$root/"; then
+    # A root of an earlier stamp: only packages were added since, install them.
+    echo "pg17-root: adding packages to $root"
+    bind /proc /proc
+    bind /dev /dev
+    $SUDO cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+    local log=/tmp/pg_new_user_hook-pg17-root.log
+    if $SUDO chroot "$root" apt-get update -qq >"$log" 2>&1 &&
+      $SUDO chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${extra_packages[@]}" >>"$log" 2>&1; then
+      $SUDO chroot "$root" apt-get clean
+      unmount_all
+      echo "$stamp_version" | $SUDO tee "$root/.pg_new_user_hook-root" >/dev/null
+      return 0
+    fi
+    tail -n 30 "$log" >&2
+    unmount_all
+    echo "pg17-root: adding packages failed; building the root anew" >&2
   fi
   if mounted_in "$root/"; then
     echo "pg17-root: $root has file systems mounted in it; unmount them before it is rebuilt" >&2

@@ -16,9 +16,11 @@ done
 # Node.js and npm: the NestJS example's end-to-end test (any Node.js >= 18 will do).
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 # The monitoring tests: the real postgres_exporter, and promtool (package prometheus)
-# to check the alert rules; without their recommends (no node exporter, no services).
+# to check the alert rules; the Supabase-like test: libraries Supabase preloads
+# (pgaudit, pg_cron) and plpgsql_check. Without their recommends (no node exporter,
+# no services).
 monitoring=()
-for p in prometheus-postgres-exporter prometheus; do
+for p in prometheus-postgres-exporter prometheus postgresql-15-pgaudit postgresql-15-cron postgresql-15-plpgsql-check; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || monitoring+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ] || [ ${#monitoring[@]} -gt 0 ]; then
