@@ -273,10 +273,12 @@ pub fn vacuum_captured() -> Result<bool, String> {
             pg_sys::MemoryContextSwitchTo(context);
             // Looked up and probed in the transaction VACUUM starts from: while
             // autovacuum holds the table, nothing is done (no wait, no log line).
-            let free = capture_table() && table_oid(c"captured").is_some_and(lock_for_maintenance);
+            let exists = capture_table();
+            let free = exists && table_oid(c"captured").is_some_and(lock_for_maintenance);
             if !free {
                 pg_sys::CommitTransactionCommand();
-                return Ok(capture_table().then_some(false).unwrap_or(true));
+                // No capture table (an older schema): nothing to vacuum, done.
+                return Ok(!exists);
             }
             let parsed = pg_sys::raw_parser(
                 c"VACUUM (TRUNCATE false, SKIP_LOCKED) new_user_hook.captured".as_ptr(),

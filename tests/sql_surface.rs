@@ -241,11 +241,11 @@ fn relations_that_are_not_plain_tables_are_refused_with_a_reason() {
     };
     assert_eq!(
         message("SELECT new_user_hook.install('public.p')"),
-        "p is a partitioned table: pg_new_user_hook attaches to a plain table"
+        "public.p is a partitioned table: pg_new_user_hook attaches to a plain table"
     );
     assert_eq!(
         message("SELECT new_user_hook.install('public.v')"),
-        "\"v\" is not a table"
+        "\"public.v\" is not a table"
     );
     assert!(
         message("SELECT new_user_hook.snapshot('public.p', '(0,1)')").contains("is not a table")
