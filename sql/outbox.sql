@@ -127,11 +127,11 @@ END;
 
 -- The trigger function (src/capture.rs). install() attaches it as deferred
 -- constraint triggers (after insert; after an update of a watched column; after
--- delete), so it runs at commit time, after GoTrue's UPDATEs of the same
--- transaction, and reads the row's latest version: the event holds the user as
--- committed, one event per user and transaction. A user inserted and deleted in one
--- transaction produces no event, and neither does a user inserted by a session with
--- pg_new_user_hook.capture off (a bulk load). Which changes make events is
+-- delete); a firing notes the user, and when the transaction commits the event is
+-- written from the row's latest version: the event holds the user as committed, one
+-- event per user and transaction, whatever SET CONSTRAINTS or savepoints did. A user
+-- inserted and deleted in one transaction produces no event, and neither does a
+-- change made by a session with pg_new_user_hook.capture off (a bulk load). Which changes make events is
 -- pg_new_user_hook.events (default: created). It writes the event as its own
 -- owner, as SECURITY DEFINER would (at a fraction of the cost per signup): the
 -- inserting role (supabase_auth_admin) needs no privilege on the outbox. It
@@ -374,9 +374,17 @@ SELECT w.pid                      AS worker_pid,
                 'the worker delivers from database %I (pg_new_user_hook.database), not this one', w.datname)
            WHEN p.paused THEN
                 'delivery is paused (pg_new_user_hook.paused = on): events are queued and none is sent; set it off and reload to resume'
-           WHEN p.backend_state = 2 THEN
+           WHEN p.backend_state >= 1 THEN
                 'the backend is failing (' || coalesce(c.last_error, 'see new_user_hook.deliveries') ||
                 '): delivery is held back and one probe is sent at a time until it answers'
+           -- Since 0.8.0: failures that repeat without the breaker (breaker_failures = 0),
+           -- and events given up on.
+           WHEN q.pending > 0 AND c.last_error_at > coalesce(c.last_delivered_at, '-infinity') THEN
+                'deliveries are failing (' || c.last_error ||
+                '): each event is retried on its schedule (retry_base_ms, retry_max_ms, max_attempts)'
+           WHEN q.failed > 0 THEN
+                q.failed || ' events were given up on (' || coalesce(c.last_error, 'see new_user_hook.deliveries') ||
+                '): fix what the backend refused, then SELECT new_user_hook.redeliver_failed()'
        END                        AS problem,
        p.paused,
        (ARRAY['closed', 'half-open', 'open'])[p.backend_state + 1] AS backend_state

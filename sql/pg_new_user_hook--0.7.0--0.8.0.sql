@@ -3,7 +3,8 @@
 -- refused the worker's DELETE) and are never truncated by VACUUM; install() refuses
 -- partitioned tables and backfill() anything but a table; redeliver() and
 -- redeliver_failed() run as their owner, so EXECUTE is all an operator needs; the
--- metrics say whether there is a problem. The trigger function's code changed
+-- metrics say whether there is a problem, and the status names failures that repeat
+-- without the breaker and events given up on. The trigger function's code changed
 -- (events written at commit), not its definition.
 
 ALTER TABLE new_user_hook.outbox SET (vacuum_truncate = false);
@@ -201,4 +202,44 @@ SELECT (w.pid IS NOT NULL)::int                                     AS worker_up
   FROM new_user_hook.counters c
   CROSS JOIN published p
   CROSS JOIN queue q
+  LEFT JOIN worker w ON true;
+
+CREATE OR REPLACE VIEW new_user_hook.status AS
+WITH worker AS (
+    SELECT pid, datname FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_new_user_hook' LIMIT 1
+)
+SELECT w.pid                      AS worker_pid,
+       w.datname                  AS worker_database,
+       new_user_hook.preloaded()  AS preloaded,
+       q.pending,
+       new_user_hook.in_flight() AS in_flight,
+       c.delivered,
+       q.failed,
+       now() - q.oldest_pending   AS oldest_pending_age,
+       coalesce(new_user_hook.config_problem(), c.last_error) AS last_error,
+       c.last_error_at            AS last_error_at,
+       CASE
+           WHEN new_user_hook.config_problem() IS NOT NULL THEN new_user_hook.config_problem()
+           WHEN w.pid IS NULL THEN new_user_hook.missing_worker()
+           WHEN w.datname <> current_database() THEN format(
+                'the worker delivers from database %I (pg_new_user_hook.database), not this one', w.datname)
+           WHEN p.paused THEN
+                'delivery is paused (pg_new_user_hook.paused = on): events are queued and none is sent; set it off and reload to resume'
+           WHEN p.backend_state >= 1 THEN
+                'the backend is failing (' || coalesce(c.last_error, 'see new_user_hook.deliveries') ||
+                '): delivery is held back and one probe is sent at a time until it answers'
+           -- Since 0.8.0: failures that repeat without the breaker (breaker_failures = 0),
+           -- and events given up on.
+           WHEN q.pending > 0 AND c.last_error_at > coalesce(c.last_delivered_at, '-infinity') THEN
+                'deliveries are failing (' || c.last_error ||
+                '): each event is retried on its schedule (retry_base_ms, retry_max_ms, max_attempts)'
+           WHEN q.failed > 0 THEN
+                q.failed || ' events were given up on (' || coalesce(c.last_error, 'see new_user_hook.deliveries') ||
+                '): fix what the backend refused, then SELECT new_user_hook.redeliver_failed()'
+       END                        AS problem,
+       p.paused,
+       (ARRAY['closed', 'half-open', 'open'])[p.backend_state + 1] AS backend_state
+  FROM new_user_hook.queue_gauges() q
+  CROSS JOIN new_user_hook.worker_state() p
+  CROSS JOIN new_user_hook.counters c
   LEFT JOIN worker w ON true;

@@ -315,7 +315,7 @@ pub fn define(preloading: bool) {
     // GRANT SET ON PARAMETER, not by whoever can insert into the table.
     GucRegistry::define_bool_guc(
         names::c::CAPTURE,
-        c"Whether inserted users are queued for delivery; off in a session loading users that must not be announced.",
+        c"Whether the changes of users this session makes are queued for delivery; off in a session loading users that must not be announced.",
         c"",
         &CAPTURE,
         GucContext::Suset,

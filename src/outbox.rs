@@ -130,9 +130,16 @@ fn write(sql: &CStr, args: &[DatumWithOid]) -> u64 {
 /// A lock held on the outbox (a long transaction, a manual LOCK) fails the round
 /// after a second instead of blocking it: the worker then retries with what it
 /// knows, and stays able to answer a shutdown.
+///
+/// The worker runs as the bootstrap superuser: no name in its SQL may be resolved
+/// through a schema another role can create objects in. Its `search_path` is
+/// pg_catalog alone, whatever the database or role settings say, so a
+/// `public.to_json(timestamptz)` (an exact match beats the polymorphic built-in) or a
+/// schema named after the superuser cannot run code as it.
 pub fn configure_session() {
     write(
-        c"SET synchronous_commit = off; SET lock_timeout = '1s'; SET jit = off; SET application_name = 'pg_new_user_hook'",
+        c"SET search_path = pg_catalog, pg_temp; SET synchronous_commit = off; SET lock_timeout = '1s'; \
+          SET jit = off; SET application_name = 'pg_new_user_hook'",
         &[],
     );
 }

@@ -45,8 +45,9 @@ pub fn remedy(error: &str) -> &'static str {
         "the worker lacks a privilege on the extension's objects: they must stay owned by \
          the superuser that created the extension, with the privileges it gave them"
     } else if e.contains("read-only transaction") {
-        "the worker's transactions are read-only (default_transaction_read_only, or a \
-         standby): events are delivered from the primary"
+        "the worker's transactions are read-only: default_transaction_read_only is on for its \
+         database or role (ALTER DATABASE ... RESET default_transaction_read_only, then \
+         restart the worker with pg_terminate_backend)"
     } else if e.contains("no space left") || e.contains("could not extend") {
         "the disk is full: free space on the database's volume"
     } else if e.contains("does not exist") {

@@ -40,7 +40,7 @@ const RESTART_AFTER: Duration = Duration::from_secs(5);
 /// full disk) before the next try: what was decided is kept and recorded then.
 const RETRY_FAILED_ROUND: Duration = Duration::from_secs(1);
 /// How often, at most, the queue is counted for the metrics while events come and
-/// go (an idle worker does not count); less often when counting a large backlog
+/// go (an idle worker counts once per fallback poll); less often when counting a large backlog
 /// takes long, so that it stays under 1/GAUGES_SHARE of the worker's time.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 const GAUGES_SHARE: u32 = 20;
@@ -261,9 +261,10 @@ struct RoundResult {
     claimed: Vec<Event>,
     /// Until the next pending event not claimed is due (None: nothing pending).
     next_due: Option<Duration>,
-    /// Events taken from the capture table (or why the take failed: the round went
-    /// on without it), and whether the outbox was analyzed.
-    taken: Result<i64, String>,
+    /// Events taken from the capture table, or why the take failed (the round went
+    /// on without it); None when the round did not take. And whether the outbox was
+    /// analyzed.
+    taken: Option<Result<i64, String>>,
     analyzed: bool,
 }
 
@@ -296,6 +297,8 @@ struct Worker {
     round_error: Option<String>,
     /// Steps failing in a row: twice makes a problem (status, metric, log).
     failures: Failures,
+    /// The error of the last failed take, so a repeated one is logged once.
+    take_error: Option<String>,
     backend_failing: bool,
     breaker: Breaker,
     /// When the queue was last counted for the metrics, and how long that took.
@@ -308,7 +311,10 @@ struct Worker {
 impl Worker {
     fn new() -> Worker {
         if let Err(e) = transaction(outbox::configure_session) {
-            warning!("pg_new_user_hook: configuring the worker's session failed: {e}");
+            // Without its search_path, the worker must not run any SQL: exit, and be
+            // started again in a few seconds.
+            warning!("pg_new_user_hook: configuring the worker's session failed, restarting: {e}");
+            unsafe { pg_sys::proc_exit(1) };
         }
         let settings = Settings::read();
         let pool = Pool::new(settings.concurrency).expect("starting delivery threads");
@@ -331,6 +337,7 @@ impl Worker {
             problem: None,
             round_error: None,
             failures: Failures::default(),
+            take_error: None,
             backend_failing: false,
             breaker: Breaker::new(),
             counted_at: Instant::now(),
@@ -611,16 +618,22 @@ impl Worker {
         }
         self.step_outcome(Step::Round, Ok(()));
         let taken = match &result.taken {
-            Ok(taken) => {
-                if *taken > 0 || self.timers.retry_take.is_some() {
-                    self.timers.retry_take = None;
-                    self.step_outcome(Step::Take, Ok(()));
+            None => 0,
+            Some(Ok(taken)) => {
+                self.timers.retry_take = None;
+                self.step_outcome(Step::Take, Ok(()));
+                if self.take_error.take().is_some() {
+                    log!("pg_new_user_hook: taking captured events into the outbox succeeds again");
                 }
                 *taken
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 // The round recorded and claimed without it; the events stay captured.
-                warning!("pg_new_user_hook: taking captured events into the outbox failed, retried in {} s: {error}", RETRY_FAILED_ROUND.as_secs());
+                // A repeated error is logged once (the problem says it meanwhile).
+                if self.take_error.as_ref() != Some(error) {
+                    warning!("pg_new_user_hook: taking captured events into the outbox failed, retried every {} s: {error}", RETRY_FAILED_ROUND.as_secs());
+                    self.take_error = Some(error.clone());
+                }
                 self.step_outcome(Step::Take, Err(error));
                 self.maybe_captured = true;
                 self.timers.retry_take = Some(Instant::now() + RETRY_FAILED_ROUND);
@@ -888,7 +901,7 @@ fn run_round(round: Round) -> RoundResult {
             wanted: round.claim,
             claimed: Vec::new(),
             next_due: None,
-            taken: Ok(0),
+            taken: None,
             analyzed: false,
         };
     }
@@ -898,15 +911,12 @@ fn run_round(round: Round) -> RoundResult {
     }
     // In a subtransaction of its own: a take that fails (a publication, a lock) must
     // not stop the outcomes from being recorded or the outbox's events from going out.
-    let taken = if round.take {
-        outbox::subtransaction(outbox::take_captured)
-    } else {
-        Ok(0)
-    };
-    let analyzed = round
-        .analyze_after
-        .is_some_and(|before| before + *taken.as_ref().unwrap_or(&0) >= ANALYZE_AFTER)
-        && outbox::analyze_outbox();
+    let taken = round
+        .take
+        .then(|| outbox::subtransaction(outbox::take_captured));
+    let analyzed = round.analyze_after.is_some_and(|before| {
+        before + taken.as_ref().and_then(|t| t.as_ref().ok()).copied().unwrap_or(0) >= ANALYZE_AFTER
+    }) && outbox::analyze_outbox();
     let claimed = if round.claim > 0 {
         outbox::claim(round.claim, &round.busy, round.probe)
     } else {

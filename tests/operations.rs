@@ -290,7 +290,7 @@ fn postgres_exporter_serves_correct_metrics_through_deliveries_failures_a_pause_
     assert_eq!(metric(&m, "pending"), 0.0);
     cluster.signup("after-crash@example.com");
     exporter.wait_for("delivered_total", 46.0);
-    let m = exporter.wait_for("captured_total", 47.0);
+    exporter.wait_for("captured_total", 47.0);
 
     // A step of the worker that keeps failing (a publication refusing the take of a
     // table without a replica identity): the problem metric says so until mended.
@@ -301,7 +301,7 @@ fn postgres_exporter_serves_correct_metrics_through_deliveries_failures_a_pause_
              CREATE PUBLICATION everything FOR ALL TABLES;",
         )
         .unwrap();
-    cluster.signup("refused@example.com");
+    cluster.signup("take-refused@example.com");
     exporter.wait_for("problem", 1.0);
     admin
         .batch_execute("ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL")

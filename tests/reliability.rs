@@ -188,6 +188,13 @@ fn a_read_only_database_is_named_with_its_remedy() {
     let text = wait_for_problem(&cluster, "read-only");
     assert!(text.contains("default_transaction_read_only"), "{text}");
     assert_eq!(problem_metric(&cluster), 1);
+    // Retried every second, logged once.
+    std::thread::sleep(Duration::from_secs(4));
+    let logged = cluster
+        .log()
+        .matches("taking captured events into the outbox failed")
+        .count();
+    assert_eq!(logged, 1, "{}", cluster.log());
     admin
         .batch_execute(
             "ALTER DATABASE postgres RESET default_transaction_read_only;
@@ -351,4 +358,31 @@ fn an_idle_or_paused_worker_assigns_no_transaction_id_and_writes_no_wal() {
         before, after,
         "a paused worker wrote WAL or took a transaction id"
     );
+}
+
+#[test]
+fn failures_that_repeat_without_the_breaker_and_events_given_up_on_are_named() {
+    let (receiver, status) = Receiver::switchable();
+    status.store(503, Ordering::SeqCst);
+    let cluster = Cluster::hooked_to(
+        &receiver.url,
+        &[("breaker_failures", "0"), ("retry_base_ms", "200")],
+    );
+    let id = cluster.signup("failing@example.com");
+    let text = wait_for_problem(&cluster, "deliveries are failing");
+    assert!(text.contains("503"), "{text}");
+    // Refused for good: the event is given up on, and the status says what to do.
+    status.store(400, Ordering::SeqCst);
+    cluster.wait_for_event(&id, "status = 'failed'", WITHIN);
+    let text = wait_for_problem(&cluster, "given up on");
+    assert!(text.contains("redeliver_failed()"), "{text}");
+    status.store(204, Ordering::SeqCst);
+    cluster
+        .connect("supabase_admin")
+        .batch_execute("SELECT new_user_hook.redeliver_failed()")
+        .unwrap();
+    cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
+    wait_for("the problem to clear", WITHIN, || {
+        problem(&cluster).is_none().then_some(())
+    });
 }

@@ -164,6 +164,50 @@ fn an_operator_granted_execute_can_resend_events() {
     }
 }
 
+/// The worker runs as the bootstrap superuser: a function another role creates on its
+/// search_path — an exact-type match beats pg_catalog's polymorphic `to_json` and
+/// `unnest`, which the worker's SQL calls — must never run as it.
+#[test]
+fn the_worker_runs_nothing_another_role_put_on_its_search_path() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::hooked_to(&receiver.url, &[]);
+    // postgres owns the database on Supabase: it can create in public, and set the
+    // database's search_path.
+    cluster
+        .connect("postgres")
+        .batch_execute(
+            "CREATE TABLE public.hijacked (as_role text);
+             GRANT INSERT ON public.hijacked TO PUBLIC;
+             CREATE FUNCTION public.to_json(t timestamptz) RETURNS json LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.hijacked VALUES (current_user); RETURN pg_catalog.to_json(t); END $$;
+             CREATE FUNCTION public.unnest(a text[]) RETURNS SETOF text LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.hijacked VALUES (current_user); RETURN QUERY SELECT pg_catalog.unnest(a); END $$;
+             ALTER DATABASE postgres SET search_path = public, pg_catalog;",
+        )
+        .unwrap();
+    // The worker's session takes the database's settings when it starts.
+    cluster
+        .connect("supabase_admin")
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_new_user_hook'",
+        )
+        .unwrap();
+    let ids: Vec<String> = (0..3)
+        .map(|i| cluster.signup(&format!("hijack-{i}@example.com")))
+        .collect();
+    for id in &ids {
+        cluster.wait_for_event(id, "status = 'delivered'", WITHIN);
+    }
+    let ran: i64 = cluster
+        .one_row("SELECT count(*) FROM public.hijacked")
+        .get(0);
+    assert_eq!(ran, 0, "a function on the search path ran in the worker");
+    let superuser: bool = cluster
+        .one_row("SELECT rolsuper FROM pg_roles WHERE rolname = 'postgres'")
+        .get(0);
+    assert!(!superuser);
+}
+
 #[test]
 fn postgres_can_install_the_hook_once_granted() {
     let receiver = Receiver::ok();

@@ -48,3 +48,9 @@ if ! cargo pgrx --version 2>/dev/null | grep -qx "cargo-pgrx 0.18.1"; then
   cargo install cargo-pgrx --version 0.18.1 --locked
 fi
 # `cargo pgrx init` for a major is done by tests/pg-major.sh, which every script sources.
+# The tarballs link against glibc 2.31 through zig (packaging/package.sh, which brings
+# zig itself from PyPI): cargo-zigbuild's `zig cc` is the linker.
+if ! cargo-zigbuild --version 2>/dev/null | grep -qx "cargo-zigbuild 0.24.1"; then
+  echo "setup: installing cargo-zigbuild 0.24.1"
+  cargo install cargo-zigbuild --version 0.24.1 --locked
+fi

@@ -11,5 +11,6 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 echo "== PostgreSQL $major: the tarball, installed and run"
 tarball=$(packaging/package.sh "$major" | tail -n 1)
+tests/portable-library.sh "$tarball"
 $SUDO tar -C / -xzf "$tarball"
 DEMO_INSTALLED=1 PG_MAJOR="$major" examples/demo.sh
