@@ -31,11 +31,14 @@ CREATE INDEX outbox_delivered ON new_user_hook.outbox (delivered_at) WHERE statu
 -- without reading the delivered ones kept for the retention (since 0.5.0).
 CREATE INDEX outbox_failed ON new_user_hook.outbox (last_attempt_at) WHERE status = 'failed';
 -- A user's events go out one at a time in order: an event waits while an earlier
--- one of its user is pending (since 0.6.0), looked up by user. A hash index: the
--- look-up is by equality, and it costs a signup less to maintain than a B-tree. Not
--- partial: with statistics taken while few events were pending, the planner would
--- look a user's pending events up through outbox_due instead, reading the backlog.
-CREATE INDEX outbox_user ON new_user_hook.outbox USING hash (user_id);
+-- one of its user is pending (since 0.6.0), looked up by user and position, from the
+-- event backwards: the one just before a waiting event is pending, so the look-up
+-- stops at once however many events the user has queued (0.8.0; 0.6.0's hash index
+-- by user read all of them for each, a claim's cost growing with the square of one
+-- user's backlog). Not partial: with statistics taken while few events were pending,
+-- the planner would look a user's pending events up through outbox_due instead,
+-- reading the backlog.
+CREATE INDEX outbox_user ON new_user_hook.outbox (user_id, seq);
 COMMENT ON TABLE new_user_hook.outbox IS
     'Events of users (created, updated, deleted), delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 -- Queued events are data: pg_dump keeps them.

@@ -8,6 +8,10 @@
 -- (events written at commit), not its definition.
 
 ALTER TABLE new_user_hook.outbox SET (vacuum_truncate = false);
+-- A user's earlier pending event is found from the event backwards (a claim's cost no
+-- longer grows with the square of one user's backlog). Builds over the whole outbox.
+DROP INDEX new_user_hook.outbox_user;
+CREATE INDEX outbox_user ON new_user_hook.outbox (user_id, seq);
 ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL;
 ALTER TABLE new_user_hook.captured SET (vacuum_truncate = false);
 

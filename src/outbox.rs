@@ -323,9 +323,11 @@ pub fn vacuum_captured() -> Result<bool, String> {
 /// may turn into a hash anti join over the whole backlog (118 ms a claim with 100,000
 /// events waiting and statistics taken when few were); and "not delivered or failed"
 /// rather than "pending", which would let it read them through outbox_due instead.
+/// Backwards from the event: the one just before a waiting event is pending, so the
+/// probe stops at its first row however long the user's backlog.
 const NO_EARLIER_EVENT_PENDING: &str = "(SELECT true FROM new_user_hook.outbox AS p
          WHERE p.user_id = o.user_id AND p.seq < o.seq AND p.status NOT IN ('delivered', 'failed')
-         LIMIT 1) IS NULL";
+         ORDER BY p.seq DESC LIMIT 1) IS NULL";
 
 /// Claims up to `limit` due events, oldest first, skipping those in flight and those
 /// waiting for an earlier event of their user; `probe` marks them as probes of a

@@ -59,6 +59,8 @@ impl ProblemText {
 #[derive(Clone, Copy, Default)]
 pub struct ConnectFailure {
     code: i32,
+    /// Failed attempts in a row.
+    attempts: u32,
     message: ProblemText,
 }
 
@@ -70,11 +72,6 @@ static CONNECT_FAILURE: PgLwLock<ConnectFailure> =
 
 /// Set in the worker process while it connects to its database.
 static CONNECTING: AtomicBool = AtomicBool::new(false);
-
-/// Set while the worker waits after failing to connect: nothing is delivered, whatever
-/// the settings say, so its problem comes first.
-static DISCONNECTED: PgAtomic<AtomicBool> =
-    unsafe { PgAtomic::new(c"pg_new_user_hook_disconnected") };
 
 /// The problem the worker last reported (empty: none).
 static WORKER_PROBLEM: PgLwLock<ProblemText> =
@@ -111,7 +108,6 @@ pub fn init() {
     pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
     pg_shmem_init!(WORKER_PROBLEM);
     pg_shmem_init!(CONNECT_FAILURE);
-    pg_shmem_init!(DISCONNECTED = AtomicBool::new(false));
     pg_shmem_init!(IN_FLIGHT = AtomicI32::new(0));
     pg_shmem_init!(WORKER_STARTS = AtomicI32::new(0));
     pg_shmem_init!(QUEUE_GAUGES);
@@ -185,18 +181,7 @@ pub fn connecting(on: bool) {
     CONNECTING.store(on, Ordering::Relaxed);
     if !on {
         *CONNECT_FAILURE.exclusive() = ConnectFailure::default();
-        DISCONNECTED.get().store(false, Ordering::SeqCst);
     }
-}
-
-/// The worker waits after failing to connect (its problem says why).
-pub fn set_disconnected() {
-    DISCONNECTED.get().store(true, Ordering::SeqCst);
-}
-
-/// Whether the worker is waiting after failing to connect to its database.
-pub fn disconnected() -> bool {
-    preloaded() && DISCONNECTED.get().load(Ordering::SeqCst)
 }
 
 /// Called for every message logged: a FATAL error while the worker connects (its
@@ -205,14 +190,22 @@ pub fn note_fatal_while_connecting(elevel: i32, code: i32, message: &str) {
     if CONNECTING.load(Ordering::Relaxed) && elevel >= pg_sys::FATAL as i32 && preloaded() {
         let mut slot = CONNECT_FAILURE.exclusive();
         slot.code = code;
+        slot.attempts += 1;
         slot.message.set(message);
     }
 }
 
-/// Why the worker's previous start could not connect (SQLSTATE and message), if it could not.
-pub fn connect_failure() -> Option<(i32, String)> {
+/// Why the worker's previous start could not connect (SQLSTATE and message), and how
+/// many starts in a row could not, if it could not.
+pub fn connect_failure() -> Option<(i32, String, u32)> {
     let slot = CONNECT_FAILURE.share();
-    (slot.code != 0).then(|| (slot.code, slot.message.get().unwrap_or_default()))
+    (slot.code != 0).then(|| {
+        (
+            slot.code,
+            slot.message.get().unwrap_or_default(),
+            slot.attempts,
+        )
+    })
 }
 
 pub fn publish_queue_gauges(gauges: QueueGauges) {

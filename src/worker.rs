@@ -74,8 +74,8 @@ pub fn register() {
 pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::database();
-    if let Some((code, message)) = shared::connect_failure() {
-        wait_after_connect_failure(&database, code, &message);
+    if let Some((code, message, attempts)) = shared::connect_failure() {
+        wait_after_connect_failure(&database, code, &message, attempts);
     }
     // A FATAL error while connecting ends this process; the log hook keeps it for
     // the next start (above).
@@ -98,53 +98,53 @@ pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
 }
 
 /// How long the worker waits before connecting again after its database refused it
-/// for a reason other than not existing (connections not allowed, say).
-const CONNECT_RETRY: Duration = Duration::from_secs(60);
+/// (it does not exist yet, say, or does not allow connections): doubling from the
+/// first to the longest, so a database created later is found, and a typo costs a
+/// line in the log every few minutes, not every few seconds.
+const CONNECT_RETRY_FIRST: Duration = Duration::from_secs(25);
+const CONNECT_RETRY_LONGEST: Duration = Duration::from_secs(300);
 
 /// The previous start of the worker could not connect to its database: say why and
-/// what to do, instead of failing again every few seconds. A database that does not
-/// exist needs another `database` setting, which takes a restart: wait for the
-/// shutdown. Any other refusal is tried again after CONNECT_RETRY.
-fn wait_after_connect_failure(database: &str, code: i32, message: &str) -> ! {
-    let missing = PgSqlErrorCode::from(code) == PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME; // 3D000: no such database
+/// what to do, and wait before trying again, instead of failing every few seconds.
+fn wait_after_connect_failure(database: &str, code: i32, message: &str, attempts: u32) -> ! {
+    let wait = CONNECT_RETRY_FIRST
+        .saturating_mul(1 << attempts.saturating_sub(1).min(8))
+        .min(CONNECT_RETRY_LONGEST);
     let setting = guc::names::DATABASE;
+    let missing = // 3D000: no such database
+        PgSqlErrorCode::from(code) == PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME;
     let problem = if missing {
         format!(
             "{setting} = '{database}', but there is no such database ({message}): set it to the database \
              where CREATE EXTENSION pg_new_user_hook was run (ALTER SYSTEM SET {setting} = '...') and restart \
-             PostgreSQL; new users are queued meanwhile"
+             PostgreSQL; the worker looks again in {} s; new users are queued meanwhile",
+            wait.as_secs()
         )
     } else {
         format!(
             "the delivery worker cannot connect to database \"{database}\" ({setting}): {message}; \
-             it tries again every {} s",
-            CONNECT_RETRY.as_secs()
+             it tries again in {} s; new users are queued meanwhile",
+            wait.as_secs()
         )
     };
     warning!("pg_new_user_hook: {problem}");
     shared::set_worker_problem(Some(&problem));
-    shared::set_disconnected();
-    let retry_at = (!missing).then(|| Instant::now() + CONNECT_RETRY);
+    let retry_at = Instant::now() + wait;
     loop {
         if BackgroundWorker::sigterm_received() {
             unsafe { pg_sys::proc_exit(1) };
         }
-        let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
-        let mut timeout_ms = -1;
-        if let Some(at) = retry_at {
-            let left = at.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                // Exit code 1: the postmaster starts the worker again, which connects.
-                unsafe { pg_sys::proc_exit(1) };
-            }
-            events |= pg_sys::WL_TIMEOUT;
-            timeout_ms = left.as_millis() as i64;
+        let left = retry_at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            // Exit code 1: the postmaster starts the worker again, which connects.
+            unsafe { pg_sys::proc_exit(1) };
         }
+        let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
         unsafe {
             pg_sys::WaitLatch(
                 pg_sys::MyLatch,
                 events as i32,
-                timeout_ms as _,
+                left.as_millis() as _,
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
@@ -915,7 +915,13 @@ fn run_round(round: Round) -> RoundResult {
         .take
         .then(|| outbox::subtransaction(outbox::take_captured));
     let analyzed = round.analyze_after.is_some_and(|before| {
-        before + taken.as_ref().and_then(|t| t.as_ref().ok()).copied().unwrap_or(0) >= ANALYZE_AFTER
+        before
+            + taken
+                .as_ref()
+                .and_then(|t| t.as_ref().ok())
+                .copied()
+                .unwrap_or(0)
+            >= ANALYZE_AFTER
     }) && outbox::analyze_outbox();
     let claimed = if round.claim > 0 {
         outbox::claim(round.claim, &round.busy, round.probe)
