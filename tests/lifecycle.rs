@@ -673,3 +673,28 @@ fn a_user_deleted_and_inserted_again_in_one_transaction_is_updated() {
         "replaced-2@example.com"
     );
 }
+
+/// An event's time (`created_at`, the `standard` format's `timestamp`) is its
+/// transaction's commit, not its start.
+#[test]
+fn an_events_time_is_its_commit() {
+    let cluster = Cluster::with_hook(&[]);
+    let mut gotrue = cluster.connect("supabase_auth_admin");
+    gotrue
+        .batch_execute(&format!(
+            "BEGIN; {}; SELECT pg_sleep(2); COMMIT;",
+            insert_users(&[("email", "'slow-commit@example.com'")])
+        ))
+        .unwrap();
+    let after_start: f64 = cluster
+        .one_row(
+            "SELECT extract(epoch FROM d.created_at - u.created_at)::float8
+               FROM new_user_hook.deliveries d JOIN auth.users u ON u.id = d.user_id
+              WHERE u.email = 'slow-commit@example.com'",
+        )
+        .get(0);
+    assert!(
+        after_start >= 2.0,
+        "the event's time is {after_start} s after the transaction started, before its commit"
+    );
+}
