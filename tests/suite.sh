@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every suite on one PostgreSQL major, in the environment this runs in (Debian 12
-# for 15; the Debian 13 root of tests/pg17-root.sh for 17). Called by tests/run.sh.
-#   tests/suite.sh MAJOR
+# for 15 and 18; the Debian 13 root of tests/pg17-root.sh for 17). Called by tests/run.sh.
+#   tests/suite.sh MAJOR [TESTNAME]   TESTNAME: only the tests whose names contain it
 set -euo pipefail
-major=${1:?usage: tests/suite.sh MAJOR}
+major=${1:?usage: tests/suite.sh MAJOR [TESTNAME]}
+only=${2:-}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 . tests/pg-major.sh "$major"
@@ -22,8 +23,12 @@ $SUDO install -m 644 sql/releases/pg_new_user_hook--*.sql "$("$pg_config" --shar
 
 summary="${CARGO_TARGET_DIR:-$repo/target}/tmp/faults-summary.tsv"
 rm -f "$summary"
-echo "== PostgreSQL $major: unit, #[pg_test], e2e, faults, security, upgrade, NestJS and worker suites"
-cargo pgrx test "pg$major" --runas postgres --pgdata "$pgdata"
+if [ -n "$only" ]; then
+  echo "== PostgreSQL $major: the tests named *$only*"
+else
+  echo "== PostgreSQL $major: unit, #[pg_test], e2e, faults, security, upgrade, NestJS and worker suites"
+fi
+cargo pgrx test "pg$major" $only --runas postgres --pgdata "$pgdata"
 
 if [ -f "$summary" ]; then
   echo

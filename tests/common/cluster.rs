@@ -122,6 +122,8 @@ impl Cluster {
             "UTF8",
             "--locale=C",
             "-N",
+            // 18's default on every major: pg_upgrade needs the same setting on both sides.
+            "--data-checksums",
         ]);
         run(initdb, "initdb");
         let mut f = std::fs::OpenOptions::new()
