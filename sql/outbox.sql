@@ -238,6 +238,14 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = rel AND attname = 'email' AND attnum > 0 AND NOT attisdropped) THEN
         RAISE EXCEPTION 'table % needs a column "email"', rel USING HINT = 'The email is sent to the backend with the id.';
     END IF;
+    -- PostgreSQL 18's virtual generated columns are computed when a query reads them;
+    -- the stored row an event is made from holds no value for them.
+    SELECT string_agg(attname, '" and "' ORDER BY attnum) INTO problem FROM pg_attribute
+     WHERE attrelid = rel AND attname IN ('id', 'email') AND attnum > 0 AND NOT attisdropped AND attgenerated = 'v';
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'table %: column "%" is a virtual generated column, which the hook cannot read from a changed row', rel, problem
+            USING HINT = 'Make it a stored generated column (GENERATED ALWAYS AS (...) STORED) or a plain column.';
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook') THEN
         EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook AFTER INSERT ON %s '
                        'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()', rel);
@@ -248,7 +256,9 @@ BEGIN
     -- WHEN: PostgreSQL parses a trigger's WHEN anew for every statement.
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_updated') THEN
         SELECT string_agg(format('%I', c), ', ') INTO watched
-          FROM unnest(new_user_hook.watched_columns(rel)) AS c;
+          FROM unnest(new_user_hook.watched_columns(rel)) AS c
+         WHERE NOT EXISTS (SELECT 1 FROM pg_attribute
+                            WHERE attrelid = rel AND attname = c AND attgenerated = 'v');
         EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_updated AFTER UPDATE OF %s ON %s '
                        'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()',
                        watched, rel);

@@ -25,7 +25,14 @@ mod sign;
 mod wake;
 mod worker;
 
-::pgrx::pg_module_magic!(name, version);
+/// The library's version for PostgreSQL 18's `pg_get_loaded_modules()` (pgrx 0.18.1's
+/// bare `version` sets the module's name to it instead).
+const LIBRARY_VERSION: &std::ffi::CStr =
+    match std::ffi::CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+        Ok(version) => version,
+        Err(_) => panic!("a NUL in the crate's version"),
+    };
+::pgrx::pg_module_magic!(name, version = LIBRARY_VERSION);
 
 pgrx::extension_sql_file!("../sql/outbox.sql", name = "outbox", finalize);
 
@@ -301,6 +308,31 @@ mod tests {
     fn install_requires_an_email_column() {
         Spi::run("CREATE SCHEMA app; CREATE TABLE app.people (id uuid)").unwrap();
         Spi::run("SELECT new_user_hook.install('app.people')").unwrap();
+    }
+
+    #[cfg(feature = "pg18")]
+    #[pg_test(
+        error = "table app.people: column \"email\" is a virtual generated column, which the hook cannot read from a changed row"
+    )]
+    fn install_refuses_a_virtual_generated_email_on_pg18() {
+        // Virtual is PostgreSQL 18's default for a generated column.
+        Spi::run(
+            "CREATE SCHEMA app;
+             CREATE TABLE app.people (id uuid PRIMARY KEY, address text, email text GENERATED ALWAYS AS (lower(address)))",
+        )
+        .unwrap();
+        Spi::run("SELECT new_user_hook.install('app.people')").unwrap();
+    }
+
+    #[cfg(feature = "pg18")]
+    #[pg_test]
+    fn pg_get_loaded_modules_names_the_library_and_its_version_on_pg18() {
+        let (name, version) = Spi::get_two::<String, String>(
+            "SELECT module_name, version FROM pg_get_loaded_modules() WHERE file_name LIKE 'pg_new_user_hook%'",
+        )
+        .unwrap();
+        assert_eq!(name.as_deref(), Some("pg_new_user_hook"));
+        assert_eq!(version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
     }
 
     #[pg_test(
