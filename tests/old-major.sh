@@ -16,7 +16,9 @@ cd "$repo"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-version=$(apt-cache madison postgresql-15 | awk -F'|' '{gsub(/ /, "", $2); print $2}' | sort -V | head -n 1)
+oldest() { apt-cache madison postgresql-15 | awk -F'|' '{gsub(/ /, "", $2); print $2}' | sort -V | head -n 1; }
+version=$(oldest)
+[ -n "$version" ] || { $SUDO apt-get update -qq && version=$(oldest); }
 [ -n "$version" ] || { echo "old-major: apt offers no postgresql-15" >&2; exit 1; }
 dir="$repo/target/postgresql-15-$version"
 bindir="$dir/usr/lib/postgresql/15/bin"
