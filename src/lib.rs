@@ -27,11 +27,12 @@ mod worker;
 
 /// The library's version for PostgreSQL 18's `pg_get_loaded_modules()` (pgrx 0.18.1's
 /// bare `version` sets the module's name to it instead).
-const LIBRARY_VERSION: &std::ffi::CStr =
-    match std::ffi::CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
-        Ok(version) => version,
-        Err(_) => panic!("a NUL in the crate's version"),
-    };
+const LIBRARY_VERSION: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
+) {
+    Ok(version) => version,
+    Err(_) => panic!("a NUL in the crate's version"),
+};
 ::pgrx::pg_module_magic!(name, version = LIBRARY_VERSION);
 
 pgrx::extension_sql_file!("../sql/outbox.sql", name = "outbox", finalize);

@@ -92,7 +92,10 @@ fn check_new(new: &Cluster, before: &Before) {
         )
         .unwrap()
         .get(0);
-    assert_eq!(trigger, 1, "the hook is attached to auth.users after the move");
+    assert_eq!(
+        trigger, 1,
+        "the hook is attached to auth.users after the move"
+    );
     let by_status = |status: &str| -> BTreeSet<String> {
         new.connect("supabase_admin")
             .query(
@@ -179,7 +182,11 @@ fn major_upgrade_by_pg_upgrade_keeps_the_hook_and_delivers_pending_events_once()
     drop(old);
 
     new.start();
-    assert!(major_of(&new) > old_major, "an upgrade from {old_major} to {}", major_of(&new));
+    assert!(
+        major_of(&new) > old_major,
+        "an upgrade from {old_major} to {}",
+        major_of(&new)
+    );
     // pg_upgrade does not carry postgresql.auto.conf: delivery waits for a URL.
     check_new(&new, &before);
     assert_eq!(failing.count(), knocks_before);
@@ -211,7 +218,11 @@ fn major_upgrade_by_pg_dumpall_restores_and_delivers_pending_events_once() {
 
     let mut new = Cluster::init_empty(&new_bindir(), common::CLUSTER_CONF);
     new.start();
-    assert!(major_of(&new) > old_major, "an upgrade from {old_major} to {}", major_of(&new));
+    assert!(
+        major_of(&new) > old_major,
+        "an upgrade from {old_major} to {}",
+        major_of(&new)
+    );
     let mut restore = Command::new(new_bindir().join("psql"));
     restore
         .args(["-X", "-q", "-h", "127.0.0.1", "-p", &new.port.to_string()])
