@@ -39,12 +39,14 @@ arch=$(dpkg --print-architecture 2>/dev/null || uname -m)
 # The linker and C compiler for x86_64 Linux: zig, targeting the glibc floor.
 mkdir -p "$tools"
 zigcc="$tools/zigcc-glibc-$glibc_floor"
-cat >"$zigcc" <<WRAPPER
+# Written whole, then renamed: the root's build may run this beside the host's.
+cat >"$zigcc.$$" <<WRAPPER
 #!/bin/sh
 export CARGO_ZIGBUILD_ZIG_COMMAND="$tools/ziglang/ziglang/zig" CARGO_ZIGBUILD_ZIG_COMMAND_ARGS=
 exec cargo-zigbuild zig cc -- -g -fno-sanitize=all -target x86_64-linux-gnu.$glibc_floor "\$@"
 WRAPPER
-chmod 755 "$zigcc"
+chmod 755 "$zigcc.$$"
+mv -f "$zigcc.$$" "$zigcc"
 # A build directory of its own: the tests' builds use the system's linker.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}/glibc-$glibc_floor"
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER="$zigcc" CC_x86_64_unknown_linux_gnu="$zigcc"

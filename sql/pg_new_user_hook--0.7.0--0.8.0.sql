@@ -54,10 +54,12 @@ BEGIN
     END IF;
     -- PostgreSQL 18's virtual generated columns are computed when a query reads them;
     -- the stored row an event is made from holds no value for them.
-    SELECT string_agg(attname, '" and "' ORDER BY attnum) INTO problem FROM pg_attribute
-     WHERE attrelid = rel AND attname IN ('id', 'email') AND attnum > 0 AND NOT attisdropped AND attgenerated = 'v';
+    SELECT string_agg(format('"%s"', attname), ', ' ORDER BY attnum) INTO problem FROM pg_attribute
+     WHERE attrelid = rel AND attname IN ('id', 'email', 'deleted_at') AND attnum > 0 AND NOT attisdropped
+       AND attgenerated = 'v';
     IF problem IS NOT NULL THEN
-        RAISE EXCEPTION 'table %: column "%" is a virtual generated column, which the hook cannot read from a changed row', rel, problem
+        RAISE EXCEPTION 'table %: % is a virtual generated column, whose value the hook cannot read from a changed row', rel,
+            CASE WHEN problem LIKE '%,%' THEN 'each of ' || problem ELSE 'column ' || problem END
             USING HINT = 'Make it a stored generated column (GENERATED ALWAYS AS (...) STORED) or a plain column.';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook') THEN
@@ -70,9 +72,7 @@ BEGIN
     -- WHEN: PostgreSQL parses a trigger's WHEN anew for every statement.
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'new_user_hook_updated') THEN
         SELECT string_agg(format('%I', c), ', ') INTO watched
-          FROM unnest(new_user_hook.watched_columns(rel)) AS c
-         WHERE NOT EXISTS (SELECT 1 FROM pg_attribute
-                            WHERE attrelid = rel AND attname = c AND attgenerated = 'v');
+          FROM unnest(new_user_hook.watched_columns(rel)) AS c;
         EXECUTE format('CREATE CONSTRAINT TRIGGER new_user_hook_updated AFTER UPDATE OF %s ON %s '
                        'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION new_user_hook.capture()',
                        watched, rel);

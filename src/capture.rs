@@ -713,18 +713,65 @@ fn change_event<'r>(
 unsafe fn row_id(rel: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot) -> Option<[u8; 16]> {
     unsafe {
         let desc = (*rel).rd_att;
+        let mut id = None;
         for i in 0..(*desc).natts as usize {
             let attr = tuple_attr(desc, i);
-            if !attr.attisdropped
-                && attr.atttypid == pg_sys::UUIDOID
+            if attr.attisdropped {
+                continue;
+            }
+            if attr.attgenerated == VIRTUAL {
+                warn_unstored(rel, attr);
+            }
+            if attr.atttypid == pg_sys::UUIDOID
                 && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == b"id"
+                && id.is_none()
             {
                 let mut isnull = false;
                 let datum = pg_sys::slot_getattr(slot, (i + 1) as i32, &mut isnull);
-                return (!isnull).then(|| *datum.cast_mut_ptr::<[u8; 16]>());
+                id = Some((!isnull).then(|| *datum.cast_mut_ptr::<[u8; 16]>()));
             }
         }
-        None
+        id.flatten()
+    }
+}
+
+/// `attgenerated` of a virtual generated column (PostgreSQL 18), whose value is
+/// computed when a query reads it and is not in the stored row an event is made from.
+const VIRTUAL: c_char = b'v' as c_char;
+
+thread_local! {
+    /// Tables this backend has warned about (once each).
+    static WARNED_UNSTORED: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A column an event needs (`id`, `email`, `deleted_at`) became a virtual generated
+/// column after install() (which refuses one): says so in the log, once per backend
+/// and table; new_user_hook.status says it for as long as it lasts.
+unsafe fn warn_unstored(rel: pg_sys::Relation, attr: &pg_sys::FormData_pg_attribute) {
+    unsafe {
+        let column = CStr::from_ptr(attr.attname.data.as_ptr()).to_string_lossy();
+        let consequence = match column.as_ref() {
+            "id" => "no event is made for its users",
+            "email" => "its events carry a null email",
+            "deleted_at" => "its soft deletes make no event",
+            _ => return,
+        };
+        let relid = (*rel).rd_id;
+        if WARNED_UNSTORED.with_borrow(|warned| warned.contains(&relid)) {
+            return;
+        }
+        WARNED_UNSTORED.with_borrow_mut(|warned| warned.push(relid));
+        let table = CStr::from_ptr(pg_sys::get_rel_name(relid)).to_string_lossy();
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_new_user_hook: column \"{column}\" of table \"{table}\" is a virtual generated column, \
+                 whose value a changed row does not hold: {consequence}"
+            ),
+            "warn_unstored",
+        )
+        .set_hint("Make it a stored generated column (GENERATED ALWAYS AS (...) STORED) or a plain column.")
+        .report(PgLogLevel::WARNING);
     }
 }
 

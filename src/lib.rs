@@ -94,7 +94,8 @@ fn worker_state() -> TableIterator<
 
 /// Why delivery is paused by configuration, or NULL when all is usable: what the
 /// settings show at once, else what the worker reported (e.g. a missing Vault
-/// secret). Never reveals a secret.
+/// secret), else a users table whose events lost a column they need. Never reveals
+/// a secret.
 #[pg_extern(stable, parallel_safe)]
 fn config_problem() -> Option<String> {
     if !shared::preloaded() {
@@ -108,6 +109,7 @@ fn config_problem() -> Option<String> {
     guc::Settings::read()
         .problem()
         .or_else(shared::worker_problem)
+        .or_else(outbox::unstored_column_problem)
 }
 
 /// The problem the settings show after reading the configuration files, as a
@@ -313,7 +315,7 @@ mod tests {
 
     #[cfg(feature = "pg18")]
     #[pg_test(
-        error = "table app.people: column \"email\" is a virtual generated column, which the hook cannot read from a changed row"
+        error = "table app.people: column \"email\" is a virtual generated column, whose value the hook cannot read from a changed row"
     )]
     fn install_refuses_a_virtual_generated_email_on_pg18() {
         // Virtual is PostgreSQL 18's default for a generated column.
@@ -323,6 +325,32 @@ mod tests {
         )
         .unwrap();
         Spi::run("SELECT new_user_hook.install('app.people')").unwrap();
+    }
+
+    #[cfg(feature = "pg18")]
+    #[pg_test]
+    fn an_email_made_virtual_after_install_is_a_problem_on_pg18() {
+        Spi::run(
+            "CREATE SCHEMA app;
+             CREATE TABLE app.people (id uuid PRIMARY KEY, address text, email text);
+             SELECT new_user_hook.install('app.people');",
+        )
+        .unwrap();
+        assert_eq!(crate::outbox::unstored_column_problem(), None);
+        // Dropping the column drops the update trigger with it; the insert trigger stays.
+        Spi::run(
+            "ALTER TABLE app.people DROP COLUMN email CASCADE;
+             ALTER TABLE app.people ADD COLUMN email text GENERATED ALWAYS AS (lower(address)) VIRTUAL;",
+        )
+        .unwrap();
+        let problem = crate::outbox::unstored_column_problem().unwrap();
+        assert!(
+            problem.starts_with(
+                "column email of app.people is a virtual generated column, whose value a changed row does not hold: \
+                 its events carry a null email"
+            ),
+            "{problem}"
+        );
     }
 
     #[cfg(feature = "pg18")]

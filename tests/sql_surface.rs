@@ -276,3 +276,51 @@ fn relations_that_are_not_plain_tables_are_refused_with_a_reason() {
         .get(0);
     assert_eq!(none, None);
 }
+
+/// PostgreSQL 18: a column an event needs made a virtual generated column after
+/// install() (which refuses one) is logged once by the backend that signs users up,
+/// and shown by the status view and the problem metric until fixed.
+#[cfg(feature = "pg18")]
+#[test]
+fn an_email_made_virtual_after_install_is_logged_and_shown_on_pg18() {
+    let cluster = Cluster::with_hook(&[]);
+    let receiver = Receiver::ok();
+    cluster.configure(&[("url", &receiver.url)]);
+    let problem = || -> Option<String> {
+        cluster
+            .one_row("SELECT problem FROM new_user_hook.status")
+            .get(0)
+    };
+    let mut admin = cluster.connect("supabase_admin");
+    admin
+        .batch_execute(
+            "CREATE TABLE public.people (id uuid PRIMARY KEY, address text, email text);
+             SELECT new_user_hook.install('public.people');",
+        )
+        .unwrap();
+    assert_eq!(problem(), None);
+    admin
+        .batch_execute(
+            "ALTER TABLE public.people DROP COLUMN email CASCADE;
+             ALTER TABLE public.people ADD COLUMN email text GENERATED ALWAYS AS (lower(address)) VIRTUAL;
+             INSERT INTO public.people VALUES (gen_random_uuid(), 'One@Example.com');
+             INSERT INTO public.people VALUES (gen_random_uuid(), 'Two@Example.com');",
+        )
+        .unwrap();
+    let problem = problem().expect("a problem in the status view");
+    assert!(
+        problem.starts_with("column email of people is a virtual generated column"),
+        "{problem}"
+    );
+    let metric: i32 = cluster
+        .one_row("SELECT problem FROM new_user_hook.metrics")
+        .get(0);
+    assert_eq!(metric, 1);
+    let warning = "column \"email\" of table \"people\" is a virtual generated column";
+    assert_eq!(
+        cluster.log().matches(warning).count(),
+        1,
+        "logged once: {}",
+        cluster.log()
+    );
+}
