@@ -14,8 +14,9 @@
 //! transaction produces no event; neither does a session with
 //! `pg_new_user_hook.capture` off.
 
-use crate::event::Kind;
-use crate::{guc, outbox, request, wake};
+use crate::model::event::Kind;
+use crate::model::request;
+use crate::{outbox, settings, wake};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, varlena};
 use std::cell::{Cell, RefCell};
@@ -584,7 +585,7 @@ unsafe extern "C-unwind" fn on_xact_event(
 /// compared with the user before it.
 unsafe fn write_events(notes: Notes) {
     unsafe {
-        let kinds = guc::events();
+        let kinds = settings::events();
         // Every change of this transaction visible, the last statement's included.
         pg_sys::CommandCounterIncrement();
         pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
@@ -683,7 +684,7 @@ pub fn write_noted_events() {
 fn change_event<'r>(
     before: &'r Row,
     committed: Option<&'r Row>,
-    kinds: crate::event::Kinds,
+    kinds: crate::model::event::Kinds,
 ) -> Option<(Kind, &'r str, Option<&'r str>)> {
     if before.deleted {
         // Already soft-deleted, and announced as such.
@@ -700,7 +701,7 @@ fn change_event<'r>(
                 .then_some((Kind::Deleted, before.record.as_str(), None))
         }
         Some(after) => (kinds.updated
-            && request::differ_in(&before.record, &after.record, &guc::update_fields()))
+            && request::differ_in(&before.record, &after.record, &settings::update_fields()))
         .then_some((
             Kind::Updated,
             after.record.as_str(),
@@ -792,10 +793,10 @@ unsafe fn capture(data: &pg_sys::TriggerData) {
         if !after_row {
             refuse_trigger_kind(event);
         }
-        if !guc::capturing() {
+        if !settings::capturing() {
             return;
         }
-        let kinds = guc::events();
+        let kinds = settings::events();
         let rel = data.tg_relation;
         let relid = (*rel).rd_id.to_u32();
         let function = (*data.tg_trigger).tgfoid;

@@ -3,8 +3,9 @@
 //! the reason delivery is paused.
 
 use crate::delivery::Channel;
-use crate::guc::{names, SecretSource, Settings};
-use crate::{outbox, request};
+use crate::model::request;
+use crate::outbox;
+use crate::settings::{names, SecretSource, Settings};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

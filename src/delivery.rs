@@ -5,10 +5,11 @@
 //! read end the main thread waits on together with its latch, so it wakes as
 //! soon as a result is ready without polling.
 
-use crate::classify::{self, excerpt};
-use crate::event::Event;
-use crate::guc::names;
-use crate::request::{self, Target};
+pub use crate::model::classify::Attempt;
+use crate::model::classify::{self, excerpt};
+use crate::model::event::Event;
+use crate::model::request::{self, Target};
+use crate::settings::names;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -16,28 +17,6 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// What one HTTP attempt produced, as seen by the sending thread.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Attempt {
-    /// The backend answered with this status.
-    Response {
-        status: u16,
-        reason: String,
-        /// Raw `Retry-After` header, if any.
-        retry_after: Option<String>,
-        /// `Location` header of a redirect, if any.
-        location: Option<String>,
-        /// The start of the response body, for `last_error`.
-        body_excerpt: String,
-    },
-    /// No usable answer: connection refused, DNS failure, TLS error...
-    Transport(String),
-    /// No answer within `timeout_ms`.
-    Timeout(String),
-    /// The event cannot be turned into a request (it will never work).
-    Unsendable(String),
-}
 
 /// What happened to a job. `sent` is false when the pool stopped before sending it;
 /// `current`, whether the target it was sent to is still the one requests go to (a
@@ -716,7 +695,7 @@ mod tests {
         Event {
             id: "evt-1".into(),
             attempt: 1,
-            kind: crate::event::Kind::Created,
+            kind: crate::model::event::Kind::Created,
             record: r#"{"id":"u-1","email":"a@example.com"}"#.into(),
             old_record: None,
             source: "auth.users".into(),
@@ -772,12 +751,12 @@ mod tests {
         ]);
         let channel = channel(&url, "k", Duration::from_secs(5));
         let updated = Event {
-            kind: crate::event::Kind::Updated,
+            kind: crate::model::event::Kind::Updated,
             record: r#"{"id":"u-1","email":"new@example.com"}"#.into(),
             ..job()
         };
         let deleted = Event {
-            kind: crate::event::Kind::Deleted,
+            kind: crate::model::event::Kind::Deleted,
             ..job()
         };
         assert!(matches!(

@@ -8,20 +8,17 @@
 
 use pgrx::prelude::*;
 
-mod backoff;
-mod breaker;
+// The pipeline, from the bottom up: pure Rust (model) ← settings ← the server's shared
+// state, the SPI plumbing and catalog look-ups ← capture, the queue (outbox), delivery
+// ← the worker ← the SQL status functions and this file.
 mod capture;
-mod classify;
 mod config;
 mod delivery;
-mod event;
-mod guc;
+mod log_hook;
+mod model;
 mod outbox;
-mod problem;
-mod redact;
-mod request;
+mod settings;
 mod shared;
-mod sign;
 mod wake;
 mod worker;
 
@@ -40,8 +37,8 @@ pgrx::extension_sql_file!("../sql/outbox.sql", name = "outbox", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
-    guc::define(preloading);
-    redact::install();
+    settings::define(preloading);
+    log_hook::install();
     if preloading {
         shared::init();
         // pg_upgrade starts the old and the new server in binary-upgrade mode: a
@@ -83,7 +80,7 @@ fn worker_state() -> TableIterator<
     let gauges = shared::queue_gauges().unwrap_or_default();
     TableIterator::once((
         gauges.published,
-        guc::paused(),
+        settings::paused(),
         shared::backend_state(),
         gauges.pending,
         gauges.failed,
@@ -106,7 +103,7 @@ fn config_problem() -> Option<String> {
                 .to_string(),
         );
     }
-    guc::Settings::read()
+    settings::Settings::read()
         .problem()
         .or_else(shared::worker_problem)
         .or_else(outbox::unstored_column_problem)
@@ -123,7 +120,7 @@ fn config_problem_after_reload() -> Option<String> {
         return config_problem();
     }
     unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-    guc::Settings::read().problem()
+    settings::Settings::read().problem()
 }
 
 /// Why no delivery worker runs, for the status view when none does.

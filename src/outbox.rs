@@ -1,8 +1,8 @@
 //! All of the worker's SQL: claiming due events, recording outcomes, housekeeping.
 //! Each function runs inside a transaction the caller opened with `transaction`.
 
-use crate::classify::Decision;
-use crate::event::{Event, Kind};
+use crate::model::classify::Decision;
+use crate::model::event::{Event, Kind};
 use crate::shared::QueueGauges;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;

@@ -4,15 +4,15 @@
 //! The sending happens on the pool's threads (`delivery`), the SQL in `outbox`,
 //! and what the settings and secrets make of the target in `config`.
 
-use crate::backoff::random_jitter;
-use crate::breaker::{Allowance, Breaker, Transition};
-use crate::classify::{self, Decision};
 use crate::config::Config;
 use crate::delivery::{Outcome, Pool};
-use crate::event::Event;
-use crate::guc::{self, Settings};
+use crate::model::backoff::random_jitter;
+use crate::model::breaker::{Allowance, Breaker, Transition};
+use crate::model::classify::{self, Decision};
+use crate::model::event::Event;
+use crate::model::problem::{Change, Failures, Step};
 use crate::outbox::{self, transaction, Record};
-use crate::problem::{Change, Failures, Step};
+use crate::settings::{self, Settings};
 use crate::shared;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
@@ -73,7 +73,7 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_new_user_hook_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = guc::database();
+    let database = settings::database();
     if let Some((code, message, attempts)) = shared::connect_failure() {
         wait_after_connect_failure(&database, code, &message, attempts);
     }
@@ -110,7 +110,7 @@ fn wait_after_connect_failure(database: &str, code: i32, message: &str, attempts
     let wait = CONNECT_RETRY_FIRST
         .saturating_mul(1 << attempts.saturating_sub(1).min(8))
         .min(CONNECT_RETRY_LONGEST);
-    let setting = guc::names::DATABASE;
+    let setting = settings::names::DATABASE;
     let missing = // 3D000: no such database
         PgSqlErrorCode::from(code) == PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME;
     let problem = if missing {
@@ -393,7 +393,7 @@ impl Worker {
             }
             if settings.paused != self.config.settings().paused {
                 if settings.paused {
-                    log!("pg_new_user_hook: delivery paused ({} = on): events are queued, none is sent", guc::names::PAUSED);
+                    log!("pg_new_user_hook: delivery paused ({} = on): events are queued, none is sent", settings::names::PAUSED);
                 } else {
                     log!("pg_new_user_hook: delivery resumed");
                 }
@@ -404,7 +404,7 @@ impl Worker {
                 // The failures were the previous backend's: try the new one at once.
                 log!(
                     "pg_new_user_hook: {} changed: delivery to the new backend starts now",
-                    guc::names::URL
+                    settings::names::URL
                 );
                 self.release_backoff = true;
                 self.maybe_due = true;
@@ -433,8 +433,8 @@ impl Worker {
             Some(format!(
                 "extension pg_new_user_hook is not installed in database \"{}\" ({database}): \
                  run CREATE EXTENSION pg_new_user_hook there, or point {database} at the database that has it and restart",
-                guc::database(),
-                database = guc::names::DATABASE
+                settings::database(),
+                database = settings::names::DATABASE
             ))
         } else {
             self.config.problem().or_else(|| self.failures.problem())
@@ -472,8 +472,8 @@ impl Worker {
     /// Jobs not yet on the wire are held back while delivery is paused or the
     /// backend is down (a probe excepted).
     fn hold(&self) {
-        let held =
-            self.config.settings().paused || self.breaker.state() != crate::breaker::State::Closed;
+        let held = self.config.settings().paused
+            || self.breaker.state() != crate::model::breaker::State::Closed;
         self.pool
             .trip_after(self.config.settings().breaker.failures);
         self.pool.hold(held);
@@ -488,7 +488,7 @@ impl Worker {
                 self.config.settings().breaker.failures,
                 self.breaker.interval().as_millis(),
                 self.config.settings().breaker.max_probe.as_millis(),
-                guc::names::PROBE_INTERVAL_MS
+                settings::names::PROBE_INTERVAL_MS
             ),
             Transition::Closed => {
                 log!("pg_new_user_hook: the backend answers again: delivering the backlog");

@@ -1,7 +1,7 @@
 //! One event, from the moment the worker claims it to its outcome, and the kinds of
 //! event a user's lifecycle produces (`pg_new_user_hook.events`). Pure: no I/O.
 
-use crate::guc::names;
+use crate::model::names;
 
 /// What happened to the user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

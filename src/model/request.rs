@@ -1,8 +1,8 @@
 //! Turns an outbox event into the HTTP request sent to the backend. Pure: no I/O.
 
-use crate::event::{Event, Kind};
-use crate::guc::names;
-use crate::sign::{self, Keys};
+use crate::model::event::{Event, Kind};
+use crate::model::names;
+use crate::model::sign::{self, Keys};
 use serde_json::{Map, Value};
 
 pub const USER_AGENT: &str = concat!("pg_new_user_hook/", env!("CARGO_PKG_VERSION"));
@@ -766,7 +766,7 @@ mod tests {
             assert!(err.contains("must not contain credentials"), "{err}");
             assert!(!err.contains("pw") && !err.contains("token@"), "{err}");
             // The log redaction would cut a message naming a secret setting.
-            assert_eq!(crate::redact::redact(&err), None, "{err}");
+            assert_eq!(crate::model::redact::redact(&err), None, "{err}");
             let err = target(&config(url)).unwrap_err();
             assert!(err.contains("must not contain credentials"), "{err}");
             assert!(!err.contains("alice") && !err.contains("token"), "{err}");

@@ -103,7 +103,7 @@ mod tests {
 
     #[test]
     fn defaults_keep_retrying_for_more_than_a_day() {
-        let d = crate::guc::defaults::retry_policy();
+        let d = crate::model::names::defaults::retry_policy();
         let span = min_retry_span(&d);
         assert!(span >= Duration::from_secs(24 * 3600), "only {span:?}");
     }

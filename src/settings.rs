@@ -2,77 +2,13 @@
 //! All are reloadable (SIGHUP) except `database`, which picks the worker's connection,
 //! and `capture`, which a superuser sets in a session (a bulk load).
 
-use crate::backoff::Policy;
-use crate::request::{self, Format};
+use crate::model::backoff::Policy;
+use crate::model::request::{self, Format};
 use pgrx::{pg_guard, pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::time::Duration;
 
-pub mod defaults {
-    pub const DATABASE: &str = "postgres";
-    pub const TIMEOUT_MS: i32 = 5_000;
-    pub const CONCURRENCY: i32 = 32;
-    pub const RETRY_BASE_MS: i32 = 1_000;
-    pub const RETRY_MAX_MS: i32 = 3_600_000;
-    pub const MAX_ATTEMPTS: i32 = 50;
-    pub const RETENTION_S: i32 = 7 * 24 * 3600;
-    pub const BREAKER_FAILURES: i32 = 5;
-    pub const PROBE_INTERVAL_MS: i32 = 30_000;
-
-    #[cfg(test)]
-    pub fn retry_policy() -> super::Policy {
-        use std::time::Duration;
-        super::Policy {
-            base: Duration::from_millis(RETRY_BASE_MS as u64),
-            max: Duration::from_millis(RETRY_MAX_MS as u64),
-            max_attempts: MAX_ATTEMPTS as u32,
-        }
-    }
-}
-
-/// The setting names, in one place: `&str` for messages, `&CStr` for definitions.
-pub mod names {
-    macro_rules! names {
-        ($($id:ident = $name:literal;)*) => {
-            $(#[allow(dead_code)] pub const $id: &str = concat!("pg_new_user_hook.", $name);)*
-            pub(super) mod c {
-                use std::ffi::CStr;
-                $(pub const $id: &CStr = match CStr::from_bytes_with_nul(
-                    concat!("pg_new_user_hook.", $name, "\0").as_bytes(),
-                ) {
-                    Ok(name) => name,
-                    Err(_) => panic!("a setting name contains NUL"),
-                };)*
-            }
-        };
-    }
-    names! {
-        URL = "url";
-        API_KEY = "api_key";
-        API_KEY_SECRET = "api_key_secret";
-        API_KEY_HEADER = "api_key_header";
-        SIGNING_SECRET = "signing_secret";
-        SIGNING_SECRET_NAME = "signing_secret_name";
-        PAYLOAD_FORMAT = "payload_format";
-        FIELDS = "fields";
-        CA_FILE = "ca_file";
-        TIMEOUT_MS = "timeout_ms";
-        CONCURRENCY = "concurrency";
-        RETRY_BASE_MS = "retry_base_ms";
-        RETRY_MAX_MS = "retry_max_ms";
-        MAX_ATTEMPTS = "max_attempts";
-        RETENTION = "retention";
-        DATABASE = "database";
-        CAPTURE = "capture";
-        PAUSED = "paused";
-        BREAKER_FAILURES = "breaker_failures";
-        PROBE_INTERVAL_MS = "probe_interval_ms";
-        EVENTS = "events";
-    }
-}
-
-/// The settings that hold a secret (or name one); their values are hidden from logs.
-pub const SECRET_SETTINGS: &[&str] = &[names::API_KEY, names::SIGNING_SECRET];
+pub use crate::model::names::{self, defaults};
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PayloadFormat {
@@ -362,20 +298,20 @@ unsafe extern "C-unwind" fn check_events(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    unsafe { check_with(newval, |v| crate::event::parse_kinds(v).map(drop)) }
+    unsafe { check_with(newval, |v| crate::model::event::parse_kinds(v).map(drop)) }
 }
 
 /// `events` as parsed at its last assignment: the trigger reads it at every signup.
 static EVENT_KINDS: std::sync::atomic::AtomicU8 =
-    std::sync::atomic::AtomicU8::new(crate::event::Kinds::DEFAULT.bits());
+    std::sync::atomic::AtomicU8::new(crate::model::event::Kinds::DEFAULT.bits());
 
 #[pg_guard]
 unsafe extern "C-unwind" fn assign_events(newval: *const c_char, _extra: *mut c_void) {
     let value = unsafe { newval.as_ref() }
         .map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned());
     // The check hook has accepted it.
-    let kinds = crate::event::parse_kinds(value.as_deref().unwrap_or(""))
-        .unwrap_or(crate::event::Kinds::DEFAULT);
+    let kinds = crate::model::event::parse_kinds(value.as_deref().unwrap_or(""))
+        .unwrap_or(crate::model::event::Kinds::DEFAULT);
     EVENT_KINDS.store(kinds.bits(), std::sync::atomic::Ordering::Relaxed);
 }
 
@@ -396,7 +332,7 @@ unsafe extern "C-unwind" fn check_signing_secret(
 ) -> bool {
     unsafe {
         check_with(newval, |v| {
-            crate::sign::parse(v, "signing_secret").map(drop)
+            crate::model::sign::parse(v, "signing_secret").map(drop)
         })
     }
 }
@@ -447,7 +383,7 @@ pub struct Settings {
     pub retry: Policy,
     pub retention: Duration,
     pub paused: bool,
-    pub breaker: crate::breaker::Policy,
+    pub breaker: crate::model::breaker::Policy,
 }
 
 // Secrets stay out of debug output.
@@ -497,7 +433,7 @@ impl Settings {
             },
             retention: Duration::from_secs(RETENTION_S.get() as u64),
             paused: PAUSED.get(),
-            breaker: crate::breaker::Policy {
+            breaker: crate::model::breaker::Policy {
                 failures: BREAKER_FAILURES.get() as u32,
                 first_probe: Duration::from_millis(RETRY_BASE_MS.get() as u64),
                 max_probe: Duration::from_millis(PROBE_INTERVAL_MS.get() as u64),
@@ -544,8 +480,8 @@ pub fn paused() -> bool {
 }
 
 /// The kinds of event to capture (`events`), as this process last read the settings.
-pub fn events() -> crate::event::Kinds {
-    crate::event::Kinds::from_bits(EVENT_KINDS.load(std::sync::atomic::Ordering::Relaxed))
+pub fn events() -> crate::model::event::Kinds {
+    crate::model::event::Kinds::from_bits(EVENT_KINDS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// The fields whose change makes an update event, for the configured payload.

@@ -1,8 +1,29 @@
 //! What an attempt's result means for the event: delivered, retried later, or failed.
 
-use crate::backoff::{self, Policy};
-use crate::delivery::Attempt;
+use crate::model::backoff::{self, Policy};
 use std::time::{Duration, SystemTime};
+
+/// What one HTTP attempt produced, as seen by the sending thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// The backend answered with this status.
+    Response {
+        status: u16,
+        reason: String,
+        /// Raw `Retry-After` header, if any.
+        retry_after: Option<String>,
+        /// `Location` header of a redirect, if any.
+        location: Option<String>,
+        /// The start of the response body, for `last_error`.
+        body_excerpt: String,
+    },
+    /// No usable answer: connection refused, DNS failure, TLS error...
+    Transport(String),
+    /// No answer within `timeout_ms`.
+    Timeout(String),
+    /// The event cannot be turned into a request (it will never work).
+    Unsendable(String),
+}
 
 /// The outcome recorded in the outbox.
 #[derive(Clone, Debug, PartialEq)]

@@ -125,7 +125,7 @@ mod tests {
             assert!(err.contains(why), "{bad}: {err}");
             assert!(err.starts_with("signing_secret"), "{err}");
             // Messages naming the full setting would be cut by the log redaction.
-            assert_eq!(crate::redact::redact(&err), None, "{err}");
+            assert_eq!(crate::model::redact::redact(&err), None, "{err}");
             assert!(!err.contains(bad) && !err.contains("MfKQ9r8G"), "{err}");
         }
         let three = format!("{SECRET} {SECRET} {SECRET}");
