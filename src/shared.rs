@@ -77,7 +77,7 @@ static CONNECTING: AtomicBool = AtomicBool::new(false);
 static WORKER_PROBLEM: PgLwLock<ProblemText> =
     unsafe { PgLwLock::new(c"pg_new_user_hook_worker_problem") };
 
-/// What the worker last counted in the queue (`outbox::queue_gauges`), for the
+/// What the worker last counted in the queue (`store::queue_gauges`), for the
 /// metrics view: a scrape reads this instead of counting the outbox.
 #[derive(Clone, Copy, Default)]
 pub struct QueueGauges {

@@ -4,22 +4,26 @@
 //! The sending happens on the pool's threads (`delivery`), the SQL in `outbox`,
 //! and what the settings and secrets make of the target in `config`.
 
-use crate::config::Config;
+mod target;
+
+use crate::catalog;
 use crate::delivery::{Outcome, Pool};
 use crate::model::backoff::random_jitter;
 use crate::model::breaker::{Allowance, Breaker, Transition};
 use crate::model::classify::{self, Decision};
 use crate::model::event::Event;
 use crate::model::problem::{Change, Failures, Step};
-use crate::outbox::{self, transaction, Record};
 use crate::settings::{self, Settings};
 use crate::shared;
+use crate::spi::{self, transaction};
+use crate::store::{self, Record};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
 use pgrx::prelude::*;
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
+use target::Config;
 
 /// Fallback poll: catches events committed without a wake-up (e.g. prepared transactions).
 const POLL: Duration = Duration::from_secs(5);
@@ -310,7 +314,7 @@ struct Worker {
 
 impl Worker {
     fn new() -> Worker {
-        if let Err(e) = transaction(outbox::configure_session) {
+        if let Err(e) = transaction(store::configure_session) {
             // Without its search_path, the worker must not run any SQL: exit, and be
             // started again in a few seconds.
             warning!("pg_new_user_hook: configuring the worker's session failed, restarting: {e}");
@@ -327,7 +331,7 @@ impl Worker {
             unrecorded: Vec::new(),
             // Known before the first report, which would otherwise warn that the
             // extension is missing at every start.
-            installed: transaction(outbox::installed).ok(),
+            installed: transaction(catalog::installed).ok(),
             maybe_due: true,
             maybe_captured: true,
             taken_since_analyze: 0,
@@ -686,7 +690,7 @@ impl Worker {
     /// drain without holding up deliveries.
     fn purge(&mut self) {
         let retention = self.config.settings().retention;
-        match transaction(move || outbox::purge_delivered(retention, PURGE_BATCH)) {
+        match transaction(move || store::purge_delivered(retention, PURGE_BATCH)) {
             Ok(purged) => {
                 self.step_outcome(Step::Purge, Ok(()));
                 self.timers.statistics = flush_statistics(false);
@@ -783,7 +787,7 @@ impl Worker {
     /// second later. Events taken meanwhile count towards the next one.
     fn vacuum_captured(&mut self) {
         let taken = self.taken_since_vacuum;
-        match outbox::vacuum_captured() {
+        match store::vacuum_captured() {
             Ok(false) => self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY),
             done => {
                 if let Err(e) = &done {
@@ -809,7 +813,7 @@ impl Worker {
     fn count_queue(&mut self) {
         self.timers.gauges = None;
         self.counted_at = Instant::now();
-        let counted = transaction(outbox::queue_gauges);
+        let counted = transaction(store::queue_gauges);
         self.count_took = self.counted_at.elapsed();
         match counted {
             Ok(gauges) => {
@@ -887,7 +891,7 @@ impl Worker {
         }
         let mut record = std::mem::take(&mut self.unrecorded);
         record.extend(self.decide(outcomes));
-        if let Err(e) = transaction(move || outbox::record(&record)) {
+        if let Err(e) = transaction(move || store::record(&record)) {
             warning!("pg_new_user_hook: recording the last outcomes failed, those events will be sent again: {e}");
         }
     }
@@ -895,7 +899,7 @@ impl Worker {
 
 /// One round's transaction: record outcomes, claim due events, find the next due.
 fn run_round(round: Round) -> RoundResult {
-    if round.check_installed && !outbox::installed() {
+    if round.check_installed && !catalog::installed() {
         return RoundResult {
             installed: false,
             wanted: round.claim,
@@ -905,15 +909,15 @@ fn run_round(round: Round) -> RoundResult {
             analyzed: false,
         };
     }
-    outbox::record(&round.record);
+    store::record(&round.record);
     if round.release_backoff {
-        outbox::release_backoff();
+        store::release_backoff();
     }
     // In a subtransaction of its own: a take that fails (a publication, a lock) must
     // not stop the outcomes from being recorded or the outbox's events from going out.
     let taken = round
         .take
-        .then(|| outbox::subtransaction(outbox::take_captured));
+        .then(|| spi::subtransaction(store::take_captured));
     let analyzed = round.analyze_after.is_some_and(|before| {
         before
             + taken
@@ -922,16 +926,16 @@ fn run_round(round: Round) -> RoundResult {
                 .copied()
                 .unwrap_or(0)
             >= ANALYZE_AFTER
-    }) && outbox::analyze_outbox();
+    }) && store::analyze_outbox();
     let claimed = if round.claim > 0 {
-        outbox::claim(round.claim, &round.busy, round.probe)
+        store::claim(round.claim, &round.busy, round.probe)
     } else {
         Vec::new()
     };
     let next_due = if claimed.len() < round.claim || round.claim == 0 {
         let mut busy = round.busy;
         busy.extend(claimed.iter().map(|c| c.id.clone()));
-        outbox::next_due(&busy)
+        store::next_due(&busy)
     } else {
         Some(Duration::ZERO)
     };

@@ -1,146 +1,21 @@
-//! All of the worker's SQL: claiming due events, recording outcomes, housekeeping.
-//! Each function runs inside a transaction the caller opened with `transaction`.
+//! The queue's SQL, all of it the worker's: taking captured events into the outbox,
+//! claiming due events, recording outcomes, the queue's gauges, the purge. Each
+//! function runs inside a transaction the caller opened with `spi::transaction`.
 
+mod maintenance;
+mod vault;
+
+pub use maintenance::{analyze_outbox, vacuum_captured};
+pub use vault::vault_secret;
+
+use crate::catalog::{capture_table, lifecycle_columns};
 use crate::model::classify::Decision;
 use crate::model::event::{Event, Kind};
 use crate::shared::QueueGauges;
-use pgrx::bgworkers::BackgroundWorker;
+use crate::spi::{read_one, write};
 use pgrx::datum::DatumWithOid;
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use std::ffi::CStr;
 use std::time::Duration;
-
-/// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
-/// A database error (or a panic) rolls the transaction back and comes back as the
-/// error's message: the worker goes on with what it knows instead of restarting.
-pub fn transaction<R>(
-    work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> Result<R, String> {
-    unsafe {
-        pg_sys::pgstat_report_activity(
-            pg_sys::BackendState::STATE_RUNNING,
-            c"pg_new_user_hook: claiming and recording events".as_ptr(),
-        )
-    };
-    let result = PgTryBuilder::new(|| Ok(BackgroundWorker::transaction(work)))
-        .catch_others(|error| {
-            // Releases the locks, snapshot and SPI state of the failed transaction.
-            unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(message_of(error))
-        })
-        .execute();
-    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
-    result
-}
-
-/// The message of an error caught in the worker's transactions.
-fn message_of(error: CaughtError) -> String {
-    match error {
-        CaughtError::PostgresError(report)
-        | CaughtError::ErrorReport(report)
-        | CaughtError::RustPanic {
-            ereport: report, ..
-        } => report.message().to_string(),
-    }
-}
-
-/// Runs `work` in a subtransaction of the current transaction: a failure rolls back
-/// what `work` did only, and comes back as the error's message, so that one failing
-/// step of a round (say, a take that a publication breaks) does not stop the others.
-pub fn subtransaction<R>(
-    work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> Result<R, String> {
-    unsafe {
-        let context = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        PgTryBuilder::new(|| {
-            let result = work();
-            pg_sys::ReleaseCurrentSubTransaction();
-            pg_sys::MemoryContextSwitchTo(context);
-            pg_sys::CurrentResourceOwner = owner;
-            Ok(result)
-        })
-        .catch_others(|error| {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            pg_sys::MemoryContextSwitchTo(context);
-            pg_sys::CurrentResourceOwner = owner;
-            Err(message_of(error))
-        })
-        .execute()
-    }
-}
-
-/// A table the hook is on whose `id`, `email` or `deleted_at` became a virtual
-/// generated column after install() (which refuses one): what that costs and what to do.
-pub fn unstored_column_problem() -> Option<String> {
-    read_one(
-        "SELECT (SELECT format('column %I of %s is a virtual generated column, whose value a changed row does not hold: %s; \
-                        make it a stored generated column (GENERATED ALWAYS AS (...) STORED) or a plain column',
-                       a.attname, a.attrelid::pg_catalog.regclass,
-                       CASE a.attname WHEN 'id' THEN 'no event is made for its users'
-                                      WHEN 'email' THEN 'its events carry a null email'
-                                      ELSE 'its soft deletes make no event' END)
-           FROM pg_catalog.pg_attribute a
-          WHERE a.attname IN ('id', 'email', 'deleted_at') AND a.attnum > 0 AND NOT a.attisdropped
-            AND a.attgenerated = 'v'
-            AND a.attrelid IN (SELECT t.tgrelid FROM pg_catalog.pg_trigger t
-                                WHERE t.tgfoid = 'new_user_hook.capture()'::pg_catalog.regprocedure)
-          ORDER BY a.attrelid, a.attnum LIMIT 1)",
-        &[],
-    )
-}
-
-/// The first column of a query's first row, read with read-only SPI: unlike pgrx's
-/// `Spi::get_one`, it assigns no transaction id, so a worker that only looks writes
-/// no WAL.
-fn read_one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
-    Spi::connect(|client| client.select(sql, Some(1), args)?.first().get_one::<T>())
-        .unwrap_or_else(|e| error!("pg_new_user_hook: {e}: {sql}"))
-}
-
-/// Runs a statement that may write, and returns how many rows it processed (an
-/// INSERT, UPDATE or DELETE: the rows it wrote). A transaction id is assigned only
-/// if it writes something (pgrx's `Spi::run` assigns one first): a take or a purge
-/// that finds nothing costs no WAL.
-fn write(sql: &CStr, args: &[DatumWithOid]) -> u64 {
-    unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            error!("pg_new_user_hook: SPI_connect failed");
-        }
-        let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
-        let mut values: Vec<pg_sys::Datum> = args
-            .iter()
-            .map(|a| {
-                a.datum()
-                    .map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())
-            })
-            .collect();
-        let nulls: Vec<std::ffi::c_char> = args
-            .iter()
-            .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
-            .collect();
-        let rc = pg_sys::SPI_execute_with_args(
-            sql.as_ptr(),
-            args.len() as i32,
-            types.as_mut_ptr(),
-            values.as_mut_ptr(),
-            nulls.as_ptr(),
-            false,
-            0,
-        );
-        if rc < 0 {
-            error!(
-                "pg_new_user_hook: SPI error {rc} in: {}",
-                sql.to_string_lossy()
-            );
-        }
-        let processed = pg_sys::SPI_processed;
-        pg_sys::SPI_finish();
-        processed
-    }
-}
 
 /// Session settings of the worker. Its own commits (claims, outcomes) need not wait
 /// for the WAL flush: losing the last of them in a crash only means an event is
@@ -162,72 +37,6 @@ pub fn configure_session() {
           SET jit = off; SET application_name = 'pg_new_user_hook'",
         &[],
     );
-}
-
-/// Whether the extension's objects exist in this database.
-pub fn installed() -> bool {
-    read_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_new_user_hook')",
-        &[],
-    )
-    .unwrap_or(false)
-}
-
-thread_local! {
-    static LIFECYCLE_COLUMNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// The table `new_user_hook.<name>`, looked up in the catalog by schema and name (no
-/// search_path); None if it does not exist (yet).
-pub fn table_oid(name: &CStr) -> Option<pg_sys::Oid> {
-    let relid = unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"new_user_hook".as_ptr(), true);
-        pg_sys::get_relname_relid(name.as_ptr(), namespace)
-    };
-    (relid != pg_sys::InvalidOid).then_some(relid)
-}
-
-/// Takes the lock VACUUM and ANALYZE take, if nobody (autovacuum) holds it: held
-/// until the transaction ends. False: waiting would hold up delivery.
-fn lock_for_maintenance(relid: pg_sys::Oid) -> bool {
-    unsafe {
-        pg_sys::ConditionalLockRelationOid(
-            relid,
-            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
-        )
-    }
-}
-
-/// Whether the outbox has the lifecycle columns (`kind`, `old_record`, `seq`; 0.6.0).
-/// After the library is updated and PostgreSQL restarted, the installed extension
-/// keeps its older schema until `ALTER EXTENSION pg_new_user_hook UPDATE`: until then
-/// signups are queued and delivered as before, and nothing else is captured. Looked
-/// up in the catalog (qualified, no search_path) until it is seen, then remembered.
-pub fn lifecycle_columns() -> bool {
-    if LIFECYCLE_COLUMNS.get() {
-        return true;
-    }
-    let found = table_oid(c"outbox").is_some_and(|outbox| unsafe {
-        pg_sys::get_attnum(outbox, c"seq".as_ptr()) != pg_sys::InvalidAttrNumber as i16
-    });
-    LIFECYCLE_COLUMNS.set(found);
-    found
-}
-
-thread_local! {
-    static CAPTURE_TABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether the schema has the capture table (`new_user_hook.captured`; 0.7.0), looked
-/// up as `lifecycle_columns` is: before ALTER EXTENSION UPDATE, the trigger writes
-/// into the outbox itself.
-fn capture_table() -> bool {
-    if CAPTURE_TABLE.get() {
-        return true;
-    }
-    let found = table_oid(c"captured").is_some();
-    CAPTURE_TABLE.set(found);
-    found
 }
 
 /// Takes every event of the capture table this transaction sees into the outbox, in
@@ -255,84 +64,6 @@ pub fn take_captured() -> i64 {
          SELECT id, user_id, source, record, kind, old_record, placed_seq, created_at, created_at FROM placed",
         &[],
     ) as i64
-}
-
-/// Refreshes the planner's statistics of the outbox (ANALYZE), in the round's
-/// transaction, so that the claim that follows is planned for the events just taken
-/// in (ANALYZE counts the rows its own transaction wrote). Skipped (false) while
-/// autovacuum or another ANALYZE holds the table: waiting would hold up delivery.
-pub fn analyze_outbox() -> bool {
-    let free = table_oid(c"outbox").is_some_and(lock_for_maintenance);
-    if free {
-        // A small sample (3,000 rows, not 30,000): enough to see how many are pending
-        // and when they are due, and quick enough (tens of ms with a large retention)
-        // not to hold up deliveries. SET LOCAL: for this transaction only.
-        Spi::run("SET LOCAL default_statistics_target = 10; ANALYZE new_user_hook.outbox")
-            .expect("analyzing the outbox");
-    }
-    free
-}
-
-/// Vacuums the capture table (VACUUM cannot run in the worker's rounds): the rows the
-/// takes deleted are made free space again, so the table stays the size of what
-/// arrives between two vacuums. Never truncates it (that would need a lock signups
-/// hold), and skips it at once, without waiting, while autovacuum or anyone else
-/// holds a conflicting lock (SKIP_LOCKED): then it returns false, to try again later.
-pub fn vacuum_captured() -> Result<bool, String> {
-    unsafe {
-        // VACUUM commits the transaction it is started in and starts another at its
-        // end: what it is given, and the context it allocates in (under
-        // PortalContext), must outlive that commit, so both live in a context of
-        // their own, deleted here whether it succeeds or fails.
-        let context = pg_sys::AllocSetContextCreateExtended(
-            pg_sys::TopMemoryContext,
-            c"pg_new_user_hook vacuum".as_ptr(),
-            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-        );
-        let previous_portal_context = pg_sys::PortalContext;
-        let previous = pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::PortalContext = context;
-        let result = PgTryBuilder::new(|| {
-            pg_sys::SetCurrentStatementStartTimestamp();
-            pg_sys::StartTransactionCommand();
-            pg_sys::MemoryContextSwitchTo(context);
-            // Looked up and probed in the transaction VACUUM starts from: while
-            // autovacuum holds the table, nothing is done (no wait, no log line).
-            let exists = capture_table();
-            let free = exists && table_oid(c"captured").is_some_and(lock_for_maintenance);
-            if !free {
-                pg_sys::CommitTransactionCommand();
-                // No capture table (an older schema): nothing to vacuum, done.
-                return Ok(!exists);
-            }
-            let parsed = pg_sys::raw_parser(
-                c"VACUUM (TRUNCATE false, SKIP_LOCKED) new_user_hook.captured".as_ptr(),
-                pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
-            );
-            let raw = (*(*parsed).elements).ptr_value as *mut pg_sys::RawStmt;
-            // As PostgreSQL runs a VACUUM typed in a session: at top level, outside a
-            // transaction block. SKIP_LOCKED: should another take the lock between
-            // this transaction's end and VACUUM's own, VACUUM skips the table.
-            pg_sys::ExecVacuum(
-                pg_sys::make_parsestate(std::ptr::null_mut()),
-                (*raw).stmt as *mut pg_sys::VacuumStmt,
-                true,
-            );
-            pg_sys::CommitTransactionCommand();
-            Ok(true)
-        })
-        .catch_others(|error| {
-            pg_sys::AbortCurrentTransaction();
-            Err(message_of(error))
-        })
-        .execute();
-        pg_sys::MemoryContextSwitchTo(previous);
-        pg_sys::PortalContext = previous_portal_context;
-        pg_sys::MemoryContextDelete(context);
-        result
-    }
 }
 
 /// An event waits while an earlier event of its user is pending (in flight, being
@@ -599,41 +330,4 @@ pub fn purge_delivered(retention: Duration, limit: i64) -> i64 {
                LIMIT $2)",
         &args,
     ) as i64
-}
-
-/// The value of a Supabase Vault secret (`vault.decrypted_secrets`, by name).
-/// `setting` names the setting that points at it, for the message.
-pub fn vault_secret(name: &str, setting: &str) -> Result<String, String> {
-    let vault = read_one::<bool>(
-        "SELECT to_regclass('vault.decrypted_secrets') IS NOT NULL",
-        &[],
-    )
-    .unwrap_or(false);
-    if !vault {
-        return Err(format!(
-            "{setting} = '{name}' names a Supabase Vault secret, but this database has no vault.decrypted_secrets: \
-             CREATE EXTENSION supabase_vault (and store the secret with vault.create_secret), or set the value directly"
-        ));
-    }
-    let args: [DatumWithOid; 1] = [name.into()];
-    // Read-only: a re-read every few seconds assigns no transaction id.
-    match Spi::connect(|client| {
-        client
-            .select(
-                "SELECT (SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = $1 LIMIT 1)",
-                Some(1),
-                &args,
-            )?
-            .first()
-            .get_one::<String>()
-    }) {
-        Ok(Some(value)) if !value.is_empty() => Ok(value),
-        Ok(_) => Err(format!(
-            "{setting} = '{name}': Supabase Vault has no secret of that name (or it is empty); \
-             create it with SELECT vault.create_secret('<value>', '{name}')"
-        )),
-        Err(e) => Err(format!(
-            "{setting} = '{name}': reading the Vault secret failed: {e}"
-        )),
-    }
 }

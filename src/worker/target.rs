@@ -4,8 +4,8 @@
 
 use crate::delivery::Channel;
 use crate::model::request;
-use crate::outbox;
 use crate::settings::{names, SecretSource, Settings};
+use crate::{spi, store};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,7 +88,7 @@ impl Config {
                 Err(e) => Err(e.clone()),
                 Ok(SecretSource::None) => Ok(String::new()),
                 Ok(SecretSource::Value(v)) => Ok(v.clone()),
-                Ok(SecretSource::Vault(name)) => outbox::vault_secret(name, setting),
+                Ok(SecretSource::Vault(name)) => store::vault_secret(name, setting),
             };
             Ok(Secrets {
                 api_key: value(&api_key, names::API_KEY_SECRET)?,
@@ -96,7 +96,7 @@ impl Config {
             })
         };
         let secrets = if uses_vault {
-            outbox::transaction(resolve).unwrap_or_else(|e| {
+            spi::transaction(resolve).unwrap_or_else(|e| {
                 Err(format!(
                     "reading the secrets from Supabase Vault failed: {e}"
                 ))

@@ -16,7 +16,7 @@
 
 use crate::model::event::Kind;
 use crate::model::request;
-use crate::{outbox, settings, wake};
+use crate::{catalog, settings, wake};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, varlena};
 use std::cell::{Cell, RefCell};
@@ -308,7 +308,7 @@ unsafe fn insert_event(
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("pg_new_user_hook: SPI_connect failed");
         }
-        let legacy = !outbox::lifecycle_columns();
+        let legacy = !catalog::lifecycle_columns();
         let (cache, sql) = match kind {
             _ if legacy => (&LEGACY_PLAN, INSERT_LEGACY),
             Kind::Created => (&CREATED_PLAN, INSERT_CREATED),
@@ -389,7 +389,7 @@ thread_local! {
 /// extension was dropped since the table was looked up (no event to write then).
 unsafe fn open_captured() -> Option<pg_sys::Relation> {
     unsafe {
-        let relid = outbox::table_oid(c"captured")?;
+        let relid = catalog::table_oid(c"captured")?;
         let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         if rel.is_null() {
             return None;
@@ -640,7 +640,7 @@ unsafe fn write_events(notes: Notes) {
                     &record,
                     old_record.as_deref(),
                 ),
-                None if kind == Kind::Created || outbox::lifecycle_columns() => {
+                None if kind == Kind::Created || catalog::lifecycle_columns() => {
                     // An installed schema older than this library (until ALTER EXTENSION
                     // UPDATE): the event goes into the outbox, which before 0.6.0 holds
                     // new users only.

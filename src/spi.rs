@@ -1,0 +1,120 @@
+//! The SPI plumbing every SQL step runs on: a transaction of its own (errors come back
+//! as messages, not restarts), a subtransaction, a read-only query (no transaction id,
+//! no WAL) and a write.
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+
+/// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
+/// A database error (or a panic) rolls the transaction back and comes back as the
+/// error's message: the worker goes on with what it knows instead of restarting.
+pub fn transaction<R>(
+    work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
+    unsafe {
+        pg_sys::pgstat_report_activity(
+            pg_sys::BackendState::STATE_RUNNING,
+            c"pg_new_user_hook: claiming and recording events".as_ptr(),
+        )
+    };
+    let result = PgTryBuilder::new(|| Ok(BackgroundWorker::transaction(work)))
+        .catch_others(|error| {
+            // Releases the locks, snapshot and SPI state of the failed transaction.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(message_of(error))
+        })
+        .execute();
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
+    result
+}
+
+/// The message of an error caught in the worker's transactions.
+pub(crate) fn message_of(error: CaughtError) -> String {
+    match error {
+        CaughtError::PostgresError(report)
+        | CaughtError::ErrorReport(report)
+        | CaughtError::RustPanic {
+            ereport: report, ..
+        } => report.message().to_string(),
+    }
+}
+
+/// Runs `work` in a subtransaction of the current transaction: a failure rolls back
+/// what `work` did only, and comes back as the error's message, so that one failing
+/// step of a round (say, a take that a publication breaks) does not stop the others.
+pub fn subtransaction<R>(
+    work: impl FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<R, String> {
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        PgTryBuilder::new(|| {
+            let result = work();
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+            Ok(result)
+        })
+        .catch_others(|error| {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+            Err(message_of(error))
+        })
+        .execute()
+    }
+}
+
+/// The first column of a query's first row, read with read-only SPI: unlike pgrx's
+/// `Spi::get_one`, it assigns no transaction id, so a worker that only looks writes
+/// no WAL.
+pub(crate) fn read_one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
+    Spi::connect(|client| client.select(sql, Some(1), args)?.first().get_one::<T>())
+        .unwrap_or_else(|e| error!("pg_new_user_hook: {e}: {sql}"))
+}
+
+/// Runs a statement that may write, and returns how many rows it processed (an
+/// INSERT, UPDATE or DELETE: the rows it wrote). A transaction id is assigned only
+/// if it writes something (pgrx's `Spi::run` assigns one first): a take or a purge
+/// that finds nothing costs no WAL.
+pub(crate) fn write(sql: &CStr, args: &[DatumWithOid]) -> u64 {
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("pg_new_user_hook: SPI_connect failed");
+        }
+        let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
+        let mut values: Vec<pg_sys::Datum> = args
+            .iter()
+            .map(|a| {
+                a.datum()
+                    .map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())
+            })
+            .collect();
+        let nulls: Vec<std::ffi::c_char> = args
+            .iter()
+            .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+            .collect();
+        let rc = pg_sys::SPI_execute_with_args(
+            sql.as_ptr(),
+            args.len() as i32,
+            types.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            false,
+            0,
+        );
+        if rc < 0 {
+            error!(
+                "pg_new_user_hook: SPI error {rc} in: {}",
+                sql.to_string_lossy()
+            );
+        }
+        let processed = pg_sys::SPI_processed;
+        pg_sys::SPI_finish();
+        processed
+    }
+}
