@@ -390,7 +390,7 @@ pub struct Settings {
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
-            .field("url", &request::redact_userinfo(&self.url))
+            .field("url", &crate::model::redact::redact_userinfo(&self.url))
             .finish_non_exhaustive()
     }
 }

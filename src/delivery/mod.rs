@@ -8,6 +8,7 @@
 pub use crate::model::classify::Attempt;
 use crate::model::classify::{self, excerpt};
 use crate::model::event::Event;
+use crate::model::redact;
 use crate::model::request::{self, Target};
 use crate::settings::names;
 use std::io::{ErrorKind, Read, Write};
@@ -133,7 +134,7 @@ impl Channel {
     }
 
     fn describe(&self, error: ureq::Error) -> String {
-        let url = request::redact_userinfo(&self.target.url);
+        let url = redact::redact_userinfo(&self.target.url);
         let text = error.to_string();
         if let Some(advice) = tls_advice(&text) {
             return format!("TLS error talking to {url}: {advice} ({text})");

@@ -103,7 +103,12 @@ mod tests {
 
     #[test]
     fn defaults_keep_retrying_for_more_than_a_day() {
-        let d = crate::model::names::defaults::retry_policy();
+        use crate::model::names::defaults::{MAX_ATTEMPTS, RETRY_BASE_MS, RETRY_MAX_MS};
+        let d = policy(
+            RETRY_BASE_MS as u64,
+            RETRY_MAX_MS as u64,
+            MAX_ATTEMPTS as u32,
+        );
         let span = min_retry_span(&d);
         assert!(span >= Duration::from_secs(24 * 3600), "only {span:?}");
     }

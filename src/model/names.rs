@@ -11,16 +11,6 @@ pub mod defaults {
     pub const RETENTION_S: i32 = 7 * 24 * 3600;
     pub const BREAKER_FAILURES: i32 = 5;
     pub const PROBE_INTERVAL_MS: i32 = 30_000;
-
-    #[cfg(test)]
-    pub fn retry_policy() -> crate::model::backoff::Policy {
-        use std::time::Duration;
-        crate::model::backoff::Policy {
-            base: Duration::from_millis(RETRY_BASE_MS as u64),
-            max: Duration::from_millis(RETRY_MAX_MS as u64),
-            max_attempts: MAX_ATTEMPTS as u32,
-        }
-    }
 }
 
 // The setting names, in one place: `&str` for messages, `&CStr` (module `c`) for definitions.

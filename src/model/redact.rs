@@ -2,7 +2,6 @@
 //! secret setting's name (and a URL's credentials).
 
 use crate::model::names::{self, SECRET_SETTINGS};
-use crate::model::request::redact_userinfo;
 
 /// The text with everything after a secret setting's name cut, or None if it names
 /// none. A URL is no secret, but one given with credentials (refused when set) is:
@@ -39,9 +38,33 @@ pub fn redact(text: &str) -> Option<String> {
     ))
 }
 
+/// The URL with any `user:password@` removed, for messages.
+pub fn redact_userinfo(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            return format!("{}://***@{}", &url[..scheme_end], &rest[at + 1..]);
+        }
+    }
+    url.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redact_userinfo_keeps_host_and_path() {
+        assert_eq!(
+            redact_userinfo("https://u:p@h.example/x@y"),
+            "https://***@h.example/x@y"
+        );
+        assert_eq!(
+            redact_userinfo("https://h.example/x@y"),
+            "https://h.example/x@y"
+        );
+    }
 
     #[test]
     fn reload_message_loses_the_value() {

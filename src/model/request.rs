@@ -2,6 +2,7 @@
 
 use crate::model::event::{Event, Kind};
 use crate::model::names;
+use crate::model::redact::redact_userinfo;
 use crate::model::sign::{self, Keys};
 use serde_json::{Map, Value};
 
@@ -207,18 +208,6 @@ pub fn refuse_credentials_in_url(url: &str) -> Result<(), String> {
         names::API_KEY_SECRET,
         names::API_KEY_HEADER
     ))
-}
-
-/// The URL with any `user:password@` removed, for messages.
-pub fn redact_userinfo(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            return format!("{}://***@{}", &url[..scheme_end], &rest[at + 1..]);
-        }
-    }
-    url.to_string()
 }
 
 fn excerpt_ascii(s: &str) -> String {
@@ -772,17 +761,5 @@ mod tests {
             assert!(!err.contains("alice") && !err.contains("token"), "{err}");
         }
         assert!(refuse_credentials_in_url("https://h.example/users?next=a@b").is_ok());
-    }
-
-    #[test]
-    fn redact_userinfo_keeps_host_and_path() {
-        assert_eq!(
-            redact_userinfo("https://u:p@h.example/x@y"),
-            "https://***@h.example/x@y"
-        );
-        assert_eq!(
-            redact_userinfo("https://h.example/x@y"),
-            "https://h.example/x@y"
-        );
     }
 }

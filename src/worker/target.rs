@@ -3,7 +3,7 @@
 //! the reason delivery is paused.
 
 use crate::delivery::Channel;
-use crate::model::request;
+use crate::model::redact;
 use crate::settings::{names, SecretSource, Settings};
 use crate::{spi, store};
 use std::sync::Arc;
@@ -62,7 +62,7 @@ impl Config {
 
     /// The target for the log, without credentials.
     pub fn describe_target(&self) -> String {
-        request::redact_userinfo(&self.settings.url)
+        redact::redact_userinfo(&self.settings.url)
     }
 
     pub fn next_secret_refresh(&self) -> Option<Instant> {
