@@ -15,8 +15,33 @@ const WITHIN: Duration = Duration::from_secs(60);
 const API_KEY: &str = "nest-example-key";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// Where the example is built and run: a copy of its sources in this build's own
+/// directory, so that two suites running side by side (the host's and the Debian 13
+/// root's, which share the checkout) never reinstall node_modules under each other.
 fn example_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nestjs-receiver")
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("nestjs-receiver")
+}
+
+/// Copies the example's sources (not its node_modules or build) to `example_dir()`.
+fn copy_example() {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name();
+            if name == "node_modules" || name == "dist" {
+                continue;
+            }
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &to.join(&name));
+            } else {
+                std::fs::copy(entry.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nestjs-receiver");
+    let _ = std::fs::remove_dir_all(example_dir().join("src"));
+    copy(&source, &example_dir());
 }
 
 fn npm(args: &[&str]) {
@@ -48,6 +73,7 @@ impl Backend {
         // Built once for all the tests of this file, which may run at the same time.
         static BUILT: std::sync::Once = std::sync::Once::new();
         BUILT.call_once(|| {
+            copy_example();
             npm(&["ci", "--no-audit", "--no-fund"]);
             npm(&["run", "build"]);
         });
