@@ -1,0 +1,224 @@
+//! Writing an event: one heap row appended to the capture table, or — into a schema
+//! older than 0.7.0 — an INSERT into the outbox as the extension's owner.
+
+use super::*;
+
+thread_local! {
+    /// The event INSERTs, planned once per backend (plans of other backends are their own):
+    /// a new user's, and a later change's.
+    static CREATED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    static CHANGE_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    /// A new user's, into an outbox without the lifecycle columns (before ALTER EXTENSION UPDATE).
+    static LEGACY_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+// The records go in as `json` Datums (their text): no input function parses them
+// again. The event id is a UUIDv7: time-ordered, so the outbox's primary key grows
+// at its end. `seq` orders a user's events: the WAL insert position when the event
+// is written, at the commit of its transaction — a later transaction changing the
+// same user waits for this one's row lock, so its position is higher. A change's
+// event also comes after any event of the user still pending (events restored
+// from a dump carry the positions of the cluster they were written in).
+pub(super) const INSERT_CREATED: &CStr =
+    c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
+      VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(super) const INSERT_LEGACY: &CStr =
+    c"INSERT INTO new_user_hook.outbox (id, user_id, source, record) VALUES ($1, $2, $3, $4)";
+pub(super) const INSERT_CHANGE: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
+      VALUES ($1, $2, $3, $4, $5, $6, GREATEST($7, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox p \
+                                                    WHERE p.user_id = $2 AND p.status NOT IN ('delivered', 'failed'))))";
+
+pub(super) fn text_datum(s: &str) -> pg_sys::Datum {
+    pg_sys::Datum::from(unsafe {
+        pg_sys::cstring_to_text_with_len(s.as_ptr() as *const c_char, s.len() as i32)
+    })
+}
+
+pub(super) unsafe fn insert_event(
+    kind: Kind,
+    user_id: &mut [u8; 16],
+    source: &str,
+    record: &str,
+    old_record: Option<&str>,
+) {
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("pg_new_user_hook: SPI_connect failed");
+        }
+        let legacy = !catalog::lifecycle_columns();
+        let (cache, sql) = match kind {
+            _ if legacy => (&LEGACY_PLAN, INSERT_LEGACY),
+            Kind::Created => (&CREATED_PLAN, INSERT_CREATED),
+            Kind::Updated | Kind::Deleted => (&CHANGE_PLAN, INSERT_CHANGE),
+        };
+        let mut plan = cache.get();
+        if plan.is_null() {
+            let mut types = [
+                pg_sys::UUIDOID,
+                pg_sys::UUIDOID,
+                pg_sys::TEXTOID,
+                pg_sys::JSONOID,
+                pg_sys::TEXTOID,
+                pg_sys::JSONOID,
+                pg_sys::INT8OID,
+            ];
+            let count = if legacy { 4 } else { types.len() };
+            plan = pg_sys::SPI_prepare(sql.as_ptr(), count as i32, types.as_mut_ptr());
+            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+                error!("pg_new_user_hook: preparing the event insert failed");
+            }
+            cache.set(plan);
+        }
+        let mut event_id = *uuid::Uuid::now_v7().as_bytes();
+        let seq = pg_sys::GetXLogInsertRecPtr() as i64;
+        let mut values = [
+            pg_sys::Datum::from(event_id.as_mut_ptr()),
+            pg_sys::Datum::from(user_id.as_mut_ptr()),
+            text_datum(source),
+            text_datum(record),
+            text_datum(kind.name()),
+            old_record.map_or(pg_sys::Datum::from(0), text_datum),
+            pg_sys::Datum::from(seq),
+        ];
+        let nulls = [
+            b' ',
+            b' ',
+            b' ',
+            b' ',
+            b' ',
+            if old_record.is_some() { b' ' } else { b'n' },
+            b' ',
+            0,
+        ];
+        let rc = pg_sys::SPI_execute_plan(
+            plan,
+            values.as_mut_ptr(),
+            nulls.as_ptr() as *const c_char,
+            false,
+            0,
+        );
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            error!("pg_new_user_hook: queuing the event failed (SPI code {rc})");
+        }
+        pg_sys::SPI_finish();
+    }
+}
+
+/// The capture table's columns (sql/outbox.sql), in order, with their types.
+pub(super) const CAPTURED_COLUMNS: [(&[u8], pg_sys::Oid); 8] = [
+    (b"id", pg_sys::UUIDOID),
+    (b"user_id", pg_sys::UUIDOID),
+    (b"source", pg_sys::TEXTOID),
+    (b"kind", pg_sys::TEXTOID),
+    (b"record", pg_sys::JSONOID),
+    (b"old_record", pg_sys::JSONOID),
+    (b"seq", pg_sys::INT8OID),
+    (b"created_at", pg_sys::TIMESTAMPTZOID),
+];
+
+thread_local! {
+    /// The capture table last found with the columns above (its columns are checked once).
+    static CAPTURED_CHECKED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+}
+
+/// new_user_hook.captured, opened, if the installed schema has it as this library
+/// writes it (0.7.0 and later); None before ALTER EXTENSION UPDATE, or when the
+/// extension was dropped since the table was looked up (no event to write then).
+pub(super) unsafe fn open_captured() -> Option<pg_sys::Relation> {
+    unsafe {
+        let relid = catalog::table_oid(c"captured")?;
+        let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return None;
+        }
+        let desc = (*rel).rd_att;
+        let same = (*desc).natts as usize == CAPTURED_COLUMNS.len()
+            && (CAPTURED_CHECKED.get() == relid
+                || CAPTURED_COLUMNS
+                    .iter()
+                    .enumerate()
+                    .all(|(i, (name, typid))| {
+                        let attr = tuple_attr(desc, i);
+                        !attr.attisdropped
+                            && attr.atttypid == *typid
+                            && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
+                    }));
+        if !same {
+            pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            return None;
+        }
+        CAPTURED_CHECKED.set(relid);
+        Some(rel)
+    }
+}
+
+/// Appends the event to new_user_hook.captured: one heap row, written directly — the
+/// table has no index, trigger, constraint or default to run, so the executor's
+/// set-up for a statement (most of what a one-row INSERT costs) is skipped. The
+/// worker gives a change's `seq` its place after the user's pending events when it
+/// takes the event into the outbox.
+pub(super) unsafe fn append_captured(
+    captured: pg_sys::Relation,
+    kind: Kind,
+    user_id: &mut [u8; 16],
+    source: &str,
+    record: &str,
+    old_record: Option<&str>,
+) {
+    unsafe {
+        let mut event_id = *uuid::Uuid::now_v7().as_bytes();
+        let mut values = [
+            pg_sys::Datum::from(event_id.as_mut_ptr()),
+            pg_sys::Datum::from(user_id.as_mut_ptr()),
+            text_datum(source),
+            text_datum(kind.name()),
+            text_datum(record),
+            old_record.map_or(pg_sys::Datum::from(0), text_datum),
+            pg_sys::Datum::from(pg_sys::GetXLogInsertRecPtr() as i64),
+            // Written as the transaction commits: its commit time, near enough.
+            pg_sys::Datum::from(pg_sys::GetCurrentTimestamp()),
+        ];
+        let mut nulls = [false; 8];
+        nulls[5] = old_record.is_none();
+        let tuple =
+            pg_sys::heap_form_tuple((*captured).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::simple_heap_insert(captured, tuple);
+        pg_sys::heap_freetuple(tuple);
+    }
+}
+
+/// Runs `f` as the owner of function `function` (the extension's owner), as SECURITY
+/// DEFINER would — without its cost per call, which a trigger pays at every signup.
+/// An error inside leaves the switch to the transaction's abort, which undoes it.
+pub(super) unsafe fn as_owner_of<T>(function: pg_sys::Oid, f: impl FnOnce() -> T) -> T {
+    unsafe {
+        let proc = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::PROCOID as i32,
+            pg_sys::Datum::from(function),
+        );
+        if proc.is_null() {
+            error!("pg_new_user_hook: function {} not found", function.to_u32());
+        }
+        let form = ((*proc).t_data as *mut u8).add((*(*proc).t_data).t_hoff as usize)
+            as *mut pg_sys::FormData_pg_proc;
+        let owner = (*form).proowner;
+        pg_sys::ReleaseSysCache(proc);
+        let mut user = pg_sys::InvalidOid;
+        let mut context = 0;
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+        let result = f();
+        pg_sys::SetUserIdAndSecContext(user, context);
+        result
+    }
+}
+
+pub(super) fn quote_identifier(name: &str) -> String {
+    let c = std::ffi::CString::new(name).expect("no NUL in a name");
+    unsafe { CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())) }
+        .to_string_lossy()
+        .into_owned()
+}
