@@ -1,0 +1,417 @@
+//! One round of the worker: planning it (what to claim, whether to record, purge,
+//! count), running it in one transaction, and applying what came back — the
+//! outcomes decided, the breaker moved, the queue counted.
+
+use super::*;
+
+impl Worker {
+    pub(super) fn max_in_flight(&self) -> usize {
+        (self.config.settings().concurrency * 32).clamp(64, 2048)
+    }
+
+    /// Jobs not yet on the wire are held back while delivery is paused or the
+    /// backend is down (a probe excepted).
+    pub(super) fn hold(&self) {
+        let held = self.config.settings().paused
+            || self.breaker.state() != crate::model::breaker::State::Closed;
+        self.pool
+            .trip_after(self.config.settings().breaker.failures);
+        self.pool.hold(held);
+    }
+
+    /// The circuit opened or closed: tell the threads, the log and the metrics.
+    pub(super) fn backend_transition(&mut self, transition: Transition) {
+        match transition {
+            Transition::Opened => warning!(
+                "pg_new_user_hook: the backend failed {} attempts in a row: delivery is held back, \
+                 and one event at a time probes it (first in {} ms, then at most every {} ms: {})",
+                self.config.settings().breaker.failures,
+                self.breaker.interval().as_millis(),
+                self.config.settings().breaker.max_probe.as_millis(),
+                settings::names::PROBE_INTERVAL_MS
+            ),
+            Transition::Closed => {
+                log!("pg_new_user_hook: the backend answers again: delivering the backlog");
+                self.release_backoff = true;
+                self.maybe_due = true;
+            }
+        }
+        shared::set_backend_state(self.breaker.state().gauge());
+        self.hold();
+    }
+
+    /// How many events may be claimed now (0: not worth a round trip yet), and
+    /// whether the claim is a probe. Under load, claims wait until a quarter of the
+    /// window is free, so each round trip carries a batch; when nothing is in
+    /// flight, any due event is claimed at once.
+    pub(super) fn claimable(&self) -> (usize, bool) {
+        if self.config.channel().is_err()
+            || self.installed == Some(false)
+            || self.config.settings().paused
+        {
+            return (0, false);
+        }
+        match self.breaker.allowance(Instant::now()) {
+            Allowance::All => (self.window(), false),
+            Allowance::Probe => (1, true),
+            Allowance::Nothing => (0, false),
+        }
+    }
+
+    pub(super) fn window(&self) -> usize {
+        let max = self.max_in_flight();
+        let free = max.saturating_sub(self.pool.in_flight());
+        if self.pool.in_flight() == 0 || free >= max / 4 {
+            free
+        } else {
+            0
+        }
+    }
+
+    /// Moves finished requests from the pool into the batch to record.
+    pub(super) fn collect_outcomes(&mut self) {
+        let arrived = self.pool.take_outcomes();
+        if !arrived.is_empty() {
+            if self.outcomes.is_empty() {
+                self.outcomes_since = Instant::now();
+            }
+            self.outcomes.extend(arrived);
+        }
+    }
+
+    /// Whether buffered outcomes should be recorded now: a full batch, nothing left
+    /// in flight, or the oldest has waited long enough.
+    pub(super) fn record_due(&self) -> bool {
+        !self.outcomes.is_empty()
+            && (self.outcomes.len() >= RECORD_BATCH
+                || self.pool.in_flight() == 0
+                || self.outcomes_since.elapsed() >= RECORD_DELAY)
+    }
+
+    /// What this round does, or None when there is nothing worth a transaction.
+    pub(super) fn plan(&mut self) -> Option<Round> {
+        let now = Instant::now();
+        if self.timers.retry_round.is_some_and(|at| at > now) {
+            return None;
+        }
+        let retry_take = Timers::reached(self.timers.retry_take, now);
+        let (claim, probe) =
+            if self.maybe_due || retry_take || Timers::reached(self.timers.due, now) {
+                self.claimable()
+            } else {
+                (0, false)
+            };
+        if self.record_due() {
+            let outcomes = std::mem::take(&mut self.outcomes);
+            let decisions = self.decide(outcomes);
+            self.unrecorded.extend(decisions);
+        }
+        let check_installed = self.installed != Some(true);
+        if claim == 0 && self.unrecorded.is_empty() && !check_installed && !self.release_backoff {
+            return None;
+        }
+        let mut busy: Vec<String> = self.in_flight.iter().cloned().collect();
+        busy.extend(self.unrecorded.iter().map(|r| r.id.clone()));
+        // Commits from now on set the latch again: none is missed by the take's snapshot.
+        // After a failed take, the next try waits RETRY_FAILED_ROUND.
+        let take = claim > 0
+            && self.timers.retry_take.is_none_or(|at| at <= now)
+            && std::mem::take(&mut self.maybe_captured);
+        let analyze_after = self
+            .analyzed_at
+            .is_none_or(|at| at.elapsed() >= ANALYZE_EVERY)
+            .then_some(self.taken_since_analyze);
+        Some(Round {
+            take,
+            analyze_after,
+            record: self.unrecorded.clone(),
+            claim,
+            probe,
+            release_backoff: self.release_backoff,
+            busy,
+            check_installed,
+        })
+    }
+
+    /// Takes in what a round found (or that it failed) and hands claims to the pool.
+    pub(super) fn apply(&mut self, result: Result<RoundResult, String>) {
+        let result = match result {
+            Ok(result) => result,
+            Err(error) => {
+                self.step_outcome(Step::Round, Err(&error));
+                if self.round_error.as_ref() != Some(&error) {
+                    warning!(
+                        "pg_new_user_hook: a delivery round failed and is retried in {} s, with the outcomes it had to record: {error}",
+                        RETRY_FAILED_ROUND.as_secs()
+                    );
+                    self.round_error = Some(error);
+                }
+                self.timers.retry_round = Some(Instant::now() + RETRY_FAILED_ROUND);
+                // The extension may be gone (DROP EXTENSION): look before the next round.
+                self.installed = None;
+                self.maybe_captured = true;
+                return;
+            }
+        };
+        if self.round_error.take().is_some() {
+            log!("pg_new_user_hook: delivery rounds succeed again");
+        }
+        self.step_outcome(Step::Round, Ok(()));
+        let taken = match &result.taken {
+            None => 0,
+            Some(Ok(taken)) => {
+                self.timers.retry_take = None;
+                self.step_outcome(Step::Take, Ok(()));
+                if self.take_error.take().is_some() {
+                    log!("pg_new_user_hook: taking captured events into the outbox succeeds again");
+                }
+                *taken
+            }
+            Some(Err(error)) => {
+                // The round recorded and claimed without it; the events stay captured.
+                // A repeated error is logged once (the problem says it meanwhile).
+                if self.take_error.as_ref() != Some(error) {
+                    warning!("pg_new_user_hook: taking captured events into the outbox failed, retried every {} s: {error}", RETRY_FAILED_ROUND.as_secs());
+                    self.take_error = Some(error.clone());
+                }
+                self.step_outcome(Step::Take, Err(error));
+                self.maybe_captured = true;
+                self.timers.retry_take = Some(Instant::now() + RETRY_FAILED_ROUND);
+                0
+            }
+        };
+        self.timers.retry_round = None;
+        self.timers.statistics = flush_statistics(false);
+        self.taken_since_vacuum += taken;
+        if self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER && self.timers.vacuum.is_none() {
+            self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY);
+        }
+        if result.analyzed {
+            self.taken_since_analyze = 0;
+            self.analyzed_at = Some(Instant::now());
+        } else {
+            self.taken_since_analyze += taken;
+        }
+        if self.installed != Some(result.installed) {
+            self.installed = Some(result.installed);
+            self.report();
+        }
+        // Recorded; or, without the extension, nothing to record into.
+        self.unrecorded.clear();
+        self.release_backoff = false;
+        self.count_queue_soon();
+        if !result.installed {
+            self.maybe_due = false;
+            self.timers.due = None;
+            return;
+        }
+        if result.wanted > 0 {
+            // A full claim suggests more are due right now.
+            self.maybe_due = result.claimed.len() >= result.wanted;
+        }
+        self.timers.due = result.next_due.map(|d| Instant::now() + d);
+        for event in result.claimed {
+            if event.probe {
+                self.breaker.probe_sent(&event.id);
+                shared::set_backend_state(self.breaker.state().gauge());
+            }
+            self.in_flight.insert(event.id.clone());
+            self.pool.submit(event);
+        }
+        shared::set_in_flight(self.in_flight.len());
+    }
+
+    /// Deletes one batch of expired delivered events; when the batch was full, the
+    /// next follows right after the next round, so a large purge keeps up with the
+    /// drain without holding up deliveries.
+    pub(super) fn purge(&mut self) {
+        let retention = self.config.settings().retention;
+        match transaction(move || store::purge_delivered(retention, PURGE_BATCH)) {
+            Ok(purged) => {
+                self.step_outcome(Step::Purge, Ok(()));
+                self.timers.statistics = flush_statistics(false);
+                self.timers.purge = if purged >= PURGE_BATCH {
+                    Instant::now()
+                } else {
+                    Instant::now() + PURGE_EVERY
+                };
+            }
+            Err(error) => {
+                warning!("pg_new_user_hook: purging delivered events failed, retried in a minute: {error}");
+                self.step_outcome(Step::Purge, Err(&error));
+                self.timers.purge = Instant::now() + Duration::from_secs(60);
+                self.installed = None;
+            }
+        }
+    }
+
+    /// Turns outcomes into decisions to record, and tells the circuit breaker what
+    /// each attempt said about the backend. An unsent event needs none: it is still
+    /// pending and due.
+    pub(super) fn decide(&mut self, outcomes: Vec<Outcome>) -> Vec<Record> {
+        let now = SystemTime::now();
+        let mut decisions = Vec::with_capacity(outcomes.len());
+        let mut first_error = None;
+        let mut any_delivered = false;
+        for outcome in outcomes {
+            self.in_flight.remove(&outcome.id);
+            if !outcome.sent {
+                self.breaker.probe_lost(&outcome.id, Instant::now());
+                continue;
+            }
+            if !outcome.current {
+                // Sent to a target replaced since: its answer is recorded for the
+                // event, but a probe's must not leave the circuit half-open.
+                self.breaker.probe_stale(&outcome.id, Instant::now());
+            }
+            let decision = classify::decide(
+                &outcome.result,
+                outcome.attempt,
+                &self.config.settings().retry,
+                random_jitter(),
+                now,
+            );
+            if let Some(up) = classify::backend_up(&outcome.result).filter(|_| outcome.current) {
+                let policy = self.config.settings().breaker;
+                let not_before = classify::retry_after(&outcome.result, now);
+                let observed =
+                    self.breaker
+                        .observe(&policy, &outcome.id, up, not_before, Instant::now());
+                if let Some(t) = observed {
+                    self.backend_transition(t);
+                }
+            }
+            match &decision {
+                Decision::Delivered { .. } => any_delivered = true,
+                Decision::Retry { error, .. } | Decision::Failed { error, .. } => {
+                    first_error.get_or_insert_with(|| error.clone());
+                }
+            }
+            decisions.push(Record {
+                class: classify::class(&outcome.result),
+                id: outcome.id,
+                attempt: outcome.attempt,
+                decision,
+            });
+        }
+        match first_error {
+            Some(error) if !self.backend_failing => {
+                warning!(
+                    "pg_new_user_hook: delivery failing: {error} (see new_user_hook.deliveries)"
+                );
+                self.backend_failing = true;
+            }
+            None if any_delivered && self.backend_failing => {
+                log!("pg_new_user_hook: delivery recovered");
+                self.backend_failing = false;
+            }
+            _ => {}
+        }
+        // The threads may have stopped sending before these outcomes showed it.
+        if self.pool.tripped() {
+            let policy = self.config.settings().breaker;
+            if let Some(t) = self.breaker.trip(&policy, Instant::now()) {
+                self.backend_transition(t);
+            }
+        }
+        shared::set_in_flight(self.in_flight.len());
+        shared::set_backend_state(self.breaker.state().gauge());
+        decisions
+    }
+
+    /// Vacuums the capture table behind the takes; while autovacuum is at it, again a
+    /// second later. Events taken meanwhile count towards the next one.
+    pub(super) fn vacuum_captured(&mut self) {
+        let taken = self.taken_since_vacuum;
+        match store::vacuum_captured() {
+            Ok(false) => self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY),
+            done => {
+                if let Err(e) = &done {
+                    warning!("pg_new_user_hook: vacuuming new_user_hook.captured failed (autovacuum will): {e}");
+                }
+                self.step_outcome(
+                    Step::Vacuum,
+                    done.as_ref().map(|_| ()).map_err(String::as_str),
+                );
+                self.taken_since_vacuum -= taken;
+                self.timers.vacuum = None;
+            }
+        }
+    }
+
+    /// Counts the queue for the metrics within GAUGES_EVERY of the last count.
+    pub(super) fn count_queue_soon(&mut self) {
+        let every = GAUGES_EVERY.max(self.count_took * GAUGES_SHARE);
+        let at = (self.counted_at + every).max(Instant::now());
+        self.timers.gauges.get_or_insert(at);
+    }
+
+    pub(super) fn count_queue(&mut self) {
+        self.timers.gauges = None;
+        self.counted_at = Instant::now();
+        let counted = transaction(store::queue_gauges);
+        self.count_took = self.counted_at.elapsed();
+        match counted {
+            Ok(gauges) => {
+                shared::publish_queue_gauges(gauges);
+                self.step_outcome(Step::Count, Ok(()));
+            }
+            Err(error) => {
+                self.step_outcome(Step::Count, Err(&error));
+                self.installed = None;
+            }
+        }
+    }
+}
+
+/// One round's transaction: record outcomes, claim due events, find the next due.
+pub(super) fn run_round(round: Round) -> RoundResult {
+    if round.check_installed && !catalog::installed() {
+        return RoundResult {
+            installed: false,
+            wanted: round.claim,
+            claimed: Vec::new(),
+            next_due: None,
+            taken: None,
+            analyzed: false,
+        };
+    }
+    store::record(&round.record);
+    if round.release_backoff {
+        store::release_backoff();
+    }
+    // In a subtransaction of its own: a take that fails (a publication, a lock) must
+    // not stop the outcomes from being recorded or the outbox's events from going out.
+    let taken = round
+        .take
+        .then(|| spi::subtransaction(store::take_captured));
+    let analyzed = round.analyze_after.is_some_and(|before| {
+        before
+            + taken
+                .as_ref()
+                .and_then(|t| t.as_ref().ok())
+                .copied()
+                .unwrap_or(0)
+            >= ANALYZE_AFTER
+    }) && store::analyze_outbox();
+    let claimed = if round.claim > 0 {
+        store::claim(round.claim, &round.busy, round.probe)
+    } else {
+        Vec::new()
+    };
+    let next_due = if claimed.len() < round.claim || round.claim == 0 {
+        let mut busy = round.busy;
+        busy.extend(claimed.iter().map(|c| c.id.clone()));
+        store::next_due(&busy)
+    } else {
+        Some(Duration::ZERO)
+    };
+    RoundResult {
+        installed: true,
+        wanted: round.claim,
+        claimed,
+        next_due,
+        taken,
+        analyzed,
+    }
+}
