@@ -47,8 +47,8 @@ SELECT pg_catalog.pg_extension_config_dump('new_user_hook.outbox', '');
 -- the worker's rounds would wait for (since 0.8.0).
 ALTER TABLE new_user_hook.outbox SET (vacuum_truncate = false);
 
--- Events as a committing transaction writes them (src/capture.rs), until the worker
--- takes them into the outbox (src/outbox.rs, take_captured: everything it sees, in
+-- Events as a committing transaction writes them (src/capture/), until the worker
+-- takes them into the outbox (src/store/, take_captured: everything it sees, in
 -- one statement, before it claims). Narrow and without an index, constraint or
 -- default: a signup appends one heap row and nothing else, and the outbox's indexes
 -- are maintained by the worker, in batches. Logged: a committed event survives a
@@ -128,7 +128,7 @@ BEGIN ATOMIC
            new_user_hook.counters AS c;
 END;
 
--- The trigger function (src/capture.rs). install() attaches it as deferred
+-- The trigger function (src/capture/). install() attaches it as deferred
 -- constraint triggers (after insert; after an update of a watched column; after
 -- delete); a firing notes the user, and when the transaction commits the event is
 -- written from the row's latest version: the event holds the user as committed, one
@@ -142,7 +142,7 @@ END;
 CREATE FUNCTION new_user_hook.capture() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
 
--- The columns whose change can make an event (src/capture.rs): install() lists
+-- The columns whose change can make an event (src/capture/sql.rs): install() lists
 -- them in the update trigger (UPDATE OF …), so other updates (sign-ins) queue nothing.
 CREATE FUNCTION new_user_hook.watched_columns(target regclass) RETURNS text[]
 STRICT STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'watched_columns_wrapper';
@@ -450,7 +450,7 @@ BEGIN
 END
 $$;
 
--- Nothing here is for PUBLIC: a superuser grants what an operator needs (see README).
+-- Nothing here is for PUBLIC: a superuser grants what an operator needs (see docs/security.md).
 -- The status helpers reveal no secret and are needed by whoever may read the status view.
 REVOKE ALL ON ALL TABLES IN SCHEMA new_user_hook FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA new_user_hook FROM PUBLIC;

@@ -114,7 +114,7 @@ fn an_operator_can_grant_read_only_monitoring_to_postgres() {
     );
 }
 
-/// The README's grant for resending events is all an operator needs: the functions
+/// The grant for resending (docs/security.md) events is all an operator needs: the functions
 /// run as their owner (as pg_cron's do), and give nothing else away.
 #[test]
 fn an_operator_granted_execute_can_resend_events() {
@@ -800,7 +800,7 @@ fn a_url_with_credentials_is_refused_and_never_logged() {
 
 /// On PostgreSQL 15 a CREATEROLE role may grant itself any non-superuser role, the
 /// predefined ones included; from 16 on only roles it holds with ADMIN OPTION. With
-/// the key in Vault, as README recommends, the settings hold only the secret's name.
+/// the key in Vault, as docs/security.md recommends, the settings hold only the secret's name.
 #[test]
 fn a_createrole_role_granting_itself_pg_read_all_settings_finds_no_key_kept_in_vault() {
     let cluster = Cluster::with_hook(&[]);
@@ -849,7 +849,7 @@ fn a_createrole_role_granting_itself_pg_read_all_settings_finds_no_key_kept_in_v
         assert_eq!(named, "backend_api_key");
         expect_denied(&mut client, role, "SELECT * FROM vault.decrypted_secrets");
         if major == 15 {
-            // What README warns of: a key kept in api_key itself is open to that role.
+            // What docs/security.md warns of: a key kept in api_key itself is open to that role.
             cluster.configure(&[("api_key_secret", ""), ("api_key", "in-settings")]);
             wait_for("the key to show to the self-granted role", WITHIN, || {
                 let mut client = cluster.connect(role);

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 
 /// The roles that call: the superuser, an operator granted EXECUTE on everything
-/// (README, Security), Supabase's API and Auth roles (granted nothing).
+/// (docs/security.md), Supabase's API and Auth roles (granted nothing).
 const ROLES: &[&str] = &[
     "supabase_admin",
     "postgres",
@@ -135,7 +135,7 @@ fn every_function_with_hostile_arguments_as_every_role_ends_cleanly() {
              CREATE SEQUENCE hostile.s;
              CREATE UNLOGGED TABLE hostile.u (id uuid, email text);
              INSERT INTO hostile.u VALUES (gen_random_uuid(), 'unlogged@example.com');
-             -- An operator as the README has it, and then some: EXECUTE on everything.
+             -- An operator as docs/security.md has it, and then some: EXECUTE on everything.
              GRANT USAGE ON SCHEMA new_user_hook, hostile TO postgres;
              GRANT SELECT ON ALL TABLES IN SCHEMA hostile TO postgres;
              GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA new_user_hook TO postgres;",

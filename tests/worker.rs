@@ -473,7 +473,7 @@ fn install_right_after_a_reload_does_not_warn_about_the_setting_just_made() {
         ))
         .unwrap();
     let logged_before = cluster.log().len();
-    // As the demo and the README do it: reload and install in one go.
+    // As the demo and docs/install.md do it: reload and install in one go.
     admin
         .batch_execute("SELECT pg_reload_conf(); SELECT new_user_hook.install();")
         .unwrap();

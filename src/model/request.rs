@@ -23,7 +23,7 @@ pub enum Format {
 
 /// The columns of auth.users that may ever leave the database. The trigger stores
 /// only these (`raw_app_meta_data` reduced to `provider` and `providers`;
-/// `capture::record_of`).
+/// `capture::record::record_of`).
 pub const ALLOWED_FIELDS: &[&str] = &[
     "id",
     "email",
