@@ -28,16 +28,16 @@ if [ ! -f "$fixtures/load.sh" ]; then
   exit 1
 fi
 export SUPABASE_AUTH_FIXTURES=$(cd "$fixtures" && pwd)
-# Every relative link in the documentation resolves, and the code's imports point only
-# downwards (a second, before anything is built).
-python3 tests/check-links.py
-python3 tests/check-imports.py
 started=$SECONDS
 elapsed() { printf '%dm%02ds' $(((SECONDS - started) / 60)) $(((SECONDS - started) % 60)); }
 
 logs="$repo/target/test-logs"
 mkdir -p "$logs"
 tests/setup.sh --packages
+# Every relative link in the documentation resolves, and the code's imports point only
+# downwards (a second, before anything is built).
+python3 tests/check-links.py
+python3 tests/check-imports.py
 if want 17; then
   tests/pg17-root.sh create >"$logs/pg17-root-create.log" 2>&1 &
   creating=$!
