@@ -194,25 +194,48 @@ pub(super) unsafe fn row_id(
 ) -> Option<[u8; 16]> {
     unsafe {
         let desc = (*rel).rd_att;
-        let mut id = None;
+        if has_virtual_columns(desc) {
+            warn_unstored_columns(rel);
+        }
         for i in 0..(*desc).natts as usize {
             let attr = tuple_attr(desc, i);
-            if attr.attisdropped {
-                continue;
-            }
-            if attr.attgenerated == VIRTUAL {
-                warn_unstored(rel, attr);
-            }
-            if attr.atttypid == pg_sys::UUIDOID
+            if !attr.attisdropped
+                && attr.atttypid == pg_sys::UUIDOID
                 && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == b"id"
-                && id.is_none()
             {
                 let mut isnull = false;
                 let datum = pg_sys::slot_getattr(slot, (i + 1) as i32, &mut isnull);
-                id = Some((!isnull).then(|| *datum.cast_mut_ptr::<[u8; 16]>()));
+                return (!isnull).then(|| *datum.cast_mut_ptr::<[u8; 16]>());
             }
         }
-        id.flatten()
+        None
+    }
+}
+
+/// Whether the table has a virtual generated column (PostgreSQL 18; the tuple
+/// descriptor says so, so a table without one pays nothing more per row).
+unsafe fn has_virtual_columns(desc: pg_sys::TupleDesc) -> bool {
+    #[cfg(feature = "pg18")]
+    unsafe {
+        !(*desc).constr.is_null() && (*(*desc).constr).has_generated_virtual
+    }
+    #[cfg(not(feature = "pg18"))]
+    {
+        let _ = desc;
+        false
+    }
+}
+
+/// Warns of each column an event needs that is a virtual generated column.
+unsafe fn warn_unstored_columns(rel: pg_sys::Relation) {
+    unsafe {
+        let desc = (*rel).rd_att;
+        for i in 0..(*desc).natts as usize {
+            let attr = tuple_attr(desc, i);
+            if !attr.attisdropped && attr.attgenerated == VIRTUAL {
+                warn_unstored(rel, attr);
+            }
+        }
     }
 }
 
