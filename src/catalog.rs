@@ -64,6 +64,9 @@ pub fn capture_table() -> bool {
 /// A table the hook is on whose `id`, `email` or `deleted_at` became a virtual
 /// generated column after install() (which refuses one): what that costs and what to do.
 pub fn unstored_column_problem() -> Option<String> {
+    if cfg!(not(feature = "pg18")) {
+        return None; // virtual generated columns came with PostgreSQL 18
+    }
     read_one(
         "SELECT (SELECT format('column %I of %s is a virtual generated column, whose value a changed row does not hold: %s; \
                         make it a stored generated column (GENERATED ALWAYS AS (...) STORED) or a plain column',
