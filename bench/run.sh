@@ -6,7 +6,8 @@
 #   bench/run.sh 17       one major
 # BENCH_SECONDS (default 10) sets the length of each pgbench run; BENCH_OUTAGE_ONLY=1
 # runs only the backend-outage part, BENCH_LONG_OUTAGE=600 adds a 10-minute outage
-# with 200,000 events waiting (PostgreSQL 15 run; about 30 minutes more).
+# with 200,000 events waiting (PostgreSQL 15 run; about 30 minutes more); BENCH_QUICK=1
+# runs the drain, the latency and the steady trickle only.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -16,7 +17,7 @@ if [ -z "${PG_NEW_USER_HOOK_ROOT:-}" ]; then
   for major in ${*:-15 17 18}; do
     case "$major" in
       15|18) PG_NEW_USER_HOOK_ROOT= bench/run-one.sh "$major" ;;
-      17) tests/pg17-root.sh run env BENCH_SECONDS="${BENCH_SECONDS:-10}" BENCH_OUTAGE_ONLY="${BENCH_OUTAGE_ONLY:-}" \
+      17) tests/pg17-root.sh run env BENCH_SECONDS="${BENCH_SECONDS:-10}" BENCH_OUTAGE_ONLY="${BENCH_OUTAGE_ONLY:-}" BENCH_QUICK="${BENCH_QUICK:-}" \
             BENCH_LONG_OUTAGE="${BENCH_LONG_OUTAGE:-}" bench/run-one.sh 17 ;;
       *) echo "bench: PostgreSQL $major is not supported (15, 17 or 18)" >&2; exit 2 ;;
     esac

@@ -1,10 +1,12 @@
 //! pg_new_user_hook benchmark. Starts its own PostgreSQL 15 cluster (fsync on) with
 //! the extension preloaded and the real Supabase Auth schema, and a receiver in this
 //! process (the test suite's, answering 204 at once), then prints:
-//! signup overhead (pgbench), drain rate, commit → receipt latency, worker memory,
+//! signup overhead (pgbench), drain rate (with the WAL and row writes per event),
+//! commit → receipt latency, the worker's CPU at a steady trickle, worker memory,
 //! throughput against a slow backend, and what a backend that is down receives
 //! with the circuit breaker off and on (BENCH_OUTAGE_ONLY=1: that part alone;
-//! BENCH_LONG_OUTAGE=600: also a 10-minute outage with 200,000 events waiting).
+//! BENCH_LONG_OUTAGE=600: also a 10-minute outage with 200,000 events waiting;
+//! BENCH_QUICK=1: the drain, the latency and the trickle only).
 
 #[path = "../../tests/common/mod.rs"]
 #[allow(dead_code)]
@@ -18,6 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LONG: Duration = Duration::from_secs(600);
+/// Longer than the worker waits between handing its statistics over (1 s).
+const STATISTICS_FLUSH: Duration = Duration::from_millis(1500);
 
 /// A backend answering 204 after `delay` (a slow backend when not zero).
 fn backend(delay: Duration) -> Receiver {
@@ -246,6 +250,24 @@ fn delivered(cluster: &Cluster) -> i64 {
         .get(0)
 }
 
+/// Rows updated and deleted in the extension's tables so far, from the cumulative
+/// statistics (the worker hands its counts over at most once a second: wait first).
+fn extension_row_writes(cluster: &Cluster) -> i64 {
+    cluster
+        .one_row(
+            "SELECT coalesce(sum(n_tup_upd + n_tup_del), 0)::int8
+               FROM pg_stat_user_tables WHERE schemaname = 'new_user_hook'",
+        )
+        .get(0)
+}
+
+/// Where the next WAL record goes, in bytes.
+fn wal_position(cluster: &Cluster) -> i64 {
+    cluster
+        .one_row("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8")
+        .get(0)
+}
+
 fn pending(cluster: &Cluster) -> i64 {
     cluster
         .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending'")
@@ -466,7 +488,8 @@ fn main() {
             ))
             .unwrap();
     }
-    let rounds = if std::env::var_os("BENCH_SKIP_OVERHEAD").is_some() {
+    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty());
+    let rounds = if quick || std::env::var_os("BENCH_SKIP_OVERHEAD").is_some() {
         0
     } else {
         3
@@ -614,6 +637,10 @@ fn main() {
     // The reload reaches the worker before its first claim: it rereads its settings first.
     std::thread::sleep(Duration::from_millis(200));
     admin.batch_execute("SELECT pg_stat_statements_reset()").unwrap();
+    // The signups' own writes reach the statistics before the drain starts.
+    std::thread::sleep(STATISTICS_FLUSH);
+    let writes_before = extension_row_writes(&cluster);
+    let wal_before = wal_position(&cluster);
     let cpu_before = common::cpu_time(worker);
     let main_before = common::thread_cpu_time(worker, worker);
     let started = Instant::now();
@@ -626,6 +653,10 @@ fn main() {
     let cpu_per_event = (common::cpu_time(worker) - cpu_before).as_secs_f64() * 1e6 / 20_000.0;
     let main_per_event =
         (common::thread_cpu_time(worker, worker) - main_before).as_secs_f64() * 1e6 / 20_000.0;
+    // Everything written meanwhile is the delivery's (nothing else runs), autovacuum included.
+    let wal_per_event = (wal_position(&cluster) - wal_before) as f64 / 20_000.0;
+    std::thread::sleep(STATISTICS_FLUSH);
+    let writes_per_100k = (extension_row_writes(&cluster) - writes_before) * 5;
     // Time in each of the worker's statements (wall time, from pg_stat_statements).
     let statements: Vec<(String, f64, i64)> = admin
         .query(
@@ -679,6 +710,16 @@ fn main() {
         ),
         "",
     );
+    row(
+        "WAL written per delivered event (all of it: nothing else runs)",
+        format!("{wal_per_event:.0} bytes"),
+        "target ≤ 100 bytes",
+    );
+    row(
+        "rows updated + deleted in the extension's tables per 100,000 delivered",
+        format!("{writes_per_100k}"),
+        "target 0 apart from rotation",
+    );
     for (what, ms, calls) in &statements {
         row(
             &format!("    main thread in {what} ({calls} statements)"),
@@ -706,7 +747,45 @@ fn main() {
         "",
     );
 
-    // 4. Memory.
+    // 4. A steady trickle: what most apps have, and what a round's fixed cost weighs on.
+    let trickle = Duration::from_secs(seconds * 3);
+    eprintln!(
+        "steady trickle: 100 signups/s from one client for {} s...",
+        trickle.as_secs()
+    );
+    wait_for("the queue to drain", LONG, || {
+        (pending(&cluster) == 0).then_some(())
+    });
+    let cpu_before = common::cpu_time(worker);
+    let started = Instant::now();
+    let commits = paced_signups(&cluster, 1, 100.0, trickle);
+    let (_, tp99, _) = latencies(&receiver, &commits);
+    let busy = (common::cpu_time(worker) - cpu_before).as_secs_f64();
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("A steady trickle");
+    row(
+        &format!(
+            "worker CPU at {:.0} signups/s from one client: of a core, per event",
+            commits.len() as f64 / trickle.as_secs_f64()
+        ),
+        format!(
+            "{:.1} %, {:.0} µs",
+            busy / elapsed * 100.0,
+            busy * 1e6 / commits.len() as f64
+        ),
+        "target ≤ 1 % of a core",
+    );
+    row(
+        "  latency at that rate, commit → receipt: p99",
+        format!("{tp99:.1} ms"),
+        "",
+    );
+
+    if quick {
+        return;
+    }
+
+    // 5. Memory.
     eprintln!("memory: draining 100,000 events...");
     let rss_before = worker_rss_kb(&cluster);
     pause(&cluster);
@@ -732,7 +811,7 @@ fn main() {
         "target growth < 20 MB",
     );
 
-    // 5. Slow backend.
+    // 6. Slow backend.
     eprintln!("slow backend: 200 ms per answer...");
     let slow = backend(Duration::from_millis(200));
     println!("Slow backend (answers after 200 ms)");
