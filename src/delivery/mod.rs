@@ -304,6 +304,67 @@ mod tests {
         assert!(pool.stop(Duration::from_secs(1)).is_empty());
     }
 
+    /// Whether `fd` becomes readable within `within`.
+    fn readable(fd: i32, within: Duration) -> bool {
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, within.as_millis() as i32) == 1 }
+    }
+
+    #[test]
+    fn every_outcome_after_a_take_wakes_the_reader_again() {
+        // The threads write the wake-up byte once until the reader takes the outcomes:
+        // an outcome that arrives after a take must write it again, or the worker
+        // would sleep with an outcome waiting.
+        let channel = Arc::new(channel(
+            "http://127.0.0.1:9/users",
+            "",
+            Duration::from_secs(1),
+        ));
+        let mut pool = Pool::new(2).unwrap();
+        pool.set_channel(Some(channel));
+        for i in 0..300 {
+            pool.submit(Event {
+                id: format!("e{i}"),
+                record: "{}".into(), // unsendable: an outcome at once, no request
+                ..job()
+            });
+            assert!(
+                readable(pool.wake_fd(), Duration::from_secs(5)),
+                "no wake-up for outcome {i}"
+            );
+            let mut got = pool.take_outcomes();
+            while got.is_empty() {
+                // Woken by the byte of an outcome taken by the previous take.
+                assert!(readable(pool.wake_fd(), Duration::from_secs(5)));
+                got = pool.take_outcomes();
+            }
+            assert_eq!(got.len(), 1);
+            assert_eq!(pool.in_flight(), 0);
+        }
+        // A burst: every outcome arrives, for a few wake-ups.
+        for i in 0..300 {
+            pool.submit(Event {
+                id: format!("b{i}"),
+                record: "{}".into(),
+                ..job()
+            });
+        }
+        let mut got = 0;
+        while got < 300 {
+            assert!(
+                readable(pool.wake_fd(), Duration::from_secs(5)),
+                "{got} of 300"
+            );
+            got += pool.take_outcomes().len();
+        }
+        assert_eq!(pool.in_flight(), 0);
+    }
+
     /// A backend on loopback that takes `delay` over each request (one per connection)
     /// and counts how many it was handling at most at once.
     fn slow_backend(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {

@@ -1,6 +1,7 @@
-//! The threads that send: jobs in, outcomes out, one byte on a socket pair per
-//! finished job so that the worker's main thread wakes with its latch; a trip that
-//! stops sending at once (a shutdown, an open breaker).
+//! The threads that send: jobs in, outcomes out, and one byte on a socket pair when
+//! outcomes arrive while the worker's main thread has not been woken for earlier ones
+//! (it waits on the socket beside its latch); a trip that stops sending at once (a
+//! shutdown, an open breaker).
 
 use super::channel::Channel;
 use super::Attempt;
@@ -70,6 +71,10 @@ pub struct Pool {
     channel: CurrentChannel,
     wake_read: UnixStream,
     wake_write: UnixStream,
+    /// Set by the thread that writes the wake-up byte, cleared by the main thread
+    /// before it reads the outcomes: a burst of outcomes costs one write and one
+    /// wake-up, not one per outcome.
+    woken: Arc<AtomicBool>,
     stopping: Arc<AtomicBool>,
     /// Set while delivery is paused or the backend is down: jobs not yet on the
     /// wire come back unsent, except a probe.
@@ -95,6 +100,7 @@ impl Pool {
             channel: Arc::new(Mutex::new(None)),
             wake_read,
             wake_write,
+            woken: Arc::new(AtomicBool::new(false)),
             stopping: Arc::new(AtomicBool::new(false)),
             holding: Arc::new(AtomicBool::new(false)),
             breaker: Arc::new(Trip::default()),
@@ -136,7 +142,10 @@ impl Pool {
             let queue = Arc::clone(&self.job_queue);
             let outcomes = self.outcome_sender.clone();
             let channel = Arc::clone(&self.channel);
-            let wake = self.wake_write.try_clone()?;
+            let wake = Wake {
+                socket: self.wake_write.try_clone()?,
+                woken: Arc::clone(&self.woken),
+            };
             let flags = Flags {
                 stopping: Arc::clone(&self.stopping),
                 holding: Arc::clone(&self.holding),
@@ -202,6 +211,9 @@ impl Pool {
 
     /// Outcomes ready now, without blocking.
     pub fn take_outcomes(&mut self) -> Vec<Outcome> {
+        // Cleared before the outcomes are read: one sent after this writes a byte again.
+        self.woken.store(false, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         let mut buf = [0u8; 256];
         while matches!(self.wake_read.read(&mut buf), Ok(n) if n > 0) {}
         let outcomes: Vec<Outcome> = self.outcomes.try_iter().collect();
@@ -284,6 +296,23 @@ impl Trip {
     }
 }
 
+/// How a sending thread wakes the worker's main thread.
+struct Wake {
+    socket: UnixStream,
+    woken: Arc<AtomicBool>,
+}
+
+impl Wake {
+    /// After an outcome was queued: one byte, unless one was written since the main
+    /// thread last read the outcomes (it will see this one too).
+    fn wake(&mut self) {
+        if !self.woken.swap(true, Ordering::SeqCst) {
+            // A full socket buffer already means "wake up"; nothing to do then.
+            let _ = self.socket.write(&[1]);
+        }
+    }
+}
+
 /// What the worker tells the sending threads without a message.
 struct Flags {
     stopping: Arc<AtomicBool>,
@@ -298,7 +327,7 @@ fn sender_loop(
     queue: Arc<Mutex<Receiver<Message>>>,
     current: CurrentChannel,
     outcomes: Sender<Outcome>,
-    mut wake: UnixStream,
+    mut wake: Wake,
     flags: Flags,
 ) {
     loop {
@@ -358,7 +387,6 @@ fn sender_loop(
         if outcomes.send(outcome).is_err() {
             return;
         }
-        // A full socket buffer already means "wake up"; nothing to do then.
-        let _ = wake.write(&[1]);
+        wake.wake();
     }
 }
