@@ -25,6 +25,20 @@ if [ ! -x "$pg_config" ]; then
 fi
 pg_bindir=$("$pg_config" --bindir)
 export PG_CONFIG="$pg_config" PATH="$HOME/.cargo/bin:$pg_bindir:$PATH"
-if ! grep -qs "^pg$pg_major = \"$pg_config\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
+# pgrx's build reads every entry: one whose pg_config is gone (a checkout moved or
+# deleted, with its PostgreSQL 18) fails every build, of any major.
+if [ -f "$pgrx_config" ]; then
+  { grep -E '^pg[0-9]+ = ".*"$' "$pgrx_config" || true; } | while IFS= read -r entry; do
+    path=${entry#*\"}
+    path=${path%\"}
+    if [ ! -x "$path" ]; then
+      echo "pg-major: dropping $entry from $pgrx_config: no such pg_config"
+      grep -vxF -- "$entry" "$pgrx_config" >"$pgrx_config.new" || true
+      mv "$pgrx_config.new" "$pgrx_config"
+    fi
+  done
+fi
+if ! grep -qs "^pg$pg_major = \"$pg_config\"" "$pgrx_config"; then
   cargo pgrx init "--pg$pg_major" "$pg_config" >/dev/null
 fi
