@@ -346,23 +346,26 @@ mod tests {
             assert_eq!(got.len(), 1);
             assert_eq!(pool.in_flight(), 0);
         }
-        // A burst: every outcome arrives, for a few wake-ups.
-        for i in 0..300 {
-            pool.submit(Event {
-                id: format!("b{i}"),
-                record: "{}".into(),
-                ..job()
-            });
+        // Bursts: every outcome arrives, for a few wake-ups, however the threads'
+        // writes interleave with the takes.
+        for burst in 0..20 {
+            for i in 0..300 {
+                pool.submit(Event {
+                    id: format!("b{burst}-{i}"),
+                    record: "{}".into(),
+                    ..job()
+                });
+            }
+            let mut got = 0;
+            while got < 300 {
+                assert!(
+                    readable(pool.wake_fd(), Duration::from_secs(5)),
+                    "burst {burst}: {got} of 300"
+                );
+                got += pool.take_outcomes().len();
+            }
+            assert_eq!(pool.in_flight(), 0);
         }
-        let mut got = 0;
-        while got < 300 {
-            assert!(
-                readable(pool.wake_fd(), Duration::from_secs(5)),
-                "{got} of 300"
-            );
-            got += pool.take_outcomes().len();
-        }
-        assert_eq!(pool.in_flight(), 0);
     }
 
     /// A backend on loopback that takes `delay` over each request (one per connection)

@@ -211,11 +211,13 @@ impl Pool {
 
     /// Outcomes ready now, without blocking.
     pub fn take_outcomes(&mut self) -> Vec<Outcome> {
-        // Cleared before the outcomes are read: one sent after this writes a byte again.
-        self.woken.store(false, Ordering::SeqCst);
-        std::sync::atomic::fence(Ordering::SeqCst);
+        // The byte is read before the flag is cleared, and the flag cleared before the
+        // outcomes are read: an outcome sent after the clearing writes a byte that
+        // stays to be read (the other order could swallow it, and with it the wake-up).
         let mut buf = [0u8; 256];
         while matches!(self.wake_read.read(&mut buf), Ok(n) if n > 0) {}
+        self.woken.store(false, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         let outcomes: Vec<Outcome> = self.outcomes.try_iter().collect();
         self.in_flight -= outcomes.len();
         outcomes
