@@ -304,6 +304,68 @@ fn worker_rss_kb(cluster: &Cluster) -> u64 {
         .unwrap()
 }
 
+/// Starts (from zero) or stops counting the worker's statements in pg_stat_statements.
+fn track_statements(admin: &mut postgres::Client, on: bool) {
+    let set = if on {
+        "ALTER SYSTEM SET pg_stat_statements.track = 'all'"
+    } else {
+        "ALTER SYSTEM RESET pg_stat_statements.track"
+    };
+    // One statement per call: ALTER SYSTEM refuses to run in a transaction block.
+    for sql in [
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+        set,
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).unwrap();
+    }
+    if on {
+        // The reload reaches the worker before its next round: it rereads its settings first.
+        std::thread::sleep(Duration::from_millis(200));
+        admin
+            .batch_execute("SELECT pg_stat_statements_reset()")
+            .unwrap();
+    }
+}
+
+/// Time in each kind of the worker's statements since tracking started (wall time,
+/// from pg_stat_statements): (what, milliseconds, calls).
+fn statement_times(admin: &mut postgres::Client) -> Vec<(String, f64, i64)> {
+    admin
+        .query(
+            "SELECT CASE WHEN query LIKE 'WITH due AS%' THEN 'claim'
+                         WHEN query LIKE 'WITH r AS%' THEN 'record'
+                         WHEN query LIKE 'WITH taken AS%' THEN 'take from captured'
+                         WHEN query LIKE 'SELECT (SELECT extract%' THEN 'next due'
+                         WHEN query LIKE '%queue_gauges%' THEN 'queue counts'
+                         ELSE 'other (analyze, vacuum, settings)' END AS what,
+                    sum(total_exec_time + total_plan_time)::float8 AS ms, sum(calls)::int8
+               FROM pg_stat_statements
+              WHERE userid = (SELECT usesysid FROM pg_user WHERE usename = current_user)
+                AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%new_user_hook.outbox WHERE status%'
+              GROUP BY 1 ORDER BY 2 DESC",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn statement_rows(
+    statements: &[(String, f64, i64)],
+    events: usize,
+    row: impl Fn(&str, String, &str),
+) {
+    for (what, ms, calls) in statements {
+        row(
+            &format!("    main thread in {what} ({calls} statements)"),
+            format!("{:.1} µs", ms * 1000.0 / events as f64),
+            "per event, wall time",
+        );
+    }
+}
+
 /// Signs users up one at a time from `threads` connections at `rate` per second in
 /// all, for `duration`; returns (user id, commit instant).
 fn paced_signups(
@@ -626,17 +688,7 @@ fn main() {
     let before = delivered(&cluster);
     let ids = bulk_users(&cluster, 20_000);
     let worker = cluster.worker_pid().expect("worker running");
-    // One statement per call: ALTER SYSTEM refuses to run in a transaction block.
-    for sql in [
-        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
-        "ALTER SYSTEM SET pg_stat_statements.track = 'all'",
-        "SELECT pg_reload_conf()",
-    ] {
-        admin.batch_execute(sql).unwrap();
-    }
-    // The reload reaches the worker before its first claim: it rereads its settings first.
-    std::thread::sleep(Duration::from_millis(200));
-    admin.batch_execute("SELECT pg_stat_statements_reset()").unwrap();
+    track_statements(&mut admin, true);
     // The signups' own writes reach the statistics before the drain starts.
     std::thread::sleep(STATISTICS_FLUSH);
     let writes_before = extension_row_writes(&cluster);
@@ -657,31 +709,8 @@ fn main() {
     let wal_per_event = (wal_position(&cluster) - wal_before) as f64 / 20_000.0;
     std::thread::sleep(STATISTICS_FLUSH);
     let writes_per_100k = (extension_row_writes(&cluster) - writes_before) * 5;
-    // Time in each of the worker's statements (wall time, from pg_stat_statements).
-    let statements: Vec<(String, f64, i64)> = admin
-        .query(
-            "SELECT CASE WHEN query LIKE 'WITH due AS%' THEN 'claim'
-                         WHEN query LIKE 'WITH r AS%' THEN 'record'
-                         WHEN query LIKE 'WITH taken AS%' THEN 'take from captured'
-                         WHEN query LIKE 'SELECT (SELECT extract%' THEN 'next due'
-                         ELSE 'other (analyze, counts, settings)' END AS what,
-                    sum(total_exec_time + total_plan_time)::float8 AS ms, sum(calls)::int8
-               FROM pg_stat_statements
-              WHERE userid = (SELECT usesysid FROM pg_user WHERE usename = current_user)
-                AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%new_user_hook.outbox WHERE status%'
-              GROUP BY 1 ORDER BY 2 DESC",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    for sql in [
-        "ALTER SYSTEM RESET pg_stat_statements.track",
-        "SELECT pg_reload_conf()",
-    ] {
-        admin.batch_execute(sql).unwrap();
-    }
+    let statements = statement_times(&mut admin);
+    track_statements(&mut admin, false);
     println!("Drain rate");
     row(
         "20,000 users committed at once: time, events/s",
@@ -720,13 +749,7 @@ fn main() {
         format!("{writes_per_100k}"),
         "target 0 apart from rotation",
     );
-    for (what, ms, calls) in &statements {
-        row(
-            &format!("    main thread in {what} ({calls} statements)"),
-            format!("{:.1} µs", ms * 1000.0 / 20_000.0),
-            "per event, wall time",
-        );
-    }
+    statement_rows(&statements, 20_000, row);
 
     // 3. Latency.
     eprintln!("latency: idle and under load...");
@@ -756,12 +779,17 @@ fn main() {
     wait_for("the queue to drain", LONG, || {
         (pending(&cluster) == 0).then_some(())
     });
+    track_statements(&mut admin, true);
     let cpu_before = common::cpu_time(worker);
+    let main_before = common::thread_cpu_time(worker, worker);
     let started = Instant::now();
     let commits = paced_signups(&cluster, 1, 100.0, trickle);
     let (_, tp99, _) = latencies(&receiver, &commits);
     let busy = (common::cpu_time(worker) - cpu_before).as_secs_f64();
+    let main_busy = (common::thread_cpu_time(worker, worker) - main_before).as_secs_f64();
     let elapsed = started.elapsed().as_secs_f64();
+    let statements = statement_times(&mut admin);
+    track_statements(&mut admin, false);
     println!("A steady trickle");
     row(
         &format!(
@@ -776,10 +804,20 @@ fn main() {
         "target ≤ 1 % of a core",
     );
     row(
+        "  of which its main thread (SQL, loop) / sending threads (HTTP)",
+        format!(
+            "{:.0} / {:.0} µs",
+            main_busy * 1e6 / commits.len() as f64,
+            (busy - main_busy) * 1e6 / commits.len() as f64
+        ),
+        "per event",
+    );
+    row(
         "  latency at that rate, commit → receipt: p99",
         format!("{tp99:.1} ms"),
         "",
     );
+    statement_rows(&statements, commits.len(), row);
 
     if quick {
         return;
