@@ -63,9 +63,6 @@ pub fn capture_table() -> bool {
 
 /// A table the hook is on whose `id`, `email` or `deleted_at` became a virtual
 /// generated column after install() (which refuses one): what that costs and what to do.
-/// The capture function is found by name, not by a `regprocedure` literal: the plan of
-/// this statement is kept (`spi::kept`), and a literal's OID would outlive a DROP and
-/// CREATE EXTENSION.
 pub fn unstored_column_problem() -> Option<String> {
     if cfg!(not(feature = "pg18")) {
         return None; // virtual generated columns came with PostgreSQL 18
@@ -81,9 +78,7 @@ pub fn unstored_column_problem() -> Option<String> {
           WHERE a.attname IN ('id', 'email', 'deleted_at') AND a.attnum > 0 AND NOT a.attisdropped
             AND a.attgenerated = 'v'
             AND a.attrelid IN (SELECT t.tgrelid FROM pg_catalog.pg_trigger t
-                                 JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-                                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-                                WHERE n.nspname = 'new_user_hook' AND p.proname = 'capture')
+                                WHERE t.tgfoid = 'new_user_hook.capture()'::pg_catalog.regprocedure)
           ORDER BY a.attrelid, a.attnum LIMIT 1)",
         &[],
     )

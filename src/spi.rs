@@ -5,11 +5,8 @@
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::CaughtError;
-use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::ffi::CStr;
 
 /// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
 /// A database error (or a panic) rolls the transaction back and comes back as the
@@ -72,67 +69,52 @@ pub fn subtransaction<R>(
     }
 }
 
-thread_local! {
-    /// The statements this process ran, each prepared once and kept (SPI_keepplan).
-    /// Parsing, analysing and planning each statement again at every round cost
-    /// most of the worker's time at a steady trickle of signups (two thirds of its
-    /// CPU in base_yyparse, the planner and the catalog caches). PostgreSQL's plan
-    /// cache re-plans a kept statement whose tables or functions changed (ALTER
-    /// EXTENSION UPDATE, DROP and CREATE EXTENSION) or when the search_path differs.
-    /// A handful of statements, never freed: they live as long as the process.
-    static KEPT: RefCell<HashMap<(String, bool, Vec<pg_sys::Oid>), &'static OwnedPreparedStatement>> =
-        RefCell::new(HashMap::new());
-}
-
-/// `sql` prepared for arguments of the types of `args` (`writes`: executed as a
-/// statement that may write, without assigning a transaction id beforehand).
-pub(crate) fn kept(
-    client: &SpiClient<'_>,
-    sql: &str,
-    args: &[DatumWithOid],
-    writes: bool,
-) -> &'static OwnedPreparedStatement {
-    let types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
-    let key = (sql.to_string(), writes, types);
-    if let Some(statement) = KEPT.with(|kept| kept.borrow().get(&key).copied()) {
-        return statement;
-    }
-    let oids: Vec<PgOid> = key.2.iter().map(|&oid| PgOid::from(oid)).collect();
-    let prepared = if writes {
-        client.prepare_mut(sql, &oids)
-    } else {
-        client.prepare(sql, &oids)
-    }
-    .unwrap_or_else(|e| error!("pg_new_user_hook: {e}: {sql}"));
-    let statement: &'static OwnedPreparedStatement = Box::leak(Box::new(prepared.keep()));
-    KEPT.with(|kept| kept.borrow_mut().insert(key, statement));
-    statement
-}
-
 /// The first column of a query's first row, read with read-only SPI: unlike pgrx's
 /// `Spi::get_one`, it assigns no transaction id, so a worker that only looks writes
 /// no WAL.
 pub(crate) fn read_one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
-    Spi::connect(|client| {
-        client
-            .select(kept(client, sql, args, false), Some(1), args)?
-            .first()
-            .get_one::<T>()
-    })
-    .unwrap_or_else(|e| error!("pg_new_user_hook: {e}: {sql}"))
+    Spi::connect(|client| client.select(sql, Some(1), args)?.first().get_one::<T>())
+        .unwrap_or_else(|e| error!("pg_new_user_hook: {e}: {sql}"))
 }
 
 /// Runs a statement that may write, and returns how many rows it processed (an
 /// INSERT, UPDATE or DELETE: the rows it wrote). A transaction id is assigned only
 /// if it writes something (pgrx's `Spi::run` assigns one first): a take or a purge
 /// that finds nothing costs no WAL.
-pub(crate) fn write(sql: &str, args: &[DatumWithOid]) -> u64 {
-    // A statement prepared to write, run through `select`: pgrx's `update` would
-    // assign a transaction id first.
-    Spi::connect(|client| {
-        client
-            .select(kept(client, sql, args, true), None, args)
-            .map(|done| done.len() as u64)
-    })
-    .unwrap_or_else(|e| error!("pg_new_user_hook: {e}: {sql}"))
+pub(crate) fn write(sql: &CStr, args: &[DatumWithOid]) -> u64 {
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("pg_new_user_hook: SPI_connect failed");
+        }
+        let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
+        let mut values: Vec<pg_sys::Datum> = args
+            .iter()
+            .map(|a| {
+                a.datum()
+                    .map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())
+            })
+            .collect();
+        let nulls: Vec<std::ffi::c_char> = args
+            .iter()
+            .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+            .collect();
+        let rc = pg_sys::SPI_execute_with_args(
+            sql.as_ptr(),
+            args.len() as i32,
+            types.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            false,
+            0,
+        );
+        if rc < 0 {
+            error!(
+                "pg_new_user_hook: SPI error {rc} in: {}",
+                sql.to_string_lossy()
+            );
+        }
+        let processed = pg_sys::SPI_processed;
+        pg_sys::SPI_finish();
+        processed
+    }
 }

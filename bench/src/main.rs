@@ -688,9 +688,9 @@ fn main() {
     let before = delivered(&cluster);
     let ids = bulk_users(&cluster, 20_000);
     let worker = cluster.worker_pid().expect("worker running");
-    track_statements(&mut admin, true);
     // The signups' own writes reach the statistics before the drain starts.
     std::thread::sleep(STATISTICS_FLUSH);
+    track_statements(&mut admin, true);
     let writes_before = extension_row_writes(&cluster);
     let wal_before = wal_position(&cluster);
     let cpu_before = common::cpu_time(worker);

@@ -12,7 +12,7 @@ use crate::catalog::{capture_table, lifecycle_columns};
 use crate::model::classify::Decision;
 use crate::model::event::{Event, Kind};
 use crate::shared::QueueGauges;
-use crate::spi::{self, read_one, write};
+use crate::spi::{read_one, write};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::time::Duration;
@@ -33,7 +33,7 @@ use std::time::Duration;
 /// schema named after the superuser cannot run code as it.
 pub fn configure_session() {
     write(
-        "SET search_path = pg_catalog, pg_temp; SET synchronous_commit = off; SET lock_timeout = '1s'; \
+        c"SET search_path = pg_catalog, pg_temp; SET synchronous_commit = off; SET lock_timeout = '1s'; \
           SET jit = off; SET application_name = 'pg_new_user_hook'",
         &[],
     );
@@ -52,7 +52,7 @@ pub fn take_captured() -> i64 {
         return 0;
     }
     write(
-        "WITH taken AS (
+        c"WITH taken AS (
              DELETE FROM new_user_hook.captured RETURNING *
          ), placed AS (
              SELECT t.*, CASE WHEN t.kind = 'created' THEN t.seq ELSE
@@ -92,11 +92,7 @@ pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
     Spi::connect(|client| {
         let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
         client
-            .select(
-                spi::kept(client, &claim_sql(lifecycle_columns()), &args, false),
-                None,
-                &args,
-            )
+            .select(&claim_sql(lifecycle_columns()), None, &args)
             .expect("claiming due events")
             .map(|row| Event {
                 id: row.get::<String>(1).ok().flatten().unwrap_or_default(),
@@ -228,7 +224,7 @@ pub fn record(outcomes: &[Record]) {
         attempts.into(),
         classes.into(),
     ];
-    write(
+    Spi::run_with_args(
         "WITH r AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[], $7::text[])
                  AS r(id, outcome, code, error, delay_ms, attempt, class)
@@ -284,7 +280,8 @@ pub fn record(outcomes: &[Record]) {
              last_error_at = coalesce(t.last_error_at, c.last_error_at)
          FROM t",
         &args,
-    );
+    )
+    .expect("recording delivery outcomes");
 }
 
 /// After a backend came back: events waiting out a backoff from the outage are
@@ -293,7 +290,7 @@ pub fn record(outcomes: &[Record]) {
 /// later ones that waited for it).
 pub fn release_backoff() -> i64 {
     write(
-        "UPDATE new_user_hook.outbox SET next_attempt_at = created_at
+        c"UPDATE new_user_hook.outbox SET next_attempt_at = created_at
            WHERE status = 'pending' AND next_attempt_at > clock_timestamp()",
         &[],
     ) as i64
@@ -302,10 +299,13 @@ pub fn release_backoff() -> i64 {
 /// What the queue holds now (`new_user_hook.queue_gauges()`), to publish.
 pub fn queue_gauges() -> QueueGauges {
     Spi::connect(|client| {
-        let sql = "SELECT pending, failed, extract(epoch FROM oldest_pending)::float8, captured
-                     FROM new_user_hook.queue_gauges()";
         let row = client
-            .select(spi::kept(client, sql, &[], false), Some(1), &[])
+            .select(
+                "SELECT pending, failed, extract(epoch FROM oldest_pending)::float8, captured
+                   FROM new_user_hook.queue_gauges()",
+                Some(1),
+                &[],
+            )
             .expect("counting the queue")
             .first();
         QueueGauges {
@@ -323,7 +323,7 @@ pub fn queue_gauges() -> QueueGauges {
 pub fn purge_delivered(retention: Duration, limit: i64) -> i64 {
     let args: [DatumWithOid; 2] = [(retention.as_secs() as i64).into(), limit.into()];
     write(
-        "DELETE FROM new_user_hook.outbox WHERE id IN (
+        c"DELETE FROM new_user_hook.outbox WHERE id IN (
               SELECT id FROM new_user_hook.outbox
                WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
                ORDER BY delivered_at
