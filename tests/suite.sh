@@ -32,6 +32,9 @@ summary="${CARGO_TARGET_DIR:-$repo/target}/tmp/faults-summary.tsv"
 rm -f "$summary"
 if [ -n "$only" ]; then
   echo "== PostgreSQL $major: the tests named *$only*"
+  # cargo pgrx test installs the library when a #[pg_test] runs first: a filter that
+  # picks integration tests only would test the library installed last, not this code.
+  cargo pgrx install --pg-config "$pg_config" ${SUDO:+--sudo} >/dev/null
 else
   echo "== PostgreSQL $major: unit, #[pg_test], e2e, faults, security, upgrade, NestJS and worker suites"
 fi

@@ -189,9 +189,17 @@ struct Round {
     check_installed: bool,
     /// Take the capture table's events into the outbox before claiming.
     take: bool,
-    /// Refresh the outbox's statistics if this many events, plus those taken now,
-    /// reach ANALYZE_AFTER (None: not now).
-    analyze_after: Option<i64>,
+    /// Whether to refresh the outbox's statistics in this round (None: not now).
+    analyze: Option<Analyze>,
+}
+
+/// Why a round may refresh the outbox's statistics.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Analyze {
+    /// If this many events, plus those taken now, reach ANALYZE_AFTER.
+    IfTaken(i64),
+    /// The backlog the last refresh saw has drained.
+    Drained,
 }
 
 /// What a round found.
@@ -203,10 +211,10 @@ struct RoundResult {
     /// Until the next pending event not claimed is due (None: nothing pending).
     next_due: Option<Duration>,
     /// Events taken from the capture table, or why the take failed (the round went
-    /// on without it); None when the round did not take. And whether the outbox was
-    /// analyzed.
+    /// on without it); None when the round did not take. And why the outbox was
+    /// analyzed, if it was.
     taken: Option<Result<i64, String>>,
-    analyzed: bool,
+    analyzed: Option<Analyze>,
 }
 
 struct Worker {
@@ -229,6 +237,13 @@ struct Worker {
     /// Events that came into the outbox since its statistics were refreshed, and when.
     taken_since_analyze: i64,
     analyzed_at: Option<Instant>,
+    /// The statistics were taken as a burst came in: they count its events as
+    /// pending, and once it has drained, a claim planned with them reads the whole
+    /// outbox (a sequential scan of every delivered event kept, for each signup of a
+    /// trickle: 5 ms of CPU an event). Refreshed once the backlog is gone.
+    backlog_in_statistics: bool,
+    /// The last claim found as many due events as it asked for: a backlog.
+    claim_was_full: bool,
     /// Events taken from the capture table since it was vacuumed.
     taken_since_vacuum: i64,
     timers: Timers,
@@ -273,6 +288,8 @@ impl Worker {
             maybe_captured: true,
             taken_since_analyze: 0,
             analyzed_at: None,
+            backlog_in_statistics: false,
+            claim_was_full: false,
             taken_since_vacuum: 0,
             timers: Timers::new(),
             problem: None,

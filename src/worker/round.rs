@@ -117,13 +117,17 @@ impl Worker {
         let take = claim > 0
             && self.timers.retry_take.is_none_or(|at| at <= now)
             && std::mem::take(&mut self.maybe_captured);
-        let analyze_after = self
+        let analyze = self
             .analyzed_at
             .is_none_or(|at| at.elapsed() >= ANALYZE_EVERY)
-            .then_some(self.taken_since_analyze);
+            .then_some(if self.backlog_in_statistics && !self.claim_was_full {
+                Analyze::Drained
+            } else {
+                Analyze::IfTaken(self.taken_since_analyze)
+            });
         Some(Round {
             take,
-            analyze_after,
+            analyze,
             record: self.unrecorded.clone(),
             claim,
             probe,
@@ -186,9 +190,10 @@ impl Worker {
         if self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER && self.timers.vacuum.is_none() {
             self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY);
         }
-        if result.analyzed {
+        if let Some(why) = result.analyzed {
             self.taken_since_analyze = 0;
             self.analyzed_at = Some(Instant::now());
+            self.backlog_in_statistics = why != Analyze::Drained;
         } else {
             self.taken_since_analyze += taken;
         }
@@ -208,6 +213,7 @@ impl Worker {
         if result.wanted > 0 {
             // A full claim suggests more are due right now.
             self.maybe_due = result.claimed.len() >= result.wanted;
+            self.claim_was_full = self.maybe_due;
         }
         self.timers.due = result.next_due.map(|d| Instant::now() + d);
         for event in result.claimed {
@@ -373,7 +379,7 @@ pub(super) fn run_round(round: Round) -> RoundResult {
             claimed: Vec::new(),
             next_due: None,
             taken: None,
-            analyzed: false,
+            analyzed: None,
         };
     }
     store::record(&round.record);
@@ -385,15 +391,18 @@ pub(super) fn run_round(round: Round) -> RoundResult {
     let taken = round
         .take
         .then(|| spi::subtransaction(store::take_captured));
-    let analyzed = round.analyze_after.is_some_and(|before| {
-        before
-            + taken
-                .as_ref()
-                .and_then(|t| t.as_ref().ok())
-                .copied()
-                .unwrap_or(0)
-            >= ANALYZE_AFTER
-    }) && store::analyze_outbox();
+    let taken_now = taken
+        .as_ref()
+        .and_then(|t| t.as_ref().ok())
+        .copied()
+        .unwrap_or(0);
+    let analyzed = round
+        .analyze
+        .filter(|why| match why {
+            Analyze::IfTaken(before) => before + taken_now >= ANALYZE_AFTER,
+            Analyze::Drained => true,
+        })
+        .filter(|_| store::analyze_outbox());
     let claimed = if round.claim > 0 {
         store::claim(round.claim, &round.busy, round.probe)
     } else {
