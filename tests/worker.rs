@@ -220,7 +220,8 @@ fn a_burst_leaves_the_capture_table_vacuumed_and_the_outbox_analyzed() {
     // them again once the burst has drained.
     let estimate: f64 = wait_for(
         "the outbox's statistics to show the drained queue",
-        Duration::from_secs(30),
+        // The refresh waits 10 s after the last one and for the 5-s poll of an idle worker.
+        Duration::from_secs(60),
         || {
             // The plan's first line: "Seq Scan on outbox  (cost=0.00..1.00 rows=12000 width=0)".
             let plan: String = cluster

@@ -194,7 +194,7 @@ struct Round {
 }
 
 /// Why a round may refresh the outbox's statistics.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Analyze {
     /// If this many events, plus those taken now, reach ANALYZE_AFTER.
     IfTaken(i64),
@@ -211,10 +211,10 @@ struct RoundResult {
     /// Until the next pending event not claimed is due (None: nothing pending).
     next_due: Option<Duration>,
     /// Events taken from the capture table, or why the take failed (the round went
-    /// on without it); None when the round did not take. And why the outbox was
-    /// analyzed, if it was.
+    /// on without it); None when the round did not take. And whether the outbox was
+    /// analyzed.
     taken: Option<Result<i64, String>>,
-    analyzed: Option<Analyze>,
+    analyzed: bool,
 }
 
 struct Worker {
@@ -237,10 +237,10 @@ struct Worker {
     /// Events that came into the outbox since its statistics were refreshed, and when.
     taken_since_analyze: i64,
     analyzed_at: Option<Instant>,
-    /// The statistics were taken as a burst came in: they count its events as
+    /// The statistics were taken while a backlog waited: they count its events as
     /// pending, and once it has drained, a claim planned with them reads the whole
     /// outbox (a sequential scan of every delivered event kept, for each signup of a
-    /// trickle: 5 ms of CPU an event). Refreshed once the backlog is gone.
+    /// trickle: 5 ms of CPU an event). Refreshed once the queue is empty.
     backlog_in_statistics: bool,
     /// The last claim found as many due events as it asked for: a backlog.
     claim_was_full: bool,

@@ -68,6 +68,13 @@ impl Worker {
         }
     }
 
+    /// Whether the queue is empty as far as the worker knows: its last claim was not
+    /// full, nothing is in flight, and no pending event waits for a later time
+    /// (a backoff). Claimed events stay pending in the table until recorded.
+    fn queue_drained(&self) -> bool {
+        !self.claim_was_full && self.in_flight.is_empty() && self.timers.due.is_none()
+    }
+
     /// Moves finished requests from the pool into the batch to record.
     pub(super) fn collect_outcomes(&mut self) {
         let arrived = self.pool.take_outcomes();
@@ -120,7 +127,7 @@ impl Worker {
         let analyze = self
             .analyzed_at
             .is_none_or(|at| at.elapsed() >= ANALYZE_EVERY)
-            .then_some(if self.backlog_in_statistics && !self.claim_was_full {
+            .then_some(if self.backlog_in_statistics && self.queue_drained() {
                 Analyze::Drained
             } else {
                 Analyze::IfTaken(self.taken_since_analyze)
@@ -190,10 +197,13 @@ impl Worker {
         if self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER && self.timers.vacuum.is_none() {
             self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY);
         }
-        if let Some(why) = result.analyzed {
+        if result.analyzed {
             self.taken_since_analyze = 0;
             self.analyzed_at = Some(Instant::now());
-            self.backlog_in_statistics = why != Analyze::Drained;
+            // Taken with a backlog waiting (the round's claim found as many due events as
+            // it asked for, or claimed nothing): refresh again once it has drained.
+            self.backlog_in_statistics =
+                result.wanted == 0 || result.claimed.len() >= result.wanted;
         } else {
             self.taken_since_analyze += taken;
         }
@@ -379,7 +389,7 @@ pub(super) fn run_round(round: Round) -> RoundResult {
             claimed: Vec::new(),
             next_due: None,
             taken: None,
-            analyzed: None,
+            analyzed: false,
         };
     }
     store::record(&round.record);
@@ -402,7 +412,7 @@ pub(super) fn run_round(round: Round) -> RoundResult {
             Analyze::IfTaken(before) => before + taken_now >= ANALYZE_AFTER,
             Analyze::Drained => true,
         })
-        .filter(|_| store::analyze_outbox());
+        .is_some_and(|_| store::analyze_outbox());
     let claimed = if round.claim > 0 {
         store::claim(round.claim, &round.busy, round.probe)
     } else {
