@@ -9,8 +9,10 @@
 //! so delivered events are purged several times before it ends.
 //!
 //! Each minute: the worker's CPU (all its threads) and private memory, the
-//! extension's tables and indexes, their dead tuples, the WAL written per event
-//! delivered in that minute, and the events pending. A CSV of the same goes to
+//! extension's tables and indexes, their dead tuples, the cluster's WAL (signups
+//! included) per event delivered in that minute, and the events pending. The worker's
+//! SIGKILL is a crash to PostgreSQL: every backend restarts and the cumulative
+//! statistics (dead tuples) start over. A CSV of the same goes to
 //! SOAK_CSV (default target/soak.csv); bench/soak-plot.py draws it.
 //!
 //! SOAK_MINUTES (default 60) scales everything; SOAK_RATE (default 40) is the
@@ -63,6 +65,11 @@ impl Session {
                 .dbname("postgres")
                 .connect(postgres::NoTls)
                 .ok();
+            if self.client.is_none() {
+                // The server is restarting: callers retry.
+                std::thread::sleep(Duration::from_millis(200));
+                return None;
+            }
         }
         let result = work(self.client.as_mut()?);
         match result {
@@ -159,7 +166,8 @@ fn main() {
         minute.as_secs()
     );
     println!(
-        "faults: bursts of 5,000 at {:.0}/{:.0}/{:.0} min, 503 from {:.0} to {:.0} min, worker SIGKILL at {:.0} min, server restart at {:.0} min",
+        "faults: bursts of 5,000 at {:.0}/{:.0}/{:.0} min, 503 from {:.0} to {:.0} min, worker SIGKILL at {:.0} min \
+         (a crash: every backend restarts, statistics start over), server restart at {:.0} min",
         minutes as f64 / 6.0,
         minutes as f64 / 2.0,
         minutes as f64 * 5.0 / 6.0,
@@ -232,12 +240,15 @@ fn main() {
     };
 
     let mut admin = Session::new(&cluster, "supabase_admin");
+    if let Some(dir) = std::path::Path::new(&csv_path).parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     let mut csv = std::fs::File::create(&csv_path).unwrap();
     writeln!(csv, "minute,worker_cpu_percent,worker_rss_mb,table_mb,dead_tuples,wal_bytes_per_event,delivered,pending").unwrap();
     println!();
     println!(
         "{:>6} {:>9} {:>9} {:>10} {:>8} {:>11} {:>10} {:>9}  event",
-        "minute", "worker %", "RSS MB", "tables MB", "dead", "WAL B/evt", "delivered", "pending"
+        "minute", "worker %", "RSS MB", "tables MB", "dead", "WAL B/evt¹", "delivered", "pending"
     );
     let mut previous = sample(&mut admin).unwrap();
     let mut pid = worker_pid(&mut admin);
@@ -314,7 +325,7 @@ fn main() {
         } else {
             f64::NAN
         };
-        let rss = pid.map(rss_anon_kb).unwrap_or(0) as f64 / 1024.0;
+        let rss = pid.map_or(f64::NAN, |p| rss_anon_kb(p) as f64 / 1024.0);
         let cpu_percent = cpu / minute.as_secs_f64() * 100.0;
         println!(
             "{m:>6} {cpu_percent:>9.1} {rss:>9.1} {:>10.1} {:>8} {wal_per_event:>11.0} {delivered:>10} {:>9}  {}",
@@ -343,24 +354,33 @@ fn main() {
     wait_for("the queue to drain", Duration::from_secs(600), || {
         sample(&mut admin).filter(|s| s.pending == 0).map(|_| ())
     });
+    // Answered 2xx to a POST: delivered (a 503 during the outage is not).
     let received: HashSet<String> = receiver
         .requests()
         .iter()
+        .filter(|r| r.method == "POST" && r.answered.is_some_and(|code| (200..300).contains(&code)))
         .filter_map(|r| {
             serde_json::from_str::<serde_json::Value>(&r.body)
                 .ok()
                 .and_then(|v| v["id"].as_str().map(str::to_string))
         })
         .collect();
+    let failed: i64 = admin
+        .run(|c| c.query_one("SELECT failed FROM new_user_hook.status", &[]))
+        .map_or(-1, |r| r.get(0));
     let signed_up = signed_up.lock().unwrap();
     let lost = signed_up
         .iter()
         .filter(|id| !received.contains(*id))
         .count();
     println!();
+    println!("¹ all of the cluster's WAL (signups, changes, checkpoints) per event delivered that minute");
     println!(
-        "{} users signed up, {} requests received, {lost} users never announced; CSV: {csv_path}",
+        "{} users signed up, {} requests received, {lost} users never announced, {failed} events given up on; CSV: {csv_path}",
         signed_up.len(),
         receiver.count()
     );
+    if lost > 0 || failed != 0 {
+        std::process::exit(1);
+    }
 }
