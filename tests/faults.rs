@@ -571,7 +571,9 @@ fn receiver_killed_and_restarted_under_load() {
     let mut receiver = KillableReceiver::new(&dir);
     let url = format!("http://127.0.0.1:{}/users", receiver.port);
     let cluster = hooked(&url, &[("retry_base_ms", "100"), ("retry_max_ms", "500")]);
-    let tally = Arc::new(Mutex::new(Tally::new("receiver killed 5+ times under load")));
+    let tally = Arc::new(Mutex::new(Tally::new(
+        "receiver killed 5+ times under load",
+    )));
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (tally, stop, port) = (Arc::clone(&tally), Arc::clone(&stop), cluster.port);

@@ -446,9 +446,12 @@ mod tests {
         // The old backend takes the first request and never answers.
         let old = TcpListener::bind("127.0.0.1:0").unwrap();
         let old_url = format!("http://{}/users", old.local_addr().unwrap());
+        // `serve` closes each connection after its answer: "connection: close" keeps the
+        // client from sending the second request on the first, closed one (a race it lost
+        // on a loaded machine).
         let (new_url, new) = serve(vec![
-            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
         ]);
         let mut pool = Pool::new(1).unwrap();
         pool.set_channel(Some(Arc::new(channel(
