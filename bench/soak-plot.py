@@ -17,7 +17,7 @@ panels = [
     ("worker_rss_mb", "worker private memory, MB"),
     ("table_mb", "extension's tables and indexes, MB"),
     ("dead_tuples", "dead tuples in them"),
-    ("wal_bytes_per_event", "WAL per delivered event, bytes"),
+    ("wal_bytes_per_event", "the cluster's WAL (signups included) per delivered event, bytes"),
     ("pending", "events pending"),
 ]
 fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.1 * len(panels)), sharex=True)
