@@ -47,13 +47,17 @@ SELECT pg_catalog.pg_extension_config_dump('new_user_hook.outbox', '');
 -- the worker's rounds would wait for (since 0.8.0).
 ALTER TABLE new_user_hook.outbox SET (vacuum_truncate = false);
 
--- Events as a committing transaction writes them (src/capture/), until the worker
--- takes them into the outbox (src/store/, take_captured: everything it sees, in
--- one statement, before it claims). Narrow and without an index, constraint or
--- default: a signup appends one heap row and nothing else, and the outbox's indexes
--- are maintained by the worker, in batches. Logged: a committed event survives a
--- crash here as in the outbox. Shown in new_user_hook.deliveries as pending.
-CREATE TABLE new_user_hook.captured (
+-- The log: events as committing transactions write them (src/capture/), read by the
+-- worker in commit order (src/store/, take_log) and never changed or deleted one by
+-- one. Two segments: signups append to the one named log_0; once every event of
+-- log_1 has been read, the worker empties log_1 (TRUNCATE) and the two swap names
+-- (src/store/maintenance.rs, rotate_log). A signup appends one heap row and one
+-- entry of the index on xid, and nothing else; no row is updated or deleted, so
+-- there is nothing to vacuum. Logged: a committed event survives a crash.
+-- xid is the writing transaction's id: the worker reads the events of the
+-- transactions that committed between two snapshots (new_user_hook.positions), so an
+-- event whose transaction started early and committed late is read, once.
+CREATE TABLE new_user_hook.log_0 (
     id         uuid        NOT NULL,
     user_id    uuid        NOT NULL,
     source     text        NOT NULL,
@@ -61,18 +65,67 @@ CREATE TABLE new_user_hook.captured (
     record     json        NOT NULL,
     old_record json,
     seq        bigint      NOT NULL,
-    created_at timestamptz NOT NULL
+    created_at timestamptz NOT NULL,
+    xid        xid8        NOT NULL
 );
-COMMENT ON TABLE new_user_hook.captured IS
-    'Events of users just committed, moved into new_user_hook.outbox by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
-SELECT pg_catalog.pg_extension_config_dump('new_user_hook.captured', '');
--- A publication that takes it in (FOR ALL TABLES, FOR TABLES IN SCHEMA
--- new_user_hook: logical replication, CDC) refuses the worker's DELETE of a table
--- without a replica identity; FULL needs no index, and costs WAL only at
--- wal_level = logical. Never truncated by VACUUM: that lock would hold signups up
--- (since 0.8.0).
-ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL;
-ALTER TABLE new_user_hook.captured SET (vacuum_truncate = false);
+CREATE INDEX log_0_xid ON new_user_hook.log_0 (xid);
+CREATE TABLE new_user_hook.log_1 (LIKE new_user_hook.log_0);
+CREATE INDEX log_1_xid ON new_user_hook.log_1 (xid);
+COMMENT ON TABLE new_user_hook.log_0 IS
+    'Events of users as committed (the segment written to), read by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
+COMMENT ON TABLE new_user_hook.log_1 IS
+    'Events of users as committed (the segment emptied next), read by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
+-- Never truncated by VACUUM: that lock would hold signups up.
+ALTER TABLE new_user_hook.log_0 SET (vacuum_truncate = false);
+ALTER TABLE new_user_hook.log_1 SET (vacuum_truncate = false);
+
+-- Where the worker has read the log to: the snapshot its last read saw. An event is
+-- unread while its transaction is not visible in that snapshot. NULL: nothing read
+-- yet (a new installation, or a restored one). One row per endpoint.
+CREATE TABLE new_user_hook.positions (
+    endpoint text        PRIMARY KEY DEFAULT 'default',
+    snapshot pg_snapshot,
+    moved_at timestamptz
+);
+INSERT INTO new_user_hook.positions DEFAULT VALUES;
+COMMENT ON TABLE new_user_hook.positions IS
+    'How far the pg_new_user_hook worker has read new_user_hook.log_0 and log_1.';
+
+-- Events written by SQL (a restore's COPY, an INSERT) get the writing transaction's
+-- id: a restored event carries an id of this cluster, so it is read once, in order.
+-- The capture writes its own rows directly, without this trigger.
+CREATE FUNCTION new_user_hook.stamp_xid() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    NEW.xid := pg_current_xact_id();
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER stamp_xid BEFORE INSERT ON new_user_hook.log_0 FOR EACH ROW EXECUTE FUNCTION new_user_hook.stamp_xid();
+CREATE TRIGGER stamp_xid BEFORE INSERT ON new_user_hook.log_1 FOR EACH ROW EXECUTE FUNCTION new_user_hook.stamp_xid();
+
+-- The events not read yet: their transactions committed after the position's
+-- snapshot was taken (all of them if there is no position). Through the index on
+-- xid, from the oldest transaction that was running then.
+CREATE VIEW new_user_hook.unread AS
+WITH p AS (SELECT (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default') AS snapshot)
+SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at
+  FROM p, new_user_hook.log_0 AS l
+ WHERE l.xid >= coalesce(pg_catalog.pg_snapshot_xmin(p.snapshot), '0')
+   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, p.snapshot), false)
+UNION ALL
+SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at
+  FROM p, new_user_hook.log_1 AS l
+ WHERE l.xid >= coalesce(pg_catalog.pg_snapshot_xmin(p.snapshot), '0')
+   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, p.snapshot), false);
+
+-- Unread events are data: pg_dump keeps them (and only them: the read ones are in
+-- the outbox). The position is not dumped: a restored database reads its log from
+-- the start.
+SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_0',
+    'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)');
+SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_1',
+    'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)');
 
 -- Cumulative counts for the metrics, one row. The worker adds to them in the
 -- transaction that records the outcomes they count, so they survive restarts and
@@ -123,8 +176,8 @@ BEGIN ATOMIC
       FROM (SELECT count(*) AS pending, count(*) FILTER (WHERE attempts = 0) AS never_attempted,
                    min(created_at) AS oldest_pending
               FROM new_user_hook.outbox WHERE status = 'pending') AS q,
-           -- Not taken into the outbox yet: pending, never attempted.
-           (SELECT count(*) AS pending, min(created_at) AS oldest_pending FROM new_user_hook.captured) AS k,
+           -- Not read into the outbox yet: pending, never attempted.
+           (SELECT count(*) AS pending, min(created_at) AS oldest_pending FROM new_user_hook.unread) AS k,
            new_user_hook.counters AS c;
 END;
 
@@ -186,7 +239,7 @@ BEGIN
          WHERE u.record IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o
                             WHERE o.user_id = u.id AND o.source = $2 AND o.kind = 'created')
-           AND NOT EXISTS (SELECT 1 FROM new_user_hook.captured k
+           AND NOT EXISTS (SELECT 1 FROM new_user_hook.unread k
                             WHERE k.user_id = u.id AND k.source = $2 AND k.kind = 'created')
         ON CONFLICT (id) DO NOTHING$q$, rel)
       USING user_ids, event_source, rel;
@@ -313,9 +366,9 @@ SELECT id,
        kind AS event_type
   FROM new_user_hook.outbox
 UNION ALL
--- Committed and not yet taken into the outbox by the worker: pending, due now.
+-- Committed and not yet read into the outbox by the worker: pending, due now.
 SELECT id, user_id, source, 'pending', 0, created_at, NULL, NULL, NULL, created_at, NULL, kind
-  FROM new_user_hook.captured;
+  FROM new_user_hook.unread;
 
 -- For Prometheus (postgres_exporter: examples/monitoring/queries.yml), one row:
 -- gauges of the queue as the worker last published them, the worker's state, and
@@ -411,8 +464,8 @@ SELECT w.pid                      AS worker_pid,
 CREATE FUNCTION new_user_hook.redeliver(event_id uuid) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM new_user_hook.captured WHERE id = event_id) THEN
-        RETURN false; -- pending: not taken into the outbox yet
+    IF EXISTS (SELECT 1 FROM new_user_hook.unread WHERE id = event_id) THEN
+        RETURN false; -- pending: not read into the outbox yet
     END IF;
     IF NOT EXISTS (SELECT 1 FROM new_user_hook.outbox WHERE id = event_id) THEN
         RAISE EXCEPTION 'no event with id %', event_id

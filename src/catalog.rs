@@ -45,20 +45,36 @@ pub fn lifecycle_columns() -> bool {
     found
 }
 
-thread_local! {
-    static CAPTURE_TABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// Where the installed schema has committed events wait for the worker.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Capture {
+    /// The log (`new_user_hook.log_0` and `log_1`; 0.8.0), read between snapshots.
+    Log,
+    /// The capture table (`new_user_hook.captured`; 0.7.0), taken row by row.
+    Captured,
+    /// Older: the trigger writes into the outbox itself.
+    Outbox,
 }
 
-/// Whether the schema has the capture table (`new_user_hook.captured`; 0.7.0), looked
-/// up as `lifecycle_columns` is: before ALTER EXTENSION UPDATE, the trigger writes
-/// into the outbox itself.
-pub fn capture_table() -> bool {
-    if CAPTURE_TABLE.get() {
-        return true;
+thread_local! {
+    static LOG_SEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Which of these the installed schema has, looked up as `lifecycle_columns` is: until
+/// ALTER EXTENSION UPDATE, an older schema is written and read as it was. Only the
+/// log is remembered once seen: the others are what an update replaces.
+pub fn capture() -> Capture {
+    if LOG_SEEN.get() {
+        return Capture::Log;
     }
-    let found = table_oid(c"captured").is_some();
-    CAPTURE_TABLE.set(found);
-    found
+    if table_oid(c"log_0").is_some() {
+        LOG_SEEN.set(true);
+        Capture::Log
+    } else if table_oid(c"captured").is_some() {
+        Capture::Captured
+    } else {
+        Capture::Outbox
+    }
 }
 
 /// A table the hook is on whose `id`, `email` or `deleted_at` became a virtual

@@ -215,7 +215,8 @@ fn one_transaction_makes_one_event_for_a_user_with_the_committed_state() {
     let ghosts: i64 = cluster
         .one_row(
             "SELECT count(*) FROM (SELECT record FROM new_user_hook.outbox
-                                   UNION ALL SELECT record FROM new_user_hook.captured) e
+                                   UNION ALL SELECT record FROM new_user_hook.log_0
+                                   UNION ALL SELECT record FROM new_user_hook.log_1) e
               WHERE record->>'email' LIKE 'ghost%'",
         )
         .get(0);

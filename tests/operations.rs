@@ -292,20 +292,15 @@ fn postgres_exporter_serves_correct_metrics_through_deliveries_failures_a_pause_
     exporter.wait_for("delivered_total", 46.0);
     exporter.wait_for("captured_total", 47.0);
 
-    // A step of the worker that keeps failing (a publication refusing the take of a
-    // table without a replica identity): the problem metric says so until mended.
+    // A step of the worker that keeps failing (a transaction holding a lock the
+    // reading of the log needs): the problem metric says so until mended.
     let mut admin = cluster.connect("supabase_admin");
     admin
-        .batch_execute(
-            "ALTER TABLE new_user_hook.captured REPLICA IDENTITY NOTHING;
-             CREATE PUBLICATION everything FOR ALL TABLES;",
-        )
+        .batch_execute("BEGIN; LOCK new_user_hook.positions IN SHARE MODE")
         .unwrap();
     cluster.signup("take-refused@example.com");
     exporter.wait_for("problem", 1.0);
-    admin
-        .batch_execute("ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL")
-        .unwrap();
+    admin.batch_execute("COMMIT").unwrap();
     exporter.wait_for("problem", 0.0);
     exporter.wait_for("delivered_total", 47.0);
     let m = exporter.wait_for("captured_total", 48.0);
@@ -341,7 +336,7 @@ fn the_metrics_are_readable_by_pg_monitor_and_reveal_nothing_else() {
     assert_eq!(row.get::<_, i64>(1), 1);
     for sql in [
         "SELECT * FROM new_user_hook.outbox",
-        "SELECT * FROM new_user_hook.captured",
+        "SELECT * FROM new_user_hook.log_0",
         "SELECT * FROM new_user_hook.deliveries",
         "SELECT * FROM new_user_hook.counters",
     ] {

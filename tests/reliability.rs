@@ -119,26 +119,17 @@ fn publications_of_every_kind_stall_nothing() {
 fn a_take_that_keeps_failing_holds_up_nothing_else_and_is_named_with_its_remedy() {
     let receiver = Receiver::ok();
     let cluster = Cluster::hooked_to(&receiver.url, &[]);
-    let mut admin = cluster.connect("supabase_admin");
-    // As with 0.7.0's schema: a publication that refuses the take's DELETE.
-    admin
-        .batch_execute(
-            "ALTER TABLE new_user_hook.captured REPLICA IDENTITY NOTHING;
-             CREATE PUBLICATION everything FOR ALL TABLES;",
-        )
+    let mut blocker = cluster.connect("supabase_admin");
+    // A transaction that holds a lock the reading of the log needs, and stays.
+    blocker
+        .batch_execute("BEGIN; LOCK new_user_hook.positions IN SHARE MODE")
         .unwrap();
     let stuck = cluster.signup("stuck@example.com");
-    let problem_text = wait_for_problem(&cluster, "taking captured events");
-    assert!(
-        problem_text.contains("REPLICA IDENTITY FULL"),
-        "{problem_text}"
-    );
+    let problem_text = wait_for_problem(&cluster, "reading committed events");
+    assert!(problem_text.contains("pg_locks"), "{problem_text}");
     assert_eq!(problem_metric(&cluster), 1);
-    assert!(
-        cluster.log().contains("replica identity"),
-        "{}",
-        cluster.log()
-    );
+    assert!(cluster.log().contains("lock timeout"), "{}", cluster.log());
+    let mut admin = cluster.connect("supabase_admin");
     // Events already in the outbox still go out meanwhile.
     admin
         .batch_execute(
@@ -154,9 +145,7 @@ fn a_take_that_keeps_failing_holds_up_nothing_else_and_is_named_with_its_remedy(
         WITHIN,
     );
     // Mended as the problem says: the event goes, and the problem with it.
-    admin
-        .batch_execute("ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL")
-        .unwrap();
+    blocker.batch_execute("COMMIT").unwrap();
     cluster.wait_for_event(&stuck, "status = 'delivered'", WITHIN);
     wait_for("the problem to clear", WITHIN, || {
         problem(&cluster).is_none().then_some(())
@@ -192,7 +181,7 @@ fn a_read_only_database_is_named_with_its_remedy() {
     std::thread::sleep(Duration::from_secs(4));
     let logged = cluster
         .log()
-        .matches("taking captured events into the outbox failed")
+        .matches("reading committed events into the outbox failed")
         .count();
     assert_eq!(logged, 1, "{}", cluster.log());
     admin

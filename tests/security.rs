@@ -51,7 +51,10 @@ fn supabase_roles_cannot_read_events_secrets_or_control_the_hook() {
             .unwrap();
         for sql in [
             "SELECT * FROM new_user_hook.outbox",
-            "SELECT * FROM new_user_hook.captured",
+            "SELECT * FROM new_user_hook.log_0",
+            "SELECT * FROM new_user_hook.log_1",
+            "SELECT * FROM new_user_hook.unread",
+            "UPDATE new_user_hook.positions SET snapshot = NULL",
             "SELECT * FROM new_user_hook.deliveries",
             "SELECT * FROM new_user_hook.status",
             "SELECT new_user_hook.redeliver_failed()",
@@ -100,7 +103,7 @@ fn an_operator_can_grant_read_only_monitoring_to_postgres() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    for table in ["outbox", "captured"] {
+    for table in ["outbox", "log_0", "log_1", "unread"] {
         expect_denied(
             &mut postgres,
             "postgres",
@@ -155,7 +158,14 @@ fn an_operator_granted_execute_can_resend_events() {
         (receiver.count() >= 2).then_some(())
     });
     // Still nothing beyond what was granted.
-    for table in ["outbox", "captured", "counters"] {
+    for table in [
+        "outbox",
+        "log_0",
+        "log_1",
+        "unread",
+        "positions",
+        "counters",
+    ] {
         expect_denied(
             &mut postgres,
             "postgres",
@@ -359,7 +369,8 @@ fn no_credential_ever_leaves_the_database_in_any_format() {
     let stored: i64 = cluster
         .one_row(
             "SELECT count(*) FROM (SELECT record, old_record FROM new_user_hook.outbox
-                                   UNION ALL SELECT record, old_record FROM new_user_hook.captured) e
+                                   UNION ALL SELECT record, old_record FROM new_user_hook.log_0
+                                   UNION ALL SELECT record, old_record FROM new_user_hook.log_1) e
               WHERE record::text LIKE '%SECRET%' OR old_record::text LIKE '%SECRET%'",
         )
         .get(0);

@@ -33,7 +33,8 @@ const RELATIONS: &[&str] = &[
     "hostile.u",
     "pg_catalog.pg_class",
     "new_user_hook.outbox",
-    "new_user_hook.captured",
+    "new_user_hook.log_0",
+    "new_user_hook.unread",
     "new_user_hook.deliveries",
 ];
 

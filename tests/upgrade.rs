@@ -49,6 +49,19 @@ const SCHEMA_FINGERPRINT: &str = "
           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          WHERE c.relnamespace = 'new_user_hook'::regnamespace AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT pg_get_triggerdef(t.oid)
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'new_user_hook'::regnamespace AND NOT t.tgisinternal
+        UNION ALL
+        SELECT format('comment on %s: %s', c.relname, obj_description(c.oid, 'pg_class'))
+          FROM pg_class c WHERE c.relnamespace = 'new_user_hook'::regnamespace AND c.relkind IN ('r', 'v')
+        UNION ALL
+        -- What pg_dump keeps of the extension's tables.
+        SELECT format('dumped %s %s', c.relname, x.condition)
+          FROM pg_extension e CROSS JOIN LATERAL unnest(e.extconfig, e.extcondition) AS x(config, condition)
+          JOIN pg_class c ON c.oid = x.config
+         WHERE e.extname = 'pg_new_user_hook'
     ) s";
 
 const CURRENT: &str = env!("CARGO_PKG_VERSION");

@@ -335,10 +335,10 @@ fn statement_times(admin: &mut postgres::Client) -> Vec<(String, f64, i64)> {
         .query(
             "SELECT CASE WHEN query LIKE 'WITH due AS%' THEN 'claim'
                          WHEN query LIKE 'WITH r AS%' THEN 'record'
-                         WHEN query LIKE 'WITH taken AS%' THEN 'take from captured'
+                         WHEN query LIKE 'WITH taken AS%' THEN 'read from the log'
                          WHEN query LIKE 'SELECT (SELECT extract%' THEN 'next due'
                          WHEN query LIKE '%queue_gauges%' THEN 'queue counts'
-                         ELSE 'other (analyze, vacuum, settings)' END AS what,
+                         ELSE 'other (analyze, rotation, settings)' END AS what,
                     sum(total_exec_time + total_plan_time)::float8 AS ms, sum(calls)::int8
                FROM pg_stat_statements
               WHERE userid = (SELECT usesysid FROM pg_user WHERE usename = current_user)

@@ -8,6 +8,8 @@ thread_local! {
     /// a new user's, and a later change's.
     static CREATED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     static CHANGE_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    /// Any event, into a log segment with indexes of its own.
+    static LOG_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     /// A new user's, into an outbox without the lifecycle columns (before ALTER EXTENSION UPDATE).
     static LEGACY_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
@@ -22,6 +24,10 @@ thread_local! {
 pub(super) const INSERT_CREATED: &CStr =
     c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
       VALUES ($1, $2, $3, $4, $5, $6, $7)";
+/// Into the log (its trigger stamps the transaction's id).
+pub(super) const INSERT_LOG: &CStr =
+    c"INSERT INTO new_user_hook.log_0 (id, user_id, source, record, kind, old_record, seq, created_at) \
+      VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.clock_timestamp())";
 pub(super) const INSERT_LEGACY: &CStr =
     c"INSERT INTO new_user_hook.outbox (id, user_id, source, record) VALUES ($1, $2, $3, $4)";
 pub(super) const INSERT_CHANGE: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
@@ -35,6 +41,7 @@ pub(super) fn text_datum(s: &str) -> pg_sys::Datum {
 }
 
 pub(super) unsafe fn insert_event(
+    into_log: bool,
     kind: Kind,
     user_id: &mut [u8; 16],
     source: &str,
@@ -45,8 +52,9 @@ pub(super) unsafe fn insert_event(
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("pg_new_user_hook: SPI_connect failed");
         }
-        let legacy = !catalog::lifecycle_columns();
+        let legacy = !into_log && !catalog::lifecycle_columns();
         let (cache, sql) = match kind {
+            _ if into_log => (&LOG_PLAN, INSERT_LOG),
             _ if legacy => (&LEGACY_PLAN, INSERT_LEGACY),
             Kind::Created => (&CREATED_PLAN, INSERT_CREATED),
             Kind::Updated | Kind::Deleted => (&CHANGE_PLAN, INSERT_CHANGE),
@@ -104,7 +112,8 @@ pub(super) unsafe fn insert_event(
     }
 }
 
-/// The capture table's columns (sql/outbox.sql), in order, with their types.
+/// The capture table's columns (a 0.7.0 schema), in order, with their types; the
+/// log's are these and `xid`.
 pub(super) const CAPTURED_COLUMNS: [(&[u8], pg_sys::Oid); 8] = [
     (b"id", pg_sys::UUIDOID),
     (b"user_id", pg_sys::UUIDOID),
@@ -115,50 +124,141 @@ pub(super) const CAPTURED_COLUMNS: [(&[u8], pg_sys::Oid); 8] = [
     (b"seq", pg_sys::INT8OID),
     (b"created_at", pg_sys::TIMESTAMPTZOID),
 ];
+const XID_COLUMN: (&[u8], pg_sys::Oid) = (b"xid", pg_sys::XID8OID);
 
 thread_local! {
-    /// The capture table last found with the columns above (its columns are checked once).
-    static CAPTURED_CHECKED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// The table last found with the expected columns (they are checked once per table).
+    static COLUMNS_CHECKED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
-/// new_user_hook.captured, opened, if the installed schema has it as this library
-/// writes it (0.7.0 and later); None before ALTER EXTENSION UPDATE, or when the
-/// extension was dropped since the table was looked up (no event to write then).
-pub(super) unsafe fn open_captured() -> Option<pg_sys::Relation> {
+/// Where this transaction's events go.
+pub(super) enum Target {
+    /// The log segment signups append to (`new_user_hook.log_0`, 0.8.0), with its
+    /// one index, on xid: a heap row and an index entry, written directly.
+    Log {
+        heap: pg_sys::Relation,
+        index: pg_sys::Relation,
+        info: *mut pg_sys::IndexInfo,
+    },
+    /// The log segment, with indexes of its own added: an INSERT as the owner, so
+    /// that every index is kept.
+    LogByInsert,
+    /// A 0.7.0 schema's capture table (until ALTER EXTENSION UPDATE): a heap row.
+    Captured(pg_sys::Relation),
+    /// An older schema: the outbox, by INSERT as the owner.
+    Outbox,
+}
+
+/// Opens `name` in new_user_hook if it has exactly `columns` (and `extra`); None when
+/// it is missing, different, or was dropped since it was looked up.
+unsafe fn open_with_columns(
+    name: &CStr,
+    extra: Option<(&[u8], pg_sys::Oid)>,
+) -> Option<pg_sys::Relation> {
     unsafe {
-        let relid = catalog::table_oid(c"captured")?;
+        let relid = catalog::table_oid(name)?;
         let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         if rel.is_null() {
             return None;
         }
         let desc = (*rel).rd_att;
-        let same = (*desc).natts as usize == CAPTURED_COLUMNS.len()
-            && (CAPTURED_CHECKED.get() == relid
-                || CAPTURED_COLUMNS
-                    .iter()
-                    .enumerate()
-                    .all(|(i, (name, typid))| {
-                        let attr = tuple_attr(desc, i);
-                        !attr.attisdropped
-                            && attr.atttypid == *typid
-                            && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
-                    }));
+        let columns = CAPTURED_COLUMNS.iter().chain(extra.iter());
+        let count = CAPTURED_COLUMNS.len() + extra.iter().count();
+        let same = (*desc).natts as usize == count
+            && (COLUMNS_CHECKED.get() == relid
+                || columns.enumerate().all(|(i, (name, typid))| {
+                    let attr = tuple_attr(desc, i);
+                    !attr.attisdropped
+                        && attr.atttypid == *typid
+                        && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
+                }));
         if !same {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             return None;
         }
-        CAPTURED_CHECKED.set(relid);
+        COLUMNS_CHECKED.set(relid);
         Some(rel)
     }
 }
 
-/// Appends the event to new_user_hook.captured: one heap row, written directly — the
-/// table has no index, trigger, constraint or default to run, so the executor's
-/// set-up for a statement (most of what a one-row INSERT costs) is skipped. The
-/// worker gives a change's `seq` its place after the user's pending events when it
-/// takes the event into the outbox.
-pub(super) unsafe fn append_captured(
-    captured: pg_sys::Relation,
+/// The log's index on xid, opened, if it is the segment's only index and a plain
+/// btree on that column: then a signup writes its entry itself.
+unsafe fn only_xid_index(
+    heap: pg_sys::Relation,
+) -> Option<(pg_sys::Relation, *mut pg_sys::IndexInfo)> {
+    unsafe {
+        let list = pg_sys::RelationGetIndexList(heap);
+        let oids = pgrx::PgList::<pg_sys::Oid>::from_pg(list);
+        if oids.len() != 1 {
+            return None;
+        }
+        let index_oid = oids.get_oid(0)?;
+        let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let info = pg_sys::BuildIndexInfo(index);
+        let xid_attnum = (CAPTURED_COLUMNS.len() + 1) as pg_sys::AttrNumber;
+        let plain = (*(*index).rd_rel).relam == pg_sys::BTREE_AM_OID
+            && (*info).ii_NumIndexAttrs == 1
+            && (*info).ii_IndexAttrNumbers[0] == xid_attnum
+            && (*info).ii_Expressions.is_null()
+            && (*info).ii_Predicate.is_null()
+            && (*info).ii_ExclusionOps.is_null()
+            && !(*info).ii_Unique
+            && (*info).ii_ReadyForInserts;
+        if !plain {
+            pg_sys::index_close(index, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            return None;
+        }
+        Some((index, info))
+    }
+}
+
+/// Where this transaction's events go, looked up by name once per transaction: the
+/// log segment named log_0 now (the worker swaps the segments' names when it
+/// empties one; a transaction that looked the name up just before writes into the
+/// other segment, which is read as well and only emptied once read), else what an
+/// older schema has.
+pub(super) unsafe fn open_target() -> Target {
+    unsafe {
+        if let Some(heap) = open_with_columns(c"log_0", Some(XID_COLUMN)) {
+            return match only_xid_index(heap) {
+                Some((index, info)) => Target::Log { heap, index, info },
+                None => {
+                    pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+                    Target::LogByInsert
+                }
+            };
+        }
+        match open_with_columns(c"captured", None) {
+            Some(rel) => Target::Captured(rel),
+            None => Target::Outbox,
+        }
+    }
+}
+
+/// Releases what open_target opened; the locks are kept until the transaction
+/// ends, as an INSERT's are.
+pub(super) unsafe fn close_target(target: Target) {
+    unsafe {
+        match target {
+            Target::Log { heap, index, .. } => {
+                pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+                pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+            Target::Captured(rel) => pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE),
+            Target::LogByInsert | Target::Outbox => {}
+        }
+    }
+}
+
+/// Appends the event as one heap row, written directly — the table has no
+/// constraint or default to run, so the executor's set-up for a statement (most of
+/// what a one-row INSERT costs) is skipped — and, into the log, its entry in the
+/// index on xid: the transaction's own id (not the row's xmin, which is a
+/// subtransaction's after SET CONSTRAINTS … IMMEDIATE in a savepoint). The worker
+/// gives a change's `seq` its place after the user's pending events when it reads
+/// the event into the outbox.
+pub(super) unsafe fn append_row(
+    target: &Target,
     kind: Kind,
     user_id: &mut [u8; 16],
     source: &str,
@@ -166,6 +266,12 @@ pub(super) unsafe fn append_captured(
     old_record: Option<&str>,
 ) {
     unsafe {
+        let (heap, index) = match target {
+            Target::Log { heap, index, info } => (*heap, Some((*index, *info))),
+            Target::Captured(heap) => (*heap, None),
+            Target::LogByInsert | Target::Outbox => unreachable!("written by INSERT"),
+        };
+        let xid = pg_sys::GetTopFullTransactionId().value;
         let mut event_id = *uuid::Uuid::now_v7().as_bytes();
         let mut values = [
             pg_sys::Datum::from(event_id.as_mut_ptr()),
@@ -177,12 +283,27 @@ pub(super) unsafe fn append_captured(
             pg_sys::Datum::from(pg_sys::GetXLogInsertRecPtr() as i64),
             // Written as the transaction commits: its commit time, near enough.
             pg_sys::Datum::from(pg_sys::GetCurrentTimestamp()),
+            pg_sys::Datum::from(xid),
         ];
-        let mut nulls = [false; 8];
+        let mut nulls = [false; 9];
         nulls[5] = old_record.is_none();
         let tuple =
-            pg_sys::heap_form_tuple((*captured).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::simple_heap_insert(captured, tuple);
+            pg_sys::heap_form_tuple((*heap).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::simple_heap_insert(heap, tuple);
+        if let Some((index, info)) = index {
+            let mut key = [pg_sys::Datum::from(xid)];
+            let mut key_null = [false];
+            pg_sys::index_insert(
+                index,
+                key.as_mut_ptr(),
+                key_null.as_mut_ptr(),
+                &mut (*tuple).t_self,
+                heap,
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO,
+                false,
+                info,
+            );
+        }
         pg_sys::heap_freetuple(tuple);
     }
 }

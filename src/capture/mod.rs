@@ -7,9 +7,9 @@
 //! in a subtransaction that rolls back are forgotten. When the transaction commits
 //! (or prepares), after its last deferred firing, each noted user's row is followed
 //! through its updates to the version the transaction leaves — the user as
-//! committed — without a query, and one event per user is appended to the capture
-//! table (`new_user_hook.captured`) as one heap row; the worker takes it into the
-//! outbox. So whatever fires when (`SET CONSTRAINTS … IMMEDIATE`, savepoints), the
+//! committed — without a query, and one event per user is appended to the log
+//! (`new_user_hook.log_0`) as one heap row and one index entry; the worker reads it
+//! into the outbox. So whatever fires when (`SET CONSTRAINTS … IMMEDIATE`, savepoints), the
 //! event reflects the committed state: a user inserted and deleted in one
 //! transaction produces no event; neither does a session with
 //! `pg_new_user_hook.capture` off.
@@ -236,7 +236,7 @@ unsafe fn write_events(notes: Notes) {
         for note in notes.list.iter().filter(|n| !n.first) {
             reinserted.entry(note.key).or_default().push(note.tid);
         }
-        let mut captured = None;
+        let mut target = None;
         let mut wrote = false;
         for note in notes.list.iter().filter(|n| n.first) {
             // Held already (the firing's statement locked it); gone if dropped since.
@@ -269,24 +269,33 @@ unsafe fn write_events(notes: Notes) {
                 continue;
             };
             let mut user_id = note.key.1;
-            if captured.is_none() {
-                captured = Some(open_captured());
-            }
-            match captured.expect("looked up above") {
-                Some(table) => append_captured(
-                    table,
+            let target = target.get_or_insert_with(|| open_target());
+            match target {
+                Target::Log { .. } | Target::Captured(_) => append_row(
+                    target,
                     kind,
                     &mut user_id,
                     &source.name,
                     &record,
                     old_record.as_deref(),
                 ),
-                None if kind == Kind::Created || catalog::lifecycle_columns() => {
+                Target::LogByInsert => as_owner_of(note.function, || {
+                    insert_event(
+                        true,
+                        kind,
+                        &mut user_id,
+                        &source.name,
+                        &record,
+                        old_record.as_deref(),
+                    )
+                }),
+                Target::Outbox if kind == Kind::Created || catalog::lifecycle_columns() => {
                     // An installed schema older than this library (until ALTER EXTENSION
                     // UPDATE): the event goes into the outbox, which before 0.6.0 holds
                     // new users only.
                     as_owner_of(note.function, || {
                         insert_event(
+                            false,
                             kind,
                             &mut user_id,
                             &source.name,
@@ -295,13 +304,12 @@ unsafe fn write_events(notes: Notes) {
                         )
                     });
                 }
-                None => continue,
+                Target::Outbox => continue,
             }
             wrote = true;
         }
-        if let Some(Some(table)) = captured {
-            // The lock is kept until the transaction ends, as an INSERT's is.
-            pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if let Some(target) = target {
+            close_target(target);
         }
         pg_sys::PopActiveSnapshot();
         if wrote {

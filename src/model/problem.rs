@@ -9,20 +9,21 @@
 pub enum Step {
     /// Recording outcomes and claiming due events (one transaction).
     Round,
-    /// Taking captured events into the outbox (a subtransaction of the round).
+    /// Reading committed events into the outbox (a subtransaction of the round).
     Take,
     Purge,
-    Vacuum,
+    /// Emptying the log's read segment (or a 0.7.0 schema's VACUUM of its capture table).
+    Rotate,
     Count,
 }
 
 impl Step {
-    fn describe(self) -> &'static str {
+    pub fn describe(self) -> &'static str {
         match self {
             Step::Round => "recording outcomes and claiming due events",
-            Step::Take => "taking captured events (new_user_hook.captured) into the outbox",
+            Step::Take => "reading committed events into the outbox",
             Step::Purge => "purging delivered events past the retention",
-            Step::Vacuum => "vacuuming new_user_hook.captured",
+            Step::Rotate => "rotating the log (new_user_hook.log_0 and log_1)",
             Step::Count => "counting the queue for the metrics",
         }
     }
@@ -36,8 +37,8 @@ pub fn remedy(error: &str) -> &'static str {
     let e = error.to_ascii_lowercase();
     if e.contains("replica identity") {
         "a publication includes the extension's tables and one lacks a replica identity: \
-         run ALTER EXTENSION pg_new_user_hook UPDATE (0.8.0 gives the queue tables one), \
-         or ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL"
+         run ALTER EXTENSION pg_new_user_hook UPDATE (0.8.0 reads events from a log it never \
+         deletes from), or ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL"
     } else if e.contains("lock timeout") || e.contains("could not obtain lock") {
         "another transaction holds a lock on the extension's tables: find it in pg_locks \
          joined with pg_stat_activity and end it; events wait meanwhile, none is lost"
@@ -139,7 +140,7 @@ mod tests {
         ) else {
             panic!("no problem after two failures")
         };
-        assert!(problem.starts_with("taking captured events"), "{problem}");
+        assert!(problem.starts_with("reading committed events"), "{problem}");
         assert!(problem.contains("REPLICA IDENTITY FULL"), "{problem}");
         assert_eq!(f.problem(), Some(problem));
         // Further failures keep it, without announcing it again.

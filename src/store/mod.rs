@@ -1,20 +1,21 @@
-//! The queue's SQL, all of it the worker's: taking captured events into the outbox,
+//! The queue's SQL, all of it the worker's: reading committed events into the outbox,
 //! claiming due events, recording outcomes, the queue's gauges, the purge. Each
 //! function runs inside a transaction the caller opened with `spi::transaction`.
 
 mod maintenance;
 mod vault;
 
-pub use maintenance::{analyze_outbox, vacuum_captured};
+pub use maintenance::{analyze_outbox, rotate_log, vacuum_captured, Rotation};
 pub use vault::vault_secret;
 
-use crate::catalog::{capture_table, lifecycle_columns};
+use crate::catalog::{capture, lifecycle_columns, Capture};
 use crate::model::classify::Decision;
 use crate::model::event::{Event, Kind};
 use crate::shared::QueueGauges;
 use crate::spi::{read_one, write};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use std::ffi::CStr;
 use std::time::Duration;
 
 /// Session settings of the worker. Its own commits (claims, outcomes) need not wait
@@ -39,31 +40,75 @@ pub fn configure_session() {
     );
 }
 
-/// Takes every event of the capture table this transaction sees into the outbox, in
-/// one statement: all of them, so that a user's earlier event never stays behind
-/// while a later one is claimed (a transaction that committed a later event of a
-/// user committed after the earlier one). A change's `seq` is moved past its user's
-/// pending events where it is not already (events restored from a dump carry the
-/// positions of the cluster they were written in), keeping the order of the user's
-/// events taken together. They are due at their creation time, so the claim keeps
-/// taking events in the order they were queued. Returns how many it took.
-pub fn take_captured() -> i64 {
-    if !capture_table() {
-        return 0;
-    }
-    write(
-        c"WITH taken AS (
-             DELETE FROM new_user_hook.captured RETURNING *
-         ), placed AS (
+/// Where a change's `seq` goes (`t` an event read, in a statement of events read
+/// together): after its user's pending events where it is not already (events
+/// restored from a dump carry the positions of the cluster they were written in),
+/// keeping the order of the user's events read together. They are due at their
+/// creation time, so the claim keeps taking events in the order they were queued.
+const PLACE_AND_INSERT: &str = "placed AS (
              SELECT t.*, CASE WHEN t.kind = 'created' THEN t.seq ELSE
                         t.seq + GREATEST(0, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox AS p
                                               WHERE p.user_id = t.user_id AND p.status NOT IN ('delivered', 'failed'))
                                             - min(t.seq) OVER (PARTITION BY t.user_id)) END AS placed_seq
                FROM taken AS t)
          INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, next_attempt_at)
-         SELECT id, user_id, source, record, kind, old_record, placed_seq, created_at, created_at FROM placed",
+         SELECT id, user_id, source, record, kind, old_record, placed_seq, created_at, created_at FROM placed";
+
+/// Reads into the outbox every event committed since the last read, in one
+/// statement: all of them, so that a user's earlier event never stays behind while a
+/// later one is claimed (a transaction that committed a later event of a user
+/// committed after the earlier one). Returns how many it read.
+pub fn take() -> i64 {
+    match capture() {
+        Capture::Log => take_log(),
+        Capture::Captured => take_captured(),
+        Capture::Outbox => 0,
+    }
+}
+
+/// From the log: the events of the transactions that committed after the position's
+/// snapshot was taken and before this statement's was, through the index on xid from
+/// the oldest transaction running at the position. The position moves to this
+/// statement's snapshot in the same statement, so an event is read once however late
+/// its transaction commits; it stays where it is when nothing was read (no write,
+/// no transaction id). A position row deleted by hand is written again (meanwhile
+/// everything is unread, and what the outbox has already is skipped). The position is read first, so that the planner sees its
+/// values: the range on xid is then planned as what it is, a few index pages.
+fn take_log() -> i64 {
+    let position: Option<String> = read_one(
+        "SELECT snapshot::text FROM new_user_hook.positions WHERE endpoint = 'default'",
         &[],
-    ) as i64
+    );
+    let sql = format!(
+        "WITH taken AS (
+             SELECT l.* FROM new_user_hook.log_0 AS l
+              WHERE l.xid >= coalesce(pg_snapshot_xmin($1::pg_snapshot), '0')
+                AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
+             UNION ALL
+             SELECT l.* FROM new_user_hook.log_1 AS l
+              WHERE l.xid >= coalesce(pg_snapshot_xmin($1::pg_snapshot), '0')
+                AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
+         ), moved AS (
+             INSERT INTO new_user_hook.positions AS p (endpoint, snapshot, moved_at)
+             SELECT 'default', pg_current_snapshot(), now() WHERE EXISTS (SELECT 1 FROM taken)
+             ON CONFLICT (endpoint) DO UPDATE SET snapshot = excluded.snapshot, moved_at = excluded.moved_at
+         ), {PLACE_AND_INSERT}
+         ON CONFLICT (id) DO NOTHING\0"
+    );
+    let sql = CStr::from_bytes_with_nul(sql.as_bytes()).expect("one NUL, at the end");
+    write(sql, &[position.into()]) as i64
+}
+
+/// From a 0.7.0 schema's capture table (until ALTER EXTENSION UPDATE): every row
+/// this transaction sees, deleted.
+fn take_captured() -> i64 {
+    let sql = format!(
+        "WITH taken AS (
+             DELETE FROM new_user_hook.captured RETURNING *
+         ), {PLACE_AND_INSERT}\0"
+    );
+    let sql = CStr::from_bytes_with_nul(sql.as_bytes()).expect("one NUL, at the end");
+    write(sql, &[]) as i64
 }
 
 /// An event waits while an earlier event of its user is pending (in flight, being

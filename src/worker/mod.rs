@@ -12,7 +12,7 @@ mod timers;
 use round::run_round;
 use timers::Timers;
 
-use crate::catalog;
+use crate::catalog::{self, Capture};
 use crate::delivery::{Outcome, Pool};
 use crate::model::backoff::random_jitter;
 use crate::model::breaker::{Allowance, Breaker, Transition};
@@ -22,7 +22,7 @@ use crate::model::problem::{Change, Failures, Step};
 use crate::settings::{self, Settings};
 use crate::shared;
 use crate::spi::{self, transaction};
-use crate::store::{self, Record};
+use crate::store::{self, Record, Rotation};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
@@ -67,6 +67,11 @@ const ANALYZE_EVERY: Duration = Duration::from_secs(10);
 /// just deleted stay visible to transactions older than it, which VACUUM respects.
 const VACUUM_CAPTURED_AFTER: i64 = 10_000;
 const VACUUM_DELAY: Duration = Duration::from_secs(1);
+/// The log's read segment is emptied (and the segments swap names) this long after
+/// the first events read since the last rotation: the log holds what arrives in
+/// about twice this, and a rotation (a short exclusive lock of both segments, a few
+/// catalog rows) comes at most this often, and once after the last events.
+const ROTATE_AFTER: Duration = Duration::from_secs(10);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_new_user_hook delivery worker")
@@ -329,7 +334,7 @@ impl Worker {
                 self.apply(result);
             }
             if Timers::reached(self.timers.vacuum, Instant::now()) && self.installed == Some(true) {
-                self.vacuum_captured();
+                self.maintain_log();
             }
             if Instant::now() >= self.timers.purge && self.installed == Some(true) {
                 self.purge();

@@ -174,15 +174,17 @@ impl Worker {
                 self.timers.retry_take = None;
                 self.step_outcome(Step::Take, Ok(()));
                 if self.take_error.take().is_some() {
-                    log!("pg_new_user_hook: taking captured events into the outbox succeeds again");
+                    log!(
+                        "pg_new_user_hook: reading committed events into the outbox succeeds again"
+                    );
                 }
                 *taken
             }
             Some(Err(error)) => {
-                // The round recorded and claimed without it; the events stay captured.
+                // The round recorded and claimed without it; the events stay in the log, unread.
                 // A repeated error is logged once (the problem says it meanwhile).
                 if self.take_error.as_ref() != Some(error) {
-                    warning!("pg_new_user_hook: taking captured events into the outbox failed, retried every {} s: {error}", RETRY_FAILED_ROUND.as_secs());
+                    warning!("pg_new_user_hook: reading committed events into the outbox failed, retried every {} s: {error}", RETRY_FAILED_ROUND.as_secs());
                     self.take_error = Some(error.clone());
                 }
                 self.step_outcome(Step::Take, Err(error));
@@ -194,8 +196,14 @@ impl Worker {
         self.timers.retry_round = None;
         self.timers.statistics = flush_statistics(false);
         self.taken_since_vacuum += taken;
-        if self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER && self.timers.vacuum.is_none() {
-            self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY);
+        if self.timers.vacuum.is_none() && taken > 0 {
+            // The log is rotated ROTATE_AFTER after the first events read since the last
+            // rotation; a capture table, vacuumed once many were deleted from it.
+            let log = catalog::capture() == Capture::Log;
+            if log || self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER {
+                let delay = if log { ROTATE_AFTER } else { VACUUM_DELAY };
+                self.timers.vacuum = Some(Instant::now() + delay);
+            }
         }
         if result.analyzed {
             self.taken_since_analyze = 0;
@@ -335,24 +343,38 @@ impl Worker {
         decisions
     }
 
-    /// Vacuums the capture table behind the takes; while autovacuum is at it, again a
-    /// second later. Events taken meanwhile count towards the next one.
-    pub(super) fn vacuum_captured(&mut self) {
-        let taken = self.taken_since_vacuum;
-        match store::vacuum_captured() {
-            Ok(false) => self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY),
-            done => {
-                if let Err(e) = &done {
-                    warning!("pg_new_user_hook: vacuuming new_user_hook.captured failed (autovacuum will): {e}");
-                }
-                self.step_outcome(
-                    Step::Vacuum,
-                    done.as_ref().map(|_| ()).map_err(String::as_str),
-                );
-                self.taken_since_vacuum -= taken;
-                self.timers.vacuum = None;
+    /// Rotates the log behind the reads (a 0.7.0 schema: vacuums its capture table);
+    /// while a segment is held (a signup committing, autovacuum), again a second later.
+    pub(super) fn maintain_log(&mut self) {
+        let outcome = match catalog::capture() {
+            Capture::Log => transaction(store::rotate_log),
+            Capture::Captured => {
+                store::vacuum_captured()
+                    .map(|done| if done { Rotation::Done } else { Rotation::Busy })
             }
+            Capture::Outbox => Ok(Rotation::Done),
+        };
+        if let Ok(Rotation::Busy) = outcome {
+            self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY);
+            return;
         }
+        self.timers.vacuum = match outcome {
+            Ok(Rotation::Busy) => unreachable!("handled above"),
+            Ok(Rotation::Again) => Some(Instant::now() + ROTATE_AFTER),
+            Ok(Rotation::Done) => None,
+            Err(ref e) => {
+                warning!(
+                    "pg_new_user_hook: {} failed, tried again after the next events: {e}",
+                    Step::Rotate.describe()
+                );
+                None
+            }
+        };
+        self.step_outcome(
+            Step::Rotate,
+            outcome.as_ref().map(|_| ()).map_err(String::as_str),
+        );
+        self.taken_since_vacuum = 0;
     }
 
     /// Counts the queue for the metrics within GAUGES_EVERY of the last count.
@@ -398,9 +420,7 @@ pub(super) fn run_round(round: Round) -> RoundResult {
     }
     // In a subtransaction of its own: a take that fails (a publication, a lock) must
     // not stop the outcomes from being recorded or the outbox's events from going out.
-    let taken = round
-        .take
-        .then(|| spi::subtransaction(store::take_captured));
+    let taken = round.take.then(|| spi::subtransaction(store::take));
     let taken_now = taken
         .as_ref()
         .and_then(|t| t.as_ref().ok())
