@@ -215,11 +215,13 @@ struct RoundResult {
     claimed: Vec<Event>,
     /// Until the next pending event not claimed is due (None: nothing pending).
     next_due: Option<Duration>,
-    /// Events taken from the capture table, or why the take failed (the round went
-    /// on without it); None when the round did not take. And whether the outbox was
-    /// analyzed.
+    /// Events read from the log, or why the read failed (the round went on without
+    /// it); None when the round did not read. And whether the outbox was analyzed.
     taken: Option<Result<i64, String>>,
     analyzed: bool,
+    /// Where the installed schema keeps events until they are read (looked up in the
+    /// round's transaction: the catalog is not read outside one).
+    capture: Option<Capture>,
 }
 
 struct Worker {
@@ -251,6 +253,10 @@ struct Worker {
     claim_was_full: bool,
     /// Events taken from the capture table since it was vacuumed.
     taken_since_vacuum: i64,
+    /// What the last round found the schema keeps events in.
+    capture: Option<Capture>,
+    /// Tries of the log's rotation in a row that found a segment held.
+    maintenance_busy: u32,
     timers: Timers,
     /// The problem reported last (log and status view), so each is reported once.
     problem: Option<String>,
@@ -296,6 +302,8 @@ impl Worker {
             backlog_in_statistics: false,
             claim_was_full: false,
             taken_since_vacuum: 0,
+            capture: None,
+            maintenance_busy: 0,
             timers: Timers::new(),
             problem: None,
             round_error: None,

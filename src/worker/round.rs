@@ -194,12 +194,15 @@ impl Worker {
             }
         };
         self.timers.retry_round = None;
+        if result.capture.is_some() {
+            self.capture = result.capture;
+        }
         self.timers.statistics = flush_statistics(false);
         self.taken_since_vacuum += taken;
         if self.timers.vacuum.is_none() && taken > 0 {
             // The log is rotated ROTATE_AFTER after the first events read since the last
             // rotation; a capture table, vacuumed once many were deleted from it.
-            let log = catalog::capture() == Capture::Log;
+            let log = self.capture == Some(Capture::Log);
             if log || self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER {
                 let delay = if log { ROTATE_AFTER } else { VACUUM_DELAY };
                 self.timers.vacuum = Some(Instant::now() + delay);
@@ -344,9 +347,10 @@ impl Worker {
     }
 
     /// Rotates the log behind the reads (a 0.7.0 schema: vacuums its capture table);
-    /// while a segment is held (a signup committing, autovacuum), again a second later.
+    /// while a segment is held (a signup committing, autovacuum), again a second later,
+    /// and less often while it stays held.
     pub(super) fn maintain_log(&mut self) {
-        let outcome = match catalog::capture() {
+        let outcome = match self.capture.unwrap_or(Capture::Outbox) {
             Capture::Log => transaction(store::rotate_log),
             Capture::Captured => {
                 store::vacuum_captured()
@@ -355,9 +359,15 @@ impl Worker {
             Capture::Outbox => Ok(Rotation::Done),
         };
         if let Ok(Rotation::Busy) = outcome {
-            self.timers.vacuum = Some(Instant::now() + VACUUM_DELAY);
+            // Held by a long reader (pg_dump holds every table it dumps): each try of the
+            // log's exclusive lock takes a transaction id, so the tries thin out, from a
+            // second to a minute.
+            let delay = VACUUM_DELAY * 2u32.pow(self.maintenance_busy.min(6));
+            self.maintenance_busy += 1;
+            self.timers.vacuum = Some(Instant::now() + delay);
             return;
         }
+        self.maintenance_busy = 0;
         self.timers.vacuum = match outcome {
             Ok(Rotation::Busy) => unreachable!("handled above"),
             Ok(Rotation::Again) => Some(Instant::now() + ROTATE_AFTER),
@@ -412,8 +422,10 @@ pub(super) fn run_round(round: Round) -> RoundResult {
             next_due: None,
             taken: None,
             analyzed: false,
+            capture: None,
         };
     }
+    let capture = Some(catalog::capture());
     store::record(&round.record);
     if round.release_backoff {
         store::release_backoff();
@@ -452,5 +464,6 @@ pub(super) fn run_round(round: Round) -> RoundResult {
         next_due,
         taken,
         analyzed,
+        capture,
     }
 }
