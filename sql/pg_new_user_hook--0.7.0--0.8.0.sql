@@ -8,6 +8,10 @@
 -- without the breaker and events given up on. The trigger function's code changed
 -- (events written at commit), not its definition.
 
+-- Locked first, in the order a reader of the deliveries view takes them (the view,
+-- the outbox, the capture table), so that the update waits for readers instead of
+-- deadlocking with one.
+LOCK TABLE new_user_hook.deliveries IN ACCESS EXCLUSIVE MODE;
 ALTER TABLE new_user_hook.outbox SET (vacuum_truncate = false);
 -- A user's earlier pending event is found from the event backwards (a claim's cost no
 -- longer grows with the square of one user's backlog). Builds over the whole outbox.
@@ -15,9 +19,9 @@ DROP INDEX new_user_hook.outbox_user;
 CREATE INDEX outbox_user ON new_user_hook.outbox (user_id, seq);
 -- The log: events as committing transactions write them (src/capture/), read by the
 -- worker in commit order (src/store/, take_log) and never changed or deleted one by
--- one. Two segments: signups append to the one named log_0; once every event of
--- log_1 has been read, the worker empties log_1 (TRUNCATE) and the two swap names
--- (src/store/maintenance.rs, rotate_log). A signup appends one heap row and one
+-- one. Two segments: signups append to one (shared memory says which); once every
+-- event of the other has been read, the worker empties it (TRUNCATE) and points
+-- signups to it (src/store/maintenance.rs, rotate_log). A signup appends one heap row and one
 -- entry of the index on xid, and nothing else; no row is updated or deleted, so
 -- there is nothing to vacuum. Logged: a committed event survives a crash.
 -- xid is the writing transaction's id: the worker reads the events of the
@@ -38,12 +42,16 @@ CREATE INDEX log_0_xid ON new_user_hook.log_0 (xid);
 CREATE TABLE new_user_hook.log_1 (LIKE new_user_hook.log_0);
 CREATE INDEX log_1_xid ON new_user_hook.log_1 (xid);
 COMMENT ON TABLE new_user_hook.log_0 IS
-    'Events of users as committed (the segment written to), read by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
+    'Events of users as committed (one of the log''s two segments), read by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 COMMENT ON TABLE new_user_hook.log_1 IS
-    'Events of users as committed (the segment emptied next), read by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
--- Never truncated by VACUUM: that lock would hold signups up.
+    'Events of users as committed (one of the log''s two segments), read by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
+-- Never truncated by VACUUM: that lock would hold signups up. A replica identity
+-- for the worker's rare UPDATE (re-stamping an event restored without the trigger
+-- below) under a publication; it costs WAL only for such an update.
 ALTER TABLE new_user_hook.log_0 SET (vacuum_truncate = false);
 ALTER TABLE new_user_hook.log_1 SET (vacuum_truncate = false);
+ALTER TABLE new_user_hook.log_0 REPLICA IDENTITY FULL;
+ALTER TABLE new_user_hook.log_1 REPLICA IDENTITY FULL;
 
 -- Where the worker has read the log to: the snapshot its last read saw. An event is
 -- unread while its transaction is not visible in that snapshot. NULL: nothing read
@@ -69,6 +77,10 @@ END
 $$;
 CREATE TRIGGER stamp_xid BEFORE INSERT ON new_user_hook.log_0 FOR EACH ROW EXECUTE FUNCTION new_user_hook.stamp_xid();
 CREATE TRIGGER stamp_xid BEFORE INSERT ON new_user_hook.log_1 FOR EACH ROW EXECUTE FUNCTION new_user_hook.stamp_xid();
+-- Also under session_replication_role = replica (a data-only restore, logical
+-- replication's apply worker).
+ALTER TABLE new_user_hook.log_0 ENABLE ALWAYS TRIGGER stamp_xid;
+ALTER TABLE new_user_hook.log_1 ENABLE ALWAYS TRIGGER stamp_xid;
 
 -- The events not read yet: their transactions committed after the position's
 -- snapshot was taken (all of them if there is no position). Through the index on
@@ -94,10 +106,9 @@ SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_1',
     'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)');
 
 -- The events captured and not yet taken into the outbox go into the log, stamped
--- with this transaction's id: the worker reads them first. Signups wait for this
--- update from here (none can add to the capture table once it is copied); those
--- that waited write into the outbox, as into an older schema.
-LOCK TABLE new_user_hook.captured IN EXCLUSIVE MODE;
+-- with this transaction's id: the worker reads them first. The capture table is
+-- locked since the start (with the deliveries view): signups wait for this update,
+-- none adds to it once it is copied, and those that waited write into the outbox.
 INSERT INTO new_user_hook.log_0 (id, user_id, source, kind, record, old_record, seq, created_at)
 SELECT id, user_id, source, kind, record, old_record, seq, created_at FROM new_user_hook.captured;
 

@@ -56,19 +56,11 @@ pub enum Capture {
     Outbox,
 }
 
-thread_local! {
-    static LOG_SEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Which of these the installed schema has, looked up as `lifecycle_columns` is: until
-/// ALTER EXTENSION UPDATE, an older schema is written and read as it was. Only the
-/// log is remembered once seen: the others are what an update replaces.
+/// Which of these the installed schema has: until ALTER EXTENSION UPDATE, an older
+/// schema is written and read as it was. Looked up each time (two catalog cache
+/// look-ups): the extension may be dropped and created again at another version.
 pub fn capture() -> Capture {
-    if LOG_SEEN.get() {
-        return Capture::Log;
-    }
     if table_oid(c"log_0").is_some() {
-        LOG_SEEN.set(true);
         Capture::Log
     } else if table_oid(c"captured").is_some() {
         Capture::Captured

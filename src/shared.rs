@@ -100,6 +100,14 @@ static QUEUE_GAUGES: PgLwLock<QueueGauges> =
 static BACKEND_STATE: PgAtomic<AtomicI32> =
     unsafe { PgAtomic::new(c"pg_new_user_hook_backend_state") };
 
+/// The log segment signups append to (0: log_0, 1: log_1), switched by the worker
+/// when it empties the other one. A hint: both segments are always read, and one is
+/// emptied only when nobody holds it and all of it has been read, so a signup that
+/// read the hint just before a switch and writes into the other segment loses
+/// nothing. Starts at 0 with the server.
+static WRITE_SEGMENT: PgAtomic<AtomicI32> =
+    unsafe { PgAtomic::new(c"pg_new_user_hook_write_segment") };
+
 /// Set in the postmaster when loaded through shared_preload_libraries; inherited by every backend.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -112,6 +120,7 @@ pub fn init() {
     pg_shmem_init!(WORKER_STARTS = AtomicI32::new(0));
     pg_shmem_init!(QUEUE_GAUGES);
     pg_shmem_init!(BACKEND_STATE = AtomicI32::new(0));
+    pg_shmem_init!(WRITE_SEGMENT = AtomicI32::new(0));
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -215,6 +224,21 @@ pub fn publish_queue_gauges(gauges: QueueGauges) {
 /// None without the preload.
 pub fn queue_gauges() -> Option<QueueGauges> {
     preloaded().then(|| *QUEUE_GAUGES.share())
+}
+
+/// The log segment signups append to: 0 or 1 (0 without the preload).
+pub fn write_segment() -> usize {
+    if preloaded() {
+        (WRITE_SEGMENT.get().load(Ordering::Acquire) & 1) as usize
+    } else {
+        0
+    }
+}
+
+pub fn set_write_segment(segment: usize) {
+    WRITE_SEGMENT
+        .get()
+        .store((segment & 1) as i32, Ordering::Release);
 }
 
 pub fn set_backend_state(state: i32) {

@@ -77,6 +77,38 @@ pub(crate) fn read_one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid
         .unwrap_or_else(|e| error!("pg_new_user_hook: {e}: {sql}"))
 }
 
+/// The first row of a query whose columns are all bigint, read with a new snapshot
+/// (as a statement that may write is: read-only SPI reuses the transaction's
+/// snapshot), without assigning a transaction id. Empty when there is no row.
+pub(crate) fn int8_row_now(sql: &str) -> Vec<i64> {
+    let sql = std::ffi::CString::new(sql).expect("no NUL in the worker's SQL");
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("pg_new_user_hook: SPI_connect failed");
+        }
+        let rc = pg_sys::SPI_execute(sql.as_ptr(), false, 1);
+        if rc < 0 {
+            error!(
+                "pg_new_user_hook: SPI error {rc} in: {}",
+                sql.to_string_lossy()
+            );
+        }
+        let mut row = Vec::new();
+        let table = pg_sys::SPI_tuptable;
+        if pg_sys::SPI_processed > 0 && !table.is_null() {
+            let desc = (*table).tupdesc;
+            let tuple = *(*table).vals;
+            for column in 1..=(*desc).natts {
+                let mut null = false;
+                let datum = pg_sys::SPI_getbinval(tuple, desc, column, &mut null);
+                row.push(if null { 0 } else { datum.value() as i64 });
+            }
+        }
+        pg_sys::SPI_finish();
+        row
+    }
+}
+
 /// Runs a statement that may write, and returns how many rows it processed (an
 /// INSERT, UPDATE or DELETE: the rows it wrote). A transaction id is assigned only
 /// if it writes something (pgrx's `Spi::run` assigns one first): a take or a purge

@@ -716,3 +716,54 @@ fn concurrent_long_short_and_prepared_signups_are_each_read_once() {
         rolled_back.len()
     );
 }
+
+/// The log is emptied by TRUNCATE, which is not MVCC-safe: a snapshot taken while an
+/// event was unread (a pg_dump's, a repeatable-read report's) must keep seeing it
+/// until it ends, so a segment is emptied only once no older snapshot remains.
+#[test]
+fn an_older_snapshot_keeps_seeing_an_event_the_worker_read_since() {
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver, &[]);
+    let mut blocker = cluster.connect("supabase_admin");
+    // The read into the outbox waits (and fails) while this lock is held.
+    blocker
+        .batch_execute("BEGIN; LOCK new_user_hook.outbox IN SHARE MODE")
+        .unwrap();
+    let id = cluster.signup("older-snapshot@example.com");
+    // Its snapshot taken now, while the event is unread; it touches the log only
+    // later (a pg_dump locks its tables after taking its snapshot).
+    let mut report = cluster.connect("supabase_admin");
+    report
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM auth.users")
+        .unwrap();
+    let seen = |report: &mut postgres::Client| -> i64 {
+        report
+            .query_one(
+                "SELECT count(*) FROM new_user_hook.deliveries WHERE user_id = $1::text::uuid",
+                &[&id],
+            )
+            .unwrap()
+            .get(0)
+    };
+    blocker.batch_execute("COMMIT").unwrap();
+    cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
+    // Long enough for every step of a rotation (5 s apart).
+    std::thread::sleep(Duration::from_secs(25));
+    assert_eq!(
+        seen(&mut report),
+        1,
+        "the event vanished from an older snapshot"
+    );
+    let log_rows: i64 = cluster
+        .one_row("SELECT (SELECT count(*) FROM new_user_hook.log_0) + (SELECT count(*) FROM new_user_hook.log_1)")
+        .get(0);
+    assert_eq!(log_rows, 1, "emptied under an older snapshot");
+    report.batch_execute("COMMIT").unwrap();
+    // Once it ends, the log is emptied.
+    wait_for("the log emptied", Duration::from_secs(60), || {
+        let rows: i64 = cluster
+            .one_row("SELECT (SELECT count(*) FROM new_user_hook.log_0) + (SELECT count(*) FROM new_user_hook.log_1)")
+            .get(0);
+        (rows == 0).then_some(())
+    });
+}

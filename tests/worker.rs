@@ -191,6 +191,16 @@ fn a_burst_leaves_the_log_empty_and_the_outbox_analyzed() {
         .connect("supabase_admin")
         .batch_execute("ALTER TABLE new_user_hook.outbox SET (autovacuum_enabled = false)")
         .unwrap();
+    // An event trigger that refuses all DDL (as a project's guard might): the log's
+    // rotation runs none.
+    cluster
+        .connect("supabase_admin")
+        .batch_execute(
+            "CREATE FUNCTION public.no_ddl() RETURNS event_trigger LANGUAGE plpgsql
+                 AS $$ BEGIN RAISE EXCEPTION 'no DDL here'; END $$;
+             CREATE EVENT TRIGGER no_ddl ON ddl_command_start EXECUTE FUNCTION public.no_ddl();",
+        )
+        .unwrap();
     // Committed while delivery is paused: taken into the outbox at once when it resumes.
     cluster.bulk_signups("burst", 12_000, 4_000);
     cluster.configure(&[("paused", "off")]);

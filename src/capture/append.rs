@@ -8,8 +8,9 @@ thread_local! {
     /// a new user's, and a later change's.
     static CREATED_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     static CHANGE_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
-    /// Any event, into a log segment with indexes of its own.
-    static LOG_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    /// Any event, into log_0 or log_1 when it cannot be written directly.
+    static LOG_0_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+    static LOG_1_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
     /// A new user's, into an outbox without the lifecycle columns (before ALTER EXTENSION UPDATE).
     static LEGACY_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
@@ -24,10 +25,13 @@ thread_local! {
 pub(super) const INSERT_CREATED: &CStr =
     c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
       VALUES ($1, $2, $3, $4, $5, $6, $7)";
-/// Into the log (its trigger stamps the transaction's id).
-pub(super) const INSERT_LOG: &CStr =
+/// Into the log's segments (their trigger stamps the transaction's id).
+pub(super) const INSERT_LOG: [&CStr; 2] = [
     c"INSERT INTO new_user_hook.log_0 (id, user_id, source, record, kind, old_record, seq, created_at) \
-      VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.clock_timestamp())";
+      VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.clock_timestamp())",
+    c"INSERT INTO new_user_hook.log_1 (id, user_id, source, record, kind, old_record, seq, created_at) \
+      VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.clock_timestamp())",
+];
 pub(super) const INSERT_LEGACY: &CStr =
     c"INSERT INTO new_user_hook.outbox (id, user_id, source, record) VALUES ($1, $2, $3, $4)";
 pub(super) const INSERT_CHANGE: &CStr = c"INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq) \
@@ -41,7 +45,7 @@ pub(super) fn text_datum(s: &str) -> pg_sys::Datum {
 }
 
 pub(super) unsafe fn insert_event(
-    into_log: bool,
+    into_log: Option<usize>,
     kind: Kind,
     user_id: &mut [u8; 16],
     source: &str,
@@ -52,12 +56,13 @@ pub(super) unsafe fn insert_event(
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("pg_new_user_hook: SPI_connect failed");
         }
-        let legacy = !into_log && !catalog::lifecycle_columns();
-        let (cache, sql) = match kind {
-            _ if into_log => (&LOG_PLAN, INSERT_LOG),
+        let legacy = into_log.is_none() && !catalog::lifecycle_columns();
+        let (cache, sql) = match (kind, into_log) {
+            (_, Some(0)) => (&LOG_0_PLAN, INSERT_LOG[0]),
+            (_, Some(_)) => (&LOG_1_PLAN, INSERT_LOG[1]),
             _ if legacy => (&LEGACY_PLAN, INSERT_LEGACY),
-            Kind::Created => (&CREATED_PLAN, INSERT_CREATED),
-            Kind::Updated | Kind::Deleted => (&CHANGE_PLAN, INSERT_CHANGE),
+            (Kind::Created, None) => (&CREATED_PLAN, INSERT_CREATED),
+            (Kind::Updated | Kind::Deleted, None) => (&CHANGE_PLAN, INSERT_CHANGE),
         };
         let mut plan = cache.get();
         if plan.is_null() {
@@ -133,16 +138,16 @@ thread_local! {
 
 /// Where this transaction's events go.
 pub(super) enum Target {
-    /// The log segment signups append to (`new_user_hook.log_0`, 0.8.0), with its
-    /// one index, on xid: a heap row and an index entry, written directly.
+    /// The log segment signups append to (`new_user_hook.log_0` or `log_1`, 0.8.0),
+    /// with its one index, on xid: a heap row and an index entry, written directly.
     Log {
         heap: pg_sys::Relation,
         index: pg_sys::Relation,
         info: *mut pg_sys::IndexInfo,
     },
-    /// The log segment, with indexes of its own added: an INSERT as the owner, so
-    /// that every index is kept.
-    LogByInsert,
+    /// The log segment (0 or 1), changed by hand (an index or a column added): an
+    /// INSERT as the owner, so that every index is kept.
+    LogByInsert(usize),
     /// A 0.7.0 schema's capture table (until ALTER EXTENSION UPDATE): a heap row.
     Captured(pg_sys::Relation),
     /// An older schema: the outbox, by INSERT as the owner.
@@ -212,21 +217,23 @@ unsafe fn only_xid_index(
     }
 }
 
-/// Where this transaction's events go, looked up by name once per transaction: the
-/// log segment named log_0 now (the worker swaps the segments' names when it
-/// empties one; a transaction that looked the name up just before writes into the
-/// other segment, which is read as well and only emptied once read), else what an
-/// older schema has.
+/// Where this transaction's events go, looked up once per transaction: the log
+/// segment the worker points signups to now (shared memory; a transaction that read
+/// it just before the worker switched writes into the other segment, which is read
+/// as well and only emptied once read), else what an older schema has.
 pub(super) unsafe fn open_target() -> Target {
     unsafe {
-        if let Some(heap) = open_with_columns(c"log_0", Some(XID_COLUMN)) {
-            return match only_xid_index(heap) {
-                Some((index, info)) => Target::Log { heap, index, info },
-                None => {
-                    pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
-                    Target::LogByInsert
-                }
-            };
+        let segment = shared::write_segment();
+        let name = [c"log_0", c"log_1"][segment];
+        if let Some(heap) = open_with_columns(name, Some(XID_COLUMN)) {
+            if let Some((index, info)) = only_xid_index(heap) {
+                return Target::Log { heap, index, info };
+            }
+            pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+            return Target::LogByInsert(segment);
+        }
+        if catalog::table_oid(name).is_some() {
+            return Target::LogByInsert(segment);
         }
         match open_with_columns(c"captured", None) {
             Some(rel) => Target::Captured(rel),
@@ -245,7 +252,7 @@ pub(super) unsafe fn close_target(target: Target) {
                 pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
             }
             Target::Captured(rel) => pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE),
-            Target::LogByInsert | Target::Outbox => {}
+            Target::LogByInsert(_) | Target::Outbox => {}
         }
     }
 }
@@ -269,7 +276,7 @@ pub(super) unsafe fn append_row(
         let (heap, index) = match target {
             Target::Log { heap, index, info } => (*heap, Some((*index, *info))),
             Target::Captured(heap) => (*heap, None),
-            Target::LogByInsert | Target::Outbox => unreachable!("written by INSERT"),
+            Target::LogByInsert(_) | Target::Outbox => unreachable!("written by INSERT"),
         };
         let xid = pg_sys::GetTopFullTransactionId().value;
         let mut event_id = *uuid::Uuid::now_v7().as_bytes();

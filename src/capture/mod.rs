@@ -16,7 +16,7 @@
 
 use crate::model::event::Kind;
 use crate::model::request;
-use crate::{catalog, settings, wake};
+use crate::{catalog, settings, shared, wake};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, varlena};
 use std::cell::{Cell, RefCell};
@@ -279,9 +279,9 @@ unsafe fn write_events(notes: Notes) {
                     &record,
                     old_record.as_deref(),
                 ),
-                Target::LogByInsert => as_owner_of(note.function, || {
+                Target::LogByInsert(segment) => as_owner_of(note.function, || {
                     insert_event(
-                        true,
+                        Some(*segment),
                         kind,
                         &mut user_id,
                         &source.name,
@@ -295,7 +295,7 @@ unsafe fn write_events(notes: Notes) {
                     // new users only.
                     as_owner_of(note.function, || {
                         insert_event(
-                            false,
+                            None,
                             kind,
                             &mut user_id,
                             &source.name,

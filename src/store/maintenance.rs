@@ -99,73 +99,140 @@ pub fn vacuum_captured() -> Result<bool, String> {
 /// What a rotation of the log did.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Rotation {
-    /// Nothing to do, or done for now.
+    /// Nothing to do (until events are read again).
     Done,
-    /// The segments swapped: the one now read holds events, to be emptied next.
+    /// A step was taken (signups pointed to the other segment, or a segment found
+    /// read and waiting for older snapshots to end): the next in ROTATE_AFTER.
     Again,
-    /// A segment was held by another transaction: to be tried again in a moment.
-    Busy,
+    /// The segment to empty is held by another transaction, or still seen unread by
+    /// an older snapshot: to be tried again later. Says which.
+    Busy(&'static str),
 }
 
-/// Empties log_1 once every event of it has been read (TRUNCATE: new files, no row
-/// deleted), and if log_0 holds events swaps the segments' names, so that signups
-/// write into the empty one: the log holds what arrives between two rotations, and
-/// an idle log ends empty. Skipped at once (Busy) while anyone holds either segment —
-/// a signup committing, autovacuum, a reader — since waiting would hold signups up
-/// behind the worker. A few catalog rows are all it writes.
-pub fn rotate_log() -> Rotation {
-    // (log_0 holds events, log_1 holds events, every event of log_1 has been read)
-    let look = || {
-        let row = read_one::<pgrx::datum::Array<bool>>(
-            "SELECT ARRAY[EXISTS (SELECT 1 FROM new_user_hook.log_0), EXISTS (SELECT 1 FROM new_user_hook.log_1),
-                          NOT EXISTS (SELECT 1 FROM new_user_hook.log_1 AS l
-                                       WHERE NOT coalesce(pg_visible_in_snapshot(l.xid,
-                                                 (SELECT snapshot FROM new_user_hook.positions
-                                                   WHERE endpoint = 'default')), false))]",
-            &[],
+/// A segment found entirely read, and the transaction id from which on every
+/// snapshot sees it read: it is emptied once no older snapshot remains.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ReadSince {
+    segment: usize,
+    rows: i64,
+    xmax: pg_sys::TransactionId,
+}
+
+/// One step of the log's rotation. Signups append to one segment (shared memory says
+/// which); the worker empties the other once every event in it has been read — by
+/// TRUNCATE, never row by row — and then points signups to it. So the log holds what
+/// arrives between two rotations, and only the segment signups do not write to is
+/// ever locked: no signup waits for a rotation, and a rotation runs no DDL (which
+/// would fire event triggers, such as the one that makes PostgREST reload its
+/// schema). The segment is emptied only when:
+/// - every event in it has been read (the position's snapshot sees its transaction);
+/// - no snapshot older than the read remains (`since`, kept from an earlier step):
+///   TRUNCATE is not MVCC-safe, and a snapshot from before the read — a pg_dump's, a
+///   repeatable-read report's — would see the events in neither the log nor the
+///   outbox;
+/// - nobody holds it (pg_locks, looked at first: trying the lock itself takes a
+///   transaction id, for the standby's sake), and the conditional lock is granted.
+pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
+    let write_to = crate::shared::write_segment();
+    let other = 1 - write_to;
+    let names = [c"log_0", c"log_1"];
+    let (Some(other_oid), Some(_)) = (table_oid(names[other]), table_oid(names[write_to])) else {
+        return Rotation::Done;
+    };
+    // (rows in the segment written to, rows in the other, of which not read)
+    let look = || -> (i64, i64, i64) {
+        let sql = format!(
+            "SELECT (SELECT count(*) FROM new_user_hook.log_{write_to}),
+                    (SELECT count(*) FROM new_user_hook.log_{other}),
+                    (SELECT count(*) FROM new_user_hook.log_{other} AS l
+                      WHERE NOT coalesce(pg_visible_in_snapshot(l.xid,
+                                (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default')), false))"
         );
-        let flags: Vec<bool> = row
-            .map(|a| a.iter().map(|f| f.unwrap_or(false)).collect())
-            .unwrap_or_default();
-        match flags[..] {
-            [fill, read, all_read] => (fill, read, all_read),
-            _ => (false, false, false),
+        // Each time with a new snapshot (after the lock: one that sees every commit
+        // before it), where read-only SPI would reuse the transaction's first.
+        match crate::spi::int8_row_now(&sql)[..] {
+            [writing, rows, unread] => (writing, rows, unread),
+            _ => (0, 0, 1),
         }
     };
-    let (Some(log_0), Some(log_1)) = (table_oid(c"log_0"), table_oid(c"log_1")) else {
-        return Rotation::Done;
-    };
-    // Looked at before the locks (an exclusive lock takes a transaction id, for the
-    // WAL that tells standbys), and again once they are held: no transaction can be
-    // adding to either segment then.
-    let (filling, read, all_read) = look();
-    if !all_read || !(filling || read) {
+    let (writing, other_rows, other_unread) = look();
+    if other_rows == 0 {
+        *since = None;
+        if writing == 0 {
+            return Rotation::Done;
+        }
+        // The other segment is empty: signups go there from now on, and the one they
+        // wrote to is emptied once read.
+        crate::shared::set_write_segment(other);
+        return Rotation::Again;
+    }
+    if other_unread > 0 {
+        *since = None;
         return Rotation::Done;
     }
-    let locked = [log_1, log_0].into_iter().all(|relid| unsafe {
-        pg_sys::ConditionalLockRelationOid(relid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)
-    });
+    let xmax = current_xmax();
+    match *since {
+        Some(s) if s.segment == other && s.rows == other_rows => {
+            let horizon = unsafe {
+                let rel =
+                    pg_sys::relation_open(other_oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                let horizon = pg_sys::GetOldestNonRemovableTransactionId(rel);
+                pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                horizon
+            };
+            if unsafe { pg_sys::TransactionIdPrecedes(horizon, s.xmax) } {
+                return Rotation::Busy("a transaction older than the log's last read still runs");
+            }
+        }
+        _ => {
+            *since = Some(ReadSince {
+                segment: other,
+                rows: other_rows,
+                xmax,
+            });
+            return Rotation::Again;
+        }
+    }
+    let held = read_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks
+                         WHERE locktype = 'relation' AND relation = $1
+                           AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+                           AND pid IS DISTINCT FROM pg_backend_pid())",
+        &[other_oid.into()],
+    )
+    .unwrap_or(true);
+    let locked = !held
+        && unsafe {
+            pg_sys::ConditionalLockRelationOid(
+                other_oid,
+                pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+            )
+        };
     if !locked {
-        return Rotation::Busy;
+        return Rotation::Busy("another transaction holds the log's segment");
     }
-    let (filling, read, all_read) = look();
-    if !all_read {
-        return Rotation::Done;
+    let (_, rows_now, unread_now) = look();
+    if unread_now > 0 || rows_now != other_rows {
+        *since = None;
+        return Rotation::Again;
     }
-    if read {
-        write(c"TRUNCATE new_user_hook.log_1", &[]);
-    }
-    if !filling {
-        return Rotation::Done;
-    }
+    let truncate = format!("TRUNCATE new_user_hook.log_{other}\0");
     write(
-        c"ALTER TABLE new_user_hook.log_0 RENAME TO log_swap;
-          ALTER TABLE new_user_hook.log_1 RENAME TO log_0;
-          ALTER TABLE new_user_hook.log_swap RENAME TO log_1;
-          ALTER INDEX new_user_hook.log_0_xid RENAME TO log_swap_xid;
-          ALTER INDEX new_user_hook.log_1_xid RENAME TO log_0_xid;
-          ALTER INDEX new_user_hook.log_swap_xid RENAME TO log_1_xid",
+        std::ffi::CStr::from_bytes_with_nul(truncate.as_bytes()).expect("one NUL, at the end"),
         &[],
     );
+    *since = None;
     Rotation::Again
+}
+
+/// The current snapshot's xmax: every transaction id from it on started after it.
+fn current_xmax() -> pg_sys::TransactionId {
+    unsafe {
+        let snapshot = pg_sys::GetActiveSnapshot();
+        if snapshot.is_null() {
+            pg_sys::ReadNextTransactionId()
+        } else {
+            (*snapshot).xmax
+        }
+    }
 }

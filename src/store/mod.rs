@@ -5,7 +5,7 @@
 mod maintenance;
 mod vault;
 
-pub use maintenance::{analyze_outbox, rotate_log, vacuum_captured, Rotation};
+pub use maintenance::{analyze_outbox, rotate_log, vacuum_captured, ReadSince, Rotation};
 pub use vault::vault_secret;
 
 use crate::catalog::{capture, lifecycle_columns, Capture};
@@ -72,7 +72,11 @@ pub fn take() -> i64 {
 /// statement's snapshot in the same statement, so an event is read once however late
 /// its transaction commits; it stays where it is when nothing was read (no write,
 /// no transaction id). A position row deleted by hand is written again (meanwhile
-/// everything is unread, and what the outbox has already is skipped). The position is read first, so that the planner sees its
+/// everything is unread, and what the outbox has already is skipped). A committed
+/// event stamped with a transaction id this cluster has not reached (written with
+/// the stamping trigger disabled: `pg_restore --disable-triggers`) would be unread
+/// forever: it is read, and stamped with this statement's id, so the next read sees
+/// it read. The position is read first, so that the planner sees its
 /// values: the range on xid is then planned as what it is, a few index pages.
 fn take_log() -> i64 {
     let position: Option<String> = read_one(
@@ -88,6 +92,12 @@ fn take_log() -> i64 {
              SELECT l.* FROM new_user_hook.log_1 AS l
               WHERE l.xid >= coalesce(pg_snapshot_xmin($1::pg_snapshot), '0')
                 AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
+         ), foreign_0 AS (
+             UPDATE new_user_hook.log_0 SET xid = pg_current_xact_id()
+              WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
+         ), foreign_1 AS (
+             UPDATE new_user_hook.log_1 SET xid = pg_current_xact_id()
+              WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
          ), moved AS (
              INSERT INTO new_user_hook.positions AS p (endpoint, snapshot, moved_at)
              SELECT 'default', pg_current_snapshot(), now() WHERE EXISTS (SELECT 1 FROM taken)

@@ -67,11 +67,14 @@ const ANALYZE_EVERY: Duration = Duration::from_secs(10);
 /// just deleted stay visible to transactions older than it, which VACUUM respects.
 const VACUUM_CAPTURED_AFTER: i64 = 10_000;
 const VACUUM_DELAY: Duration = Duration::from_secs(1);
-/// The log's read segment is emptied (and the segments swap names) this long after
-/// the first events read since the last rotation: the log holds what arrives in
-/// about twice this, and a rotation (a short exclusive lock of both segments, a few
-/// catalog rows) comes at most this often, and once after the last events.
-const ROTATE_AFTER: Duration = Duration::from_secs(10);
+/// The log's rotation goes a step further this long after the first events read
+/// since it last rested, then after each step: signups pointed to the empty segment,
+/// the other found read, then emptied once no older snapshot remains. The log holds
+/// what arrives in a few times this; an idle log is empty 15 s after the last read.
+const ROTATE_AFTER: Duration = Duration::from_secs(5);
+/// Tries in a row that found the segment to empty held (1, 2, 4 … 64 s apart:
+/// about 4 minutes) that make a problem of it.
+const MAINTENANCE_BUSY_PROBLEM: u32 = 8;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_new_user_hook delivery worker")
@@ -257,6 +260,8 @@ struct Worker {
     capture: Option<Capture>,
     /// Tries of the log's rotation in a row that found a segment held.
     maintenance_busy: u32,
+    /// The log segment found entirely read, waiting for older snapshots to end.
+    log_read_since: Option<store::ReadSince>,
     timers: Timers,
     /// The problem reported last (log and status view), so each is reported once.
     problem: Option<String>,
@@ -304,6 +309,7 @@ impl Worker {
             taken_since_vacuum: 0,
             capture: None,
             maintenance_busy: 0,
+            log_read_since: None,
             timers: Timers::new(),
             problem: None,
             round_error: None,

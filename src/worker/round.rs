@@ -346,32 +346,50 @@ impl Worker {
         decisions
     }
 
-    /// Rotates the log behind the reads (a 0.7.0 schema: vacuums its capture table);
-    /// while a segment is held (a signup committing, autovacuum), again a second later,
-    /// and less often while it stays held.
+    /// Takes the log's rotation a step further behind the reads (a 0.7.0 schema:
+    /// vacuums its capture table). While the segment to empty is held, again after a
+    /// second, then less often, up to a minute; held for minutes, it is a problem
+    /// (the log grows meanwhile), named until the rotation goes on.
     pub(super) fn maintain_log(&mut self) {
+        let mut since = self.log_read_since;
         let outcome = match self.capture.unwrap_or(Capture::Outbox) {
-            Capture::Log => transaction(store::rotate_log),
-            Capture::Captured => {
-                store::vacuum_captured()
-                    .map(|done| if done { Rotation::Done } else { Rotation::Busy })
+            Capture::Log => {
+                let (outcome, kept) = transaction(move || {
+                    let outcome = store::rotate_log(&mut since);
+                    (outcome, since)
+                })
+                .map_or_else(|e| (Err(e), None), |(o, s)| (Ok(o), s));
+                self.log_read_since = kept;
+                outcome
             }
+            Capture::Captured => store::vacuum_captured().map(|done| {
+                if done {
+                    Rotation::Done
+                } else {
+                    Rotation::Busy("autovacuum holds new_user_hook.captured")
+                }
+            }),
             Capture::Outbox => Ok(Rotation::Done),
         };
-        if let Ok(Rotation::Busy) = outcome {
-            // Held by a long reader (pg_dump holds every table it dumps): each try of the
-            // log's exclusive lock takes a transaction id, so the tries thin out, from a
-            // second to a minute.
+        if let Ok(Rotation::Busy(why)) = outcome {
             let delay = VACUUM_DELAY * 2u32.pow(self.maintenance_busy.min(6));
             self.maintenance_busy += 1;
+            if self.maintenance_busy >= MAINTENANCE_BUSY_PROBLEM {
+                self.step_outcome(
+                    Step::Rotate,
+                    Err(&format!(
+                        "could not obtain lock: {why} since {} tries, so the log cannot be emptied and grows",
+                        self.maintenance_busy
+                    )),
+                );
+            }
             self.timers.vacuum = Some(Instant::now() + delay);
             return;
         }
         self.maintenance_busy = 0;
         self.timers.vacuum = match outcome {
-            Ok(Rotation::Busy) => unreachable!("handled above"),
             Ok(Rotation::Again) => Some(Instant::now() + ROTATE_AFTER),
-            Ok(Rotation::Done) => None,
+            Ok(_) => None,
             Err(ref e) => {
                 warning!(
                     "pg_new_user_hook: {} failed, tried again after the next events: {e}",
