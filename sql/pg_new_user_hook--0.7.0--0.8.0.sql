@@ -84,18 +84,19 @@ ALTER TABLE new_user_hook.log_1 ENABLE ALWAYS TRIGGER stamp_xid;
 
 -- The events not read yet: their transactions committed after the position's
 -- snapshot was taken (all of them if there is no position). Through the index on
--- xid, from the oldest transaction that was running then.
+-- xid: the transactions from the position's xmax on, and those running at it.
 CREATE VIEW new_user_hook.unread AS
-WITH p AS (SELECT (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default') AS snapshot)
 SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at
-  FROM p, new_user_hook.log_0 AS l
- WHERE l.xid >= coalesce(pg_catalog.pg_snapshot_xmin(p.snapshot), '0')
-   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, p.snapshot), false)
+  FROM new_user_hook.log_0 AS l
+ WHERE (l.xid >= coalesce((SELECT pg_catalog.pg_snapshot_xmax(snapshot) FROM new_user_hook.positions WHERE endpoint = 'default'), '0')
+        OR l.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM new_user_hook.positions WHERE endpoint = 'default')))
+   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default')), false)
 UNION ALL
 SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at
-  FROM p, new_user_hook.log_1 AS l
- WHERE l.xid >= coalesce(pg_catalog.pg_snapshot_xmin(p.snapshot), '0')
-   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, p.snapshot), false);
+  FROM new_user_hook.log_1 AS l
+ WHERE (l.xid >= coalesce((SELECT pg_catalog.pg_snapshot_xmax(snapshot) FROM new_user_hook.positions WHERE endpoint = 'default'), '0')
+        OR l.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM new_user_hook.positions WHERE endpoint = 'default')))
+   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default')), false);
 
 -- Unread events are data: pg_dump keeps them (and only them: the read ones are in
 -- the outbox). The position is not dumped: a restored database reads its log from

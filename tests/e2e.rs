@@ -767,3 +767,34 @@ fn an_older_snapshot_keeps_seeing_an_event_the_worker_read_since() {
         (rows == 0).then_some(())
     });
 }
+
+/// A prepared transaction holds a transaction id but no snapshot: it cannot see the
+/// log, so the log is emptied while it waits for its COMMIT PREPARED.
+#[test]
+fn a_prepared_transaction_elsewhere_does_not_keep_the_log_from_emptying() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::with_hook(&["max_prepared_transactions = 2"]);
+    cluster.configure(&[("url", receiver.url.as_str())]);
+    let mut admin = cluster.connect("supabase_admin");
+    admin
+        .batch_execute(
+            "CREATE TABLE public.elsewhere (x int);
+             BEGIN; INSERT INTO public.elsewhere VALUES (1); PREPARE TRANSACTION 'elsewhere';",
+        )
+        .unwrap();
+    let ids: Vec<String> = (0..3)
+        .map(|i| cluster.signup(&format!("beside-prepared-{i}@example.com")))
+        .collect();
+    for id in &ids {
+        cluster.wait_for_event(id, "status = 'delivered'", WITHIN);
+    }
+    wait_for("the log emptied", Duration::from_secs(60), || {
+        let rows: i64 = cluster
+            .one_row("SELECT (SELECT count(*) FROM new_user_hook.log_0) + (SELECT count(*) FROM new_user_hook.log_1)")
+            .get(0);
+        (rows == 0).then_some(())
+    });
+    admin
+        .batch_execute("ROLLBACK PREPARED 'elsewhere'")
+        .unwrap();
+}

@@ -131,11 +131,6 @@ pub(super) const CAPTURED_COLUMNS: [(&[u8], pg_sys::Oid); 8] = [
 ];
 const XID_COLUMN: (&[u8], pg_sys::Oid) = (b"xid", pg_sys::XID8OID);
 
-thread_local! {
-    /// The table last found with the expected columns (they are checked once per table).
-    static COLUMNS_CHECKED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
-}
-
 /// Where this transaction's events go.
 pub(super) enum Target {
     /// The log segment signups append to (`new_user_hook.log_0` or `log_1`, 0.8.0),
@@ -169,19 +164,19 @@ unsafe fn open_with_columns(
         let desc = (*rel).rd_att;
         let columns = CAPTURED_COLUMNS.iter().chain(extra.iter());
         let count = CAPTURED_COLUMNS.len() + extra.iter().count();
+        // Checked at each use (nine comparisons): a column whose type changed would
+        // otherwise be written with datums of the old type.
         let same = (*desc).natts as usize == count
-            && (COLUMNS_CHECKED.get() == relid
-                || columns.enumerate().all(|(i, (name, typid))| {
-                    let attr = tuple_attr(desc, i);
-                    !attr.attisdropped
-                        && attr.atttypid == *typid
-                        && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
-                }));
+            && columns.enumerate().all(|(i, (name, typid))| {
+                let attr = tuple_attr(desc, i);
+                !attr.attisdropped
+                    && attr.atttypid == *typid
+                    && CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes() == *name
+            });
         if !same {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             return None;
         }
-        COLUMNS_CHECKED.set(relid);
         Some(rel)
     }
 }

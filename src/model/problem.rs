@@ -39,6 +39,10 @@ pub fn remedy(error: &str) -> &'static str {
         "a publication includes the extension's tables and one lacks a replica identity: \
          run ALTER EXTENSION pg_new_user_hook UPDATE (0.8.0 reads events from a log it never \
          deletes from), or ALTER TABLE new_user_hook.captured REPLICA IDENTITY FULL"
+    } else if e.contains("snapshot is older") {
+        "a long transaction keeps a snapshot from before the worker's last read of the log \
+         (pg_stat_activity: backend_xmin, xact_start): end it; events are delivered meanwhile, \
+         and the log is emptied once it ends"
     } else if e.contains("lock timeout") || e.contains("could not obtain lock") {
         "another transaction holds a lock on the extension's tables: find it in pg_locks \
          joined with pg_stat_activity and end it; events wait meanwhile, none is lost"
@@ -177,6 +181,14 @@ mod tests {
             (
                 "relation \"new_user_hook.captured\" does not exist",
                 "ALTER EXTENSION",
+            ),
+            (
+                "a transaction whose snapshot is older than the worker's last read of the log still runs (8 tries in a row): the log cannot be emptied, and grows",
+                "backend_xmin",
+            ),
+            (
+                "could not obtain lock on a segment of the log: another transaction holds it (8 tries in a row)",
+                "pg_locks",
             ),
             ("something else", "server log"),
         ] {

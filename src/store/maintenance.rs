@@ -109,13 +109,13 @@ pub enum Rotation {
     Busy(&'static str),
 }
 
-/// A segment found entirely read, and the transaction id from which on every
-/// snapshot sees it read: it is emptied once no older snapshot remains.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// A segment found entirely read, and the transactions that held a snapshot then
+/// (which may date from before the read): it is emptied once they have all ended.
+#[derive(Clone, Debug)]
 pub struct ReadSince {
     segment: usize,
     rows: i64,
-    xmax: pg_sys::TransactionId,
+    older: Vec<pg_sys::VirtualTransactionId>,
 }
 
 /// One step of the log's rotation. Signups append to one segment (shared memory says
@@ -126,13 +126,19 @@ pub struct ReadSince {
 /// would fire event triggers, such as the one that makes PostgREST reload its
 /// schema). The segment is emptied only when:
 /// - every event in it has been read (the position's snapshot sees its transaction);
-/// - no snapshot older than the read remains (`since`, kept from an earlier step):
-///   TRUNCATE is not MVCC-safe, and a snapshot from before the read — a pg_dump's, a
-///   repeatable-read report's — would see the events in neither the log nor the
-///   outbox;
+/// - every transaction that held a snapshot when the segment was found read has
+///   ended (`since`, kept from an earlier step; as CREATE INDEX CONCURRENTLY waits,
+///   but without waiting): TRUNCATE is not MVCC-safe, and a snapshot from before the
+///   read — a pg_dump's, a repeatable-read report's — would see the events in
+///   neither the log nor the outbox. Transactions without a snapshot (a prepared
+///   one) are not waited for;
 /// - nobody holds it (pg_locks, looked at first: trying the lock itself takes a
 ///   transaction id, for the standby's sake), and the conditional lock is granted.
 pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
+    const HELD: &str =
+        "could not obtain lock on a segment of the log: another transaction holds it";
+    const OLDER: &str =
+        "a transaction whose snapshot is older than the worker's last read of the log still runs";
     let write_to = crate::shared::write_segment();
     let other = 1 - write_to;
     let names = [c"log_0", c"log_1"];
@@ -170,25 +176,22 @@ pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
         *since = None;
         return Rotation::Done;
     }
-    let xmax = current_xmax();
-    match *since {
+    match since {
         Some(s) if s.segment == other && s.rows == other_rows => {
-            let horizon = unsafe {
-                let rel =
-                    pg_sys::relation_open(other_oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-                let horizon = pg_sys::GetOldestNonRemovableTransactionId(rel);
-                pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-                horizon
-            };
-            if unsafe { pg_sys::TransactionIdPrecedes(horizon, s.xmax) } {
-                return Rotation::Busy("a transaction older than the log's last read still runs");
+            // SAFETY: a look-up in the lock table, without waiting.
+            let running = s
+                .older
+                .iter()
+                .any(|vxid| !unsafe { pg_sys::VirtualXactLock(*vxid, false) });
+            if running {
+                return Rotation::Busy(OLDER);
             }
         }
         _ => {
             *since = Some(ReadSince {
                 segment: other,
                 rows: other_rows,
-                xmax,
+                older: snapshot_holders(),
             });
             return Rotation::Again;
         }
@@ -209,7 +212,7 @@ pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
             )
         };
     if !locked {
-        return Rotation::Busy("another transaction holds the log's segment");
+        return Rotation::Busy(HELD);
     }
     let (_, rows_now, unread_now) = look();
     if unread_now > 0 || rows_now != other_rows {
@@ -225,14 +228,23 @@ pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
     Rotation::Again
 }
 
-/// The current snapshot's xmax: every transaction id from it on started after it.
-fn current_xmax() -> pg_sys::TransactionId {
+/// The transactions of this database that hold a snapshot now (vacuums and the
+/// worker itself aside).
+fn snapshot_holders() -> Vec<pg_sys::VirtualTransactionId> {
     unsafe {
-        let snapshot = pg_sys::GetActiveSnapshot();
-        if snapshot.is_null() {
-            pg_sys::ReadNextTransactionId()
-        } else {
-            (*snapshot).xmax
+        let mut count = 0;
+        let list = pg_sys::GetCurrentVirtualXIDs(
+            pg_sys::InvalidTransactionId,
+            true,
+            false,
+            pg_sys::PROC_IN_VACUUM as i32,
+            &mut count,
+        );
+        if list.is_null() || count <= 0 {
+            return Vec::new();
         }
+        let holders = std::slice::from_raw_parts(list, count as usize).to_vec();
+        pg_sys::pfree(list.cast());
+        holders
     }
 }

@@ -75,8 +75,12 @@ pub fn take() -> i64 {
 /// everything is unread, and what the outbox has already is skipped). A committed
 /// event stamped with a transaction id this cluster has not reached (written with
 /// the stamping trigger disabled: `pg_restore --disable-triggers`) would be unread
-/// forever: it is read, and stamped with this statement's id, so the next read sees
-/// it read. The position is read first, so that the planner sees its
+/// forever: it is read, and stamped with the first normal transaction id, which
+/// every position sees (read).
+///
+/// The window is found through the index on xid: the transactions from the
+/// position's xmax on, and the few that were running at the position (its xip) —
+/// not everything from its xmin, which a long transaction holds back. The position is read first, so that the planner sees its
 /// values: the range on xid is then planned as what it is, a few index pages.
 fn take_log() -> i64 {
     let position: Option<String> = read_one(
@@ -86,17 +90,19 @@ fn take_log() -> i64 {
     let sql = format!(
         "WITH taken AS (
              SELECT l.* FROM new_user_hook.log_0 AS l
-              WHERE l.xid >= coalesce(pg_snapshot_xmin($1::pg_snapshot), '0')
+              WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
+                     OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
                 AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
              UNION ALL
              SELECT l.* FROM new_user_hook.log_1 AS l
-              WHERE l.xid >= coalesce(pg_snapshot_xmin($1::pg_snapshot), '0')
+              WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
+                     OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
                 AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
          ), foreign_0 AS (
-             UPDATE new_user_hook.log_0 SET xid = pg_current_xact_id()
+             UPDATE new_user_hook.log_0 SET xid = '3'
               WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
          ), foreign_1 AS (
-             UPDATE new_user_hook.log_1 SET xid = pg_current_xact_id()
+             UPDATE new_user_hook.log_1 SET xid = '3'
               WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
          ), moved AS (
              INSERT INTO new_user_hook.positions AS p (endpoint, snapshot, moved_at)

@@ -260,6 +260,8 @@ struct Worker {
     capture: Option<Capture>,
     /// Tries of the log's rotation in a row that found a segment held.
     maintenance_busy: u32,
+    /// When a commit or the fallback poll last made the worker look for events.
+    looked_at: Instant,
     /// The log segment found entirely read, waiting for older snapshots to end.
     log_read_since: Option<store::ReadSince>,
     timers: Timers,
@@ -309,6 +311,7 @@ impl Worker {
             taken_since_vacuum: 0,
             capture: None,
             maintenance_busy: 0,
+            looked_at: Instant::now(),
             log_read_since: None,
             timers: Timers::new(),
             problem: None,
@@ -458,6 +461,7 @@ impl Worker {
         if !self.outcomes.is_empty() {
             timeout = timeout.min(RECORD_DELAY.saturating_sub(self.outcomes_since.elapsed()));
         }
+        timeout = timeout.min(POLL.saturating_sub(self.looked_at.elapsed()));
         if self.maybe_due && can_claim {
             timeout = Duration::ZERO;
         }
@@ -482,8 +486,11 @@ impl Worker {
         // Woken by a commit, or the fallback poll ran out: look for due events. The
         // poll catches events whose commit woke nobody (COMMIT PREPARED, a wake-up
         // lost to a race); other timers only serve what they were set for.
-        let polled = rc & pg_sys::WL_TIMEOUT as i32 != 0 && timeout == POLL;
+        // The poll is due POLL after the last look, whatever other timers (a
+        // rotation's steps, a secret's refresh) woke the worker meanwhile.
+        let polled = self.looked_at.elapsed() >= POLL;
         if latch_was_set || rc & pg_sys::WL_LATCH_SET as i32 != 0 || polled {
+            self.looked_at = Instant::now();
             self.maybe_due = true;
             self.maybe_captured = true;
             // New events (or a poll): the metrics' count of the queue is stale.

@@ -351,7 +351,7 @@ impl Worker {
     /// second, then less often, up to a minute; held for minutes, it is a problem
     /// (the log grows meanwhile), named until the rotation goes on.
     pub(super) fn maintain_log(&mut self) {
-        let mut since = self.log_read_since;
+        let mut since = self.log_read_since.take();
         let outcome = match self.capture.unwrap_or(Capture::Outbox) {
             Capture::Log => {
                 let (outcome, kept) = transaction(move || {
@@ -378,7 +378,7 @@ impl Worker {
                 self.step_outcome(
                     Step::Rotate,
                     Err(&format!(
-                        "could not obtain lock: {why} since {} tries, so the log cannot be emptied and grows",
+                        "{why} ({} tries in a row): the log cannot be emptied, and grows",
                         self.maintenance_busy
                     )),
                 );
@@ -469,7 +469,16 @@ pub(super) fn run_round(round: Round) -> RoundResult {
         Vec::new()
     };
     let next_due = if claimed.len() < round.claim || round.claim == 0 {
-        let mut busy = round.busy;
+        // The events recorded above are due again by what was recorded (a retry's
+        // backoff): only those still on their way are left out.
+        let recorded: std::collections::HashSet<&str> =
+            round.record.iter().map(|r| r.id.as_str()).collect();
+        let mut busy: Vec<String> = round
+            .busy
+            .iter()
+            .filter(|id| !recorded.contains(id.as_str()))
+            .cloned()
+            .collect();
         busy.extend(claimed.iter().map(|c| c.id.clone()));
         store::next_due(&busy)
     } else {
