@@ -261,6 +261,24 @@ fn extension_row_writes(cluster: &Cluster) -> i64 {
         .get(0)
 }
 
+/// The same, once the worker has handed all of its counts over: an idle worker
+/// flushes its statistics within 10 s, so the count is read until it stays put
+/// for 3 s (20 s at most).
+fn settled_row_writes(cluster: &Cluster) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = extension_row_writes(cluster);
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_secs(3) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = extension_row_writes(cluster);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last
+}
+
 /// Where the next WAL record goes, in bytes.
 fn wal_position(cluster: &Cluster) -> i64 {
     cluster
@@ -707,8 +725,7 @@ fn main() {
         (common::thread_cpu_time(worker, worker) - main_before).as_secs_f64() * 1e6 / 20_000.0;
     // Everything written meanwhile is the delivery's (nothing else runs), autovacuum included.
     let wal_per_event = (wal_position(&cluster) - wal_before) as f64 / 20_000.0;
-    std::thread::sleep(STATISTICS_FLUSH);
-    let writes_per_100k = (extension_row_writes(&cluster) - writes_before) * 5;
+    let writes_per_100k = (settled_row_writes(&cluster) - writes_before) * 5;
     let statements = statement_times(&mut admin);
     track_statements(&mut admin, false);
     println!("Drain rate");
