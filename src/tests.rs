@@ -292,7 +292,7 @@ mod tests {
             count("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending'"),
             5
         );
-        assert_eq!(crate::store::take(), 4);
+        assert_eq!(crate::store::take(crate::catalog::Capture::Log), 4);
         // The position moved past them (this test's own transaction stays "unread" to the
         // view, which no worker ever is; a second read below skips what the outbox has).
         assert_eq!(
@@ -322,7 +322,7 @@ mod tests {
             count("SELECT count(*) FROM new_user_hook.outbox WHERE next_attempt_at <> created_at"),
             0
         );
-        assert_eq!(crate::store::take(), 0);
+        assert_eq!(crate::store::take(crate::catalog::Capture::Log), 0);
     }
 
     #[pg_test]

@@ -183,7 +183,7 @@ mod tests {
                 "ALTER EXTENSION",
             ),
             (
-                "a transaction whose snapshot is older than the worker's last read of the log still runs (8 tries in a row): the log cannot be emptied, and grows",
+                "a transaction whose snapshot is older than the worker's last read of the log still runs (8 tries in a row): it cannot be emptied, and grows",
                 "backend_xmin",
             ),
             (

@@ -8,7 +8,7 @@ mod vault;
 pub use maintenance::{analyze_outbox, rotate_log, vacuum_captured, ReadSince, Rotation};
 pub use vault::vault_secret;
 
-use crate::catalog::{capture, lifecycle_columns, Capture};
+use crate::catalog::{lifecycle_columns, Capture};
 use crate::model::classify::Decision;
 use crate::model::event::{Event, Kind};
 use crate::shared::QueueGauges;
@@ -58,8 +58,8 @@ const PLACE_AND_INSERT: &str = "placed AS (
 /// statement: all of them, so that a user's earlier event never stays behind while a
 /// later one is claimed (a transaction that committed a later event of a user
 /// committed after the earlier one). Returns how many it read.
-pub fn take() -> i64 {
-    match capture() {
+pub fn take(capture: Capture) -> i64 {
+    match capture {
         Capture::Log => take_log(),
         Capture::Captured => take_captured(),
         Capture::Outbox => 0,

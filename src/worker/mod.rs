@@ -350,7 +350,9 @@ impl Worker {
                 let result = transaction(move || run_round(round));
                 self.apply(result);
             }
-            if Timers::reached(self.timers.vacuum, Instant::now()) && self.installed == Some(true) {
+            if Timers::reached(self.timers.log_upkeep, Instant::now())
+                && self.installed == Some(true)
+            {
                 self.maintain_log();
             }
             if Instant::now() >= self.timers.purge && self.installed == Some(true) {

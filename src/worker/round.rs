@@ -199,13 +199,13 @@ impl Worker {
         }
         self.timers.statistics = flush_statistics(false);
         self.taken_since_vacuum += taken;
-        if self.timers.vacuum.is_none() && taken > 0 {
+        if self.timers.log_upkeep.is_none() && taken > 0 {
             // The log is rotated ROTATE_AFTER after the first events read since the last
             // rotation; a capture table, vacuumed once many were deleted from it.
             let log = self.capture == Some(Capture::Log);
             if log || self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER {
                 let delay = if log { ROTATE_AFTER } else { VACUUM_DELAY };
-                self.timers.vacuum = Some(Instant::now() + delay);
+                self.timers.log_upkeep = Some(Instant::now() + delay);
             }
         }
         if result.analyzed {
@@ -366,7 +366,9 @@ impl Worker {
                 if done {
                     Rotation::Done
                 } else {
-                    Rotation::Busy("autovacuum holds new_user_hook.captured")
+                    Rotation::Busy(
+                        "could not obtain lock on new_user_hook.captured: autovacuum holds it",
+                    )
                 }
             }),
             Capture::Outbox => Ok(Rotation::Done),
@@ -378,16 +380,16 @@ impl Worker {
                 self.step_outcome(
                     Step::Rotate,
                     Err(&format!(
-                        "{why} ({} tries in a row): the log cannot be emptied, and grows",
+                        "{why} ({} tries in a row): it cannot be emptied, and grows",
                         self.maintenance_busy
                     )),
                 );
             }
-            self.timers.vacuum = Some(Instant::now() + delay);
+            self.timers.log_upkeep = Some(Instant::now() + delay);
             return;
         }
         self.maintenance_busy = 0;
-        self.timers.vacuum = match outcome {
+        self.timers.log_upkeep = match outcome {
             Ok(Rotation::Again) => Some(Instant::now() + ROTATE_AFTER),
             Ok(_) => None,
             Err(ref e) => {
@@ -443,14 +445,17 @@ pub(super) fn run_round(round: Round) -> RoundResult {
             capture: None,
         };
     }
-    let capture = Some(catalog::capture());
+    let found = catalog::capture();
+    let capture = Some(found);
     store::record(&round.record);
     if round.release_backoff {
         store::release_backoff();
     }
     // In a subtransaction of its own: a take that fails (a publication, a lock) must
     // not stop the outcomes from being recorded or the outbox's events from going out.
-    let taken = round.take.then(|| spi::subtransaction(store::take));
+    let taken = round
+        .take
+        .then(|| spi::subtransaction(move || store::take(found)));
     let taken_now = taken
         .as_ref()
         .and_then(|t| t.as_ref().ok())

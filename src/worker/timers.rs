@@ -15,8 +15,9 @@ pub(super) struct Timers {
     pub(super) retry_round: Option<Instant>,
     /// The queue is to be counted for the metrics (None: nothing changed).
     pub(super) gauges: Option<Instant>,
-    /// The capture table is to be vacuumed (VACUUM_CAPTURED_AFTER events were taken).
-    pub(super) vacuum: Option<Instant>,
+    /// The log's rotation is to go a step further (a 0.7.0 schema: its capture table
+    /// is to be vacuumed, VACUUM_CAPTURED_AFTER events having been taken).
+    pub(super) log_upkeep: Option<Instant>,
     /// A failed take is to be tried again.
     pub(super) retry_take: Option<Instant>,
 }
@@ -30,7 +31,7 @@ impl Timers {
             retry_round: None,
             // Published at start, so the metrics never show another life's counts.
             gauges: Some(Instant::now()),
-            vacuum: None,
+            log_upkeep: None,
             retry_take: None,
         }
     }
@@ -62,7 +63,7 @@ impl Timers {
             secrets_refresh,
             next_probe,
             self.gauges.filter(|_| can_purge),
-            self.vacuum.filter(|_| can_purge),
+            self.log_upkeep.filter(|_| can_purge),
             self.retry_take.filter(|_| can_claim),
         ]
         .into_iter()
