@@ -150,3 +150,151 @@ pub(crate) fn write(sql: &CStr, args: &[DatumWithOid]) -> u64 {
         processed
     }
 }
+
+/// How a kept statement is planned when it runs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Planning {
+    /// Anew at each run, with its arguments' values: for a statement whose best plan
+    /// depends on them, or on how much is queued. Only the parsing is saved.
+    Custom,
+    /// Once, until a table it reads is changed or analyzed: for a statement whose
+    /// best plan is the same whatever is queued (a lookup by key).
+    Generic,
+}
+
+thread_local! {
+    /// The worker's statements, parsed once: at a trickle, parsing and planning a
+    /// round's statements anew cost several times what running them does.
+    /// By statement, then by its arguments' types.
+    #[allow(clippy::type_complexity)]
+    static KEPT: std::cell::RefCell<std::collections::HashMap<Box<[u8]>, Vec<(Vec<pg_sys::Oid>, usize)>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The kept plan of `sql` for arguments of these types, prepared on first use. Called
+/// inside SPI_connect. A plan outlives transactions (SPI_keepplan), and PostgreSQL
+/// checks it at each run: a table dropped, altered or analyzed since makes it be
+/// parsed or planned again; one that no longer exists makes the run fail.
+unsafe fn kept_plan(sql: &CStr, types: &[pg_sys::Oid], planning: Planning) -> pg_sys::SPIPlanPtr {
+    let found = KEPT.with(|kept| {
+        kept.borrow()
+            .get(sql.to_bytes())
+            .and_then(|plans| plans.iter().find(|(t, _)| t == types).map(|(_, p)| *p))
+    });
+    if let Some(plan) = found {
+        return plan as pg_sys::SPIPlanPtr;
+    }
+    let options = match planning {
+        Planning::Custom => pg_sys::CURSOR_OPT_CUSTOM_PLAN,
+        Planning::Generic => pg_sys::CURSOR_OPT_GENERIC_PLAN,
+    };
+    let mut types = types.to_vec();
+    let plan = pg_sys::SPI_prepare_cursor(
+        sql.as_ptr(),
+        types.len() as i32,
+        types.as_mut_ptr(),
+        options as i32,
+    );
+    if plan.is_null() {
+        error!(
+            "pg_new_user_hook: SPI error {} preparing: {}",
+            std::ptr::addr_of!(pg_sys::SPI_result).read(),
+            sql.to_string_lossy()
+        );
+    }
+    pg_sys::SPI_keepplan(plan);
+    KEPT.with(|kept| {
+        kept.borrow_mut()
+            .entry(sql.to_bytes().into())
+            .or_default()
+            .push((types, plan as usize))
+    });
+    plan
+}
+
+/// Runs a kept statement inside SPI_connect; returns SPI's code. Not read-only: each
+/// statement sees what the transaction wrote before it (a new snapshot); a query that
+/// writes nothing still assigns no transaction id.
+unsafe fn run_kept(sql: &CStr, args: &[DatumWithOid], planning: Planning, limit: i64) -> i32 {
+    let types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
+    let plan = kept_plan(sql, &types, planning);
+    let mut values: Vec<pg_sys::Datum> = args
+        .iter()
+        .map(|a| {
+            a.datum()
+                .map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())
+        })
+        .collect();
+    let nulls: Vec<std::ffi::c_char> = args
+        .iter()
+        .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+        .collect();
+    let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, limit as _);
+    if rc < 0 {
+        error!(
+            "pg_new_user_hook: SPI error {rc} in: {}",
+            sql.to_string_lossy()
+        );
+    }
+    rc
+}
+
+/// `write` with a kept plan: returns how many rows the statement processed.
+pub(crate) fn write_kept(sql: &CStr, args: &[DatumWithOid], planning: Planning) -> u64 {
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("pg_new_user_hook: SPI_connect failed");
+        }
+        run_kept(sql, args, planning, 0);
+        let processed = pg_sys::SPI_processed;
+        pg_sys::SPI_finish();
+        processed
+    }
+}
+
+/// One row of a kept query's result, read by column number (from 1).
+pub(crate) struct KeptRow {
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+}
+
+impl KeptRow {
+    /// The column's value; None when NULL. `T` must be the column's type.
+    pub(crate) fn get<T: FromDatum>(&self, column: i32) -> Option<T> {
+        unsafe {
+            let mut null = false;
+            let datum = pg_sys::SPI_getbinval(self.tuple, self.desc, column, &mut null);
+            T::from_datum(datum, null)
+        }
+    }
+}
+
+/// Runs a kept query and maps up to `limit` rows (0: all) while they are in SPI's
+/// memory.
+pub(crate) fn select_kept<R>(
+    sql: &CStr,
+    args: &[DatumWithOid],
+    planning: Planning,
+    limit: i64,
+    mut each: impl FnMut(&KeptRow) -> R,
+) -> Vec<R> {
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("pg_new_user_hook: SPI_connect failed");
+        }
+        run_kept(sql, args, planning, limit);
+        let table = pg_sys::SPI_tuptable;
+        let mut rows = Vec::new();
+        if !table.is_null() {
+            for i in 0..pg_sys::SPI_processed as usize {
+                let row = KeptRow {
+                    tuple: *(*table).vals.add(i),
+                    desc: (*table).tupdesc,
+                };
+                rows.push(each(&row));
+            }
+        }
+        pg_sys::SPI_finish();
+        rows
+    }
+}

@@ -12,7 +12,7 @@ use crate::catalog::{lifecycle_columns, Capture};
 use crate::model::classify::Decision;
 use crate::model::event::{Event, Kind};
 use crate::shared::QueueGauges;
-use crate::spi::{read_one, write};
+use crate::spi::{select_kept, write, write_kept, Planning};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -83,10 +83,16 @@ pub fn take(capture: Capture) -> i64 {
 /// not everything from its xmin, which a long transaction holds back. The position is read first, so that the planner sees its
 /// values: the range on xid is then planned as what it is, a few index pages.
 fn take_log() -> i64 {
-    let position: Option<String> = read_one(
-        "SELECT snapshot::text FROM new_user_hook.positions WHERE endpoint = 'default'",
+    let position: Option<String> = select_kept(
+        c"SELECT snapshot::text FROM new_user_hook.positions WHERE endpoint = 'default'",
         &[],
-    );
+        Planning::Generic,
+        1,
+        |row| row.get::<String>(1),
+    )
+    .into_iter()
+    .next()
+    .flatten();
     let sql = format!(
         "WITH taken AS (
              SELECT l.* FROM new_user_hook.log_0 AS l
@@ -112,7 +118,7 @@ fn take_log() -> i64 {
          ON CONFLICT (id) DO NOTHING\0"
     );
     let sql = CStr::from_bytes_with_nul(sql.as_bytes()).expect("one NUL, at the end");
-    write(sql, &[position.into()]) as i64
+    write_kept(sql, &[position.into()], Planning::Custom) as i64
 }
 
 /// From a 0.7.0 schema's capture table (until ALTER EXTENSION UPDATE): every row
@@ -150,27 +156,20 @@ const NO_EARLIER_EVENT_PENDING: &str = "(SELECT true FROM new_user_hook.outbox A
 /// crashes) is simply due again when the worker starts — at least once, and no
 /// write per claim.
 pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
-    Spi::connect(|client| {
-        let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
-        client
-            .select(&claim_sql(lifecycle_columns()), None, &args)
-            .expect("claiming due events")
-            .map(|row| Event {
-                id: row.get::<String>(1).ok().flatten().unwrap_or_default(),
-                attempt: row.get::<i32>(2).ok().flatten().unwrap_or(1) as u32,
-                record: row.get::<String>(3).ok().flatten().unwrap_or_default(),
-                source: row.get::<String>(4).ok().flatten().unwrap_or_default(),
-                created_at: row.get::<String>(5).ok().flatten().unwrap_or_default(),
-                kind: row
-                    .get::<String>(6)
-                    .ok()
-                    .flatten()
-                    .and_then(|k| Kind::from_name(&k))
-                    .unwrap_or(Kind::Created),
-                old_record: row.get::<String>(7).ok().flatten(),
-                probe,
-            })
-            .collect()
+    let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
+    let sql = std::ffi::CString::new(claim_sql(lifecycle_columns())).expect("no NUL");
+    select_kept(&sql, &args, Planning::Custom, 0, |row| Event {
+        id: row.get::<String>(1).unwrap_or_default(),
+        attempt: row.get::<i32>(2).unwrap_or(1) as u32,
+        record: row.get::<String>(3).unwrap_or_default(),
+        source: row.get::<String>(4).unwrap_or_default(),
+        created_at: row.get::<String>(5).unwrap_or_default(),
+        kind: row
+            .get::<String>(6)
+            .and_then(|k| Kind::from_name(&k))
+            .unwrap_or(Kind::Created),
+        old_record: row.get::<String>(7),
+        probe,
     })
 }
 
@@ -203,7 +202,11 @@ pub fn claim_sql(lifecycle: bool) -> String {
 /// overdue): not in flight, and not waiting for an earlier event of its user.
 pub fn next_due(in_flight: &[String]) -> Option<Duration> {
     let args: [DatumWithOid; 1] = [in_flight.to_vec().into()];
-    read_one::<f64>(&next_due_sql(lifecycle_columns()), &args)
+    let sql = std::ffi::CString::new(next_due_sql(lifecycle_columns())).expect("no NUL");
+    select_kept(&sql, &args, Planning::Custom, 1, |row| row.get::<f64>(1))
+        .into_iter()
+        .next()
+        .flatten()
         .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
 }
 
@@ -285,8 +288,8 @@ pub fn record(outcomes: &[Record]) {
         attempts.into(),
         classes.into(),
     ];
-    Spi::run_with_args(
-        "WITH r AS (
+    write_kept(
+        c"WITH r AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[], $7::text[])
                  AS r(id, outcome, code, error, delay_ms, attempt, class)
          ), done AS (
@@ -341,8 +344,8 @@ pub fn record(outcomes: &[Record]) {
              last_error_at = coalesce(t.last_error_at, c.last_error_at)
          FROM t",
         &args,
-    )
-    .expect("recording delivery outcomes");
+        Planning::Custom,
+    );
 }
 
 /// After a backend came back: events waiting out a backoff from the outage are
