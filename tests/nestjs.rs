@@ -118,6 +118,16 @@ impl Backend {
     }
 }
 
+/// Waits until every event is recorded as delivered in new_user_hook.deliveries.
+fn all_recorded_as_delivered(cluster: &Cluster) {
+    wait_for("every event recorded as delivered", WITHIN, || {
+        let left: i64 = cluster
+            .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status <> 'delivered'")
+            .get(0);
+        (left == 0).then_some(())
+    });
+}
+
 #[test]
 fn every_new_user_becomes_exactly_one_profile_in_the_nestjs_backend() {
     let backend = Backend::start();
@@ -147,6 +157,9 @@ fn every_new_user_becomes_exactly_one_profile_in_the_nestjs_backend() {
         .all(|(_, email)| email.as_deref().is_some_and(|e| e.starts_with("nest-"))));
 
     // Forced redelivery of every event: the backend recognises them, no second profile.
+    // redeliver() takes delivered events: the worker records an outcome a little after
+    // the backend got it.
+    all_recorded_as_delivered(&cluster);
     let mut admin = cluster.connect("supabase_admin");
     let requeued: i64 = admin
         .query_one(
@@ -262,6 +275,7 @@ fn the_nestjs_backend_keeps_a_profile_in_sync_through_confirmation_email_change_
     });
     // The other user's profile is untouched; redelivering everything changes nothing.
     wait_for("the second profile", WITHIN, || profile_of(&second));
+    all_recorded_as_delivered(&cluster);
     let requeued: i64 = cluster
         .one_row(
             "SELECT count(*) FROM new_user_hook.deliveries d WHERE new_user_hook.redeliver(d.id)",

@@ -39,9 +39,14 @@ const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Delivered events deleted per purge transaction; full batches follow each other
 /// between rounds until the expired events are gone.
 const PURGE_BATCH: i64 = 10_000;
-/// Outcomes are recorded in batches of this many, or after RECORD_DELAY.
+/// Outcomes are recorded in batches of this many, or after RECORD_DELAY while other
+/// requests are on the wire. Once nothing is, they wait up to RECORD_IDLE_DELAY for
+/// the next round that has to run anyway (the next signup's read): at a trickle, one
+/// transaction an event instead of two. A crash meanwhile sends them again, as it
+/// does events in flight.
 const RECORD_BATCH: usize = 64;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
+const RECORD_IDLE_DELAY: Duration = Duration::from_millis(50);
 /// How long SIGTERM waits for requests in progress before abandoning them.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Delay before the postmaster restarts a worker that died.
@@ -232,11 +237,12 @@ struct Worker {
     pool: Pool,
     /// Ids of the events claimed and not yet decided (claims live in memory only).
     in_flight: HashSet<String>,
-    /// Outcomes waiting to be decided and recorded in one batch, and since when.
-    outcomes: Vec<Outcome>,
-    outcomes_since: Instant,
-    /// Decided and not recorded yet: a failed round keeps them for the next one.
+    /// Outcomes decided (the breaker has seen them) and not recorded yet, and since
+    /// when; a failed round keeps them for the next one.
     unrecorded: Vec<Record>,
+    unrecorded_since: Instant,
+    /// Whether the round under way records `unrecorded`.
+    recording: bool,
     /// Whether the extension exists in the worker's database (None: look again).
     installed: Option<bool>,
     /// Something may be due now: woken by a commit, a timer, or a full claim.
@@ -296,9 +302,9 @@ impl Worker {
             config: Config::new(settings),
             pool,
             in_flight: HashSet::new(),
-            outcomes: Vec::new(),
-            outcomes_since: Instant::now(),
             unrecorded: Vec::new(),
+            unrecorded_since: Instant::now(),
+            recording: false,
             // Known before the first report, which would otherwise warn that the
             // extension is missing at every start.
             installed: transaction(catalog::installed).ok(),
@@ -460,8 +466,11 @@ impl Worker {
                 .next_probe()
                 .filter(|at| *at > now && self.timers.due.is_some()),
         );
-        if !self.outcomes.is_empty() {
-            timeout = timeout.min(RECORD_DELAY.saturating_sub(self.outcomes_since.elapsed()));
+        if !self.unrecorded.is_empty() {
+            timeout = timeout.min(
+                self.record_delay()
+                    .saturating_sub(self.unrecorded_since.elapsed()),
+            );
         }
         timeout = timeout.min(POLL.saturating_sub(self.looked_at.elapsed()));
         if self.maybe_due && can_claim {
@@ -505,11 +514,9 @@ impl Worker {
     /// in progress after a short grace — their events stay pending and are sent
     /// again (at least once), and a fast shutdown stays fast whatever `timeout_ms` is.
     fn shutdown(&mut self) {
-        let mut outcomes = std::mem::take(&mut self.outcomes);
-        outcomes.extend(
-            self.pool
-                .stop(SHUTDOWN_GRACE.min(self.config.settings().timeout)),
-        );
+        let outcomes = self
+            .pool
+            .stop(SHUTDOWN_GRACE.min(self.config.settings().timeout));
         if self.installed == Some(false) {
             return;
         }

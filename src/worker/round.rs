@@ -75,24 +75,35 @@ impl Worker {
         !self.claim_was_full && self.in_flight.is_empty() && self.timers.due.is_none()
     }
 
-    /// Moves finished requests from the pool into the batch to record.
+    /// Decides the requests the pool has finished (the breaker sees them at once)
+    /// and adds them to the batch to record.
     pub(super) fn collect_outcomes(&mut self) {
         let arrived = self.pool.take_outcomes();
-        if !arrived.is_empty() {
-            if self.outcomes.is_empty() {
-                self.outcomes_since = Instant::now();
-            }
-            self.outcomes.extend(arrived);
+        if arrived.is_empty() {
+            return;
+        }
+        let decisions = self.decide(arrived);
+        if self.unrecorded.is_empty() {
+            self.unrecorded_since = Instant::now();
+        }
+        self.unrecorded.extend(decisions);
+    }
+
+    /// How long the oldest buffered outcome may wait for its batch.
+    pub(super) fn record_delay(&self) -> Duration {
+        if self.pool.in_flight() == 0 {
+            RECORD_IDLE_DELAY
+        } else {
+            RECORD_DELAY
         }
     }
 
-    /// Whether buffered outcomes should be recorded now: a full batch, nothing left
-    /// in flight, or the oldest has waited long enough.
+    /// Whether decided outcomes should be recorded now: a full batch, or the oldest
+    /// has waited long enough.
     pub(super) fn record_due(&self) -> bool {
-        !self.outcomes.is_empty()
-            && (self.outcomes.len() >= RECORD_BATCH
-                || self.pool.in_flight() == 0
-                || self.outcomes_since.elapsed() >= RECORD_DELAY)
+        !self.unrecorded.is_empty()
+            && (self.unrecorded.len() >= RECORD_BATCH
+                || self.unrecorded_since.elapsed() >= self.record_delay())
     }
 
     /// What this round does, or None when there is nothing worth a transaction.
@@ -108,13 +119,12 @@ impl Worker {
             } else {
                 (0, false)
             };
-        if self.record_due() {
-            let outcomes = std::mem::take(&mut self.outcomes);
-            let decisions = self.decide(outcomes);
-            self.unrecorded.extend(decisions);
-        }
         let check_installed = self.installed != Some(true);
-        if claim == 0 && self.unrecorded.is_empty() && !check_installed && !self.release_backoff {
+        // Outcomes ride along with a round that runs anyway (a claim, and the read
+        // that comes with a wake-up).
+        let runs_anyway = claim > 0 || check_installed || self.release_backoff;
+        self.recording = !self.unrecorded.is_empty() && (runs_anyway || self.record_due());
+        if !runs_anyway && !self.recording {
             return None;
         }
         let mut busy: Vec<String> = self.in_flight.iter().cloned().collect();
@@ -135,7 +145,11 @@ impl Worker {
         Some(Round {
             take,
             analyze,
-            record: self.unrecorded.clone(),
+            record: if self.recording {
+                self.unrecorded.clone()
+            } else {
+                Vec::new()
+            },
             claim,
             probe,
             release_backoff: self.release_backoff,
@@ -223,7 +237,9 @@ impl Worker {
             self.report();
         }
         // Recorded; or, without the extension, nothing to record into.
-        self.unrecorded.clear();
+        if self.recording || !result.installed {
+            self.unrecorded.clear();
+        }
         self.release_backoff = false;
         self.count_queue_soon();
         if !result.installed {
