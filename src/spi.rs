@@ -259,9 +259,24 @@ pub(crate) struct KeptRow {
 }
 
 impl KeptRow {
-    /// The column's value; None when NULL. `T` must be the column's type.
-    pub(crate) fn get<T: FromDatum>(&self, column: i32) -> Option<T> {
+    /// The column's value; None when NULL. A column of another type than `T` (a
+    /// table altered by hand) is an error, never a misread datum.
+    pub(crate) fn get<T: FromDatum + IntoDatum>(&self, column: i32) -> Option<T> {
         unsafe {
+            let found = pg_sys::SPI_gettypeid(self.desc, column);
+            if !T::is_compatible_with(found) {
+                let name = |oid| {
+                    CStr::from_ptr(pg_sys::format_type_be(oid))
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                error!(
+                    "pg_new_user_hook: column {column} of the worker's query is of type {}, not {}: \
+                     a table of schema new_user_hook was altered; recreate the extension to repair it",
+                    name(found),
+                    name(T::type_oid())
+                );
+            }
             let mut null = false;
             let datum = pg_sys::SPI_getbinval(self.tuple, self.desc, column, &mut null);
             T::from_datum(datum, null)

@@ -432,6 +432,13 @@ fn a_lock_on_the_outbox_delays_recording_without_a_restart_or_a_resend() {
             .contains("a delivery round failed and is retried")
             .then_some(())
     });
+    // Between tries, the outcomes it holds do not keep it awake.
+    let share = worker_cpu_share(&cluster, Duration::from_secs(3));
+    assert!(
+        share < 0.10,
+        "a worker waiting to record used {:.0} % of a core",
+        share * 100.0
+    );
     locker.batch_execute("COMMIT").unwrap();
     wait_for("every event recorded as delivered", WITHIN, || {
         (pending(&cluster) == 0).then_some(())
@@ -445,6 +452,35 @@ fn a_lock_on_the_outbox_delays_recording_without_a_restart_or_a_resend() {
     let log = cluster.log();
     assert!(log.contains("lock timeout"), "{log}");
     assert!(!log.contains("exited with exit code"), "{log}");
+}
+
+#[test]
+fn an_outbox_column_retyped_by_hand_never_crashes_the_server() {
+    // The worker keeps its statements prepared: a column whose type changed under it
+    // is read as the type the statement gives it, never as the one it had.
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver.url, &[]);
+    let first = cluster.signup("before-retype@example.com");
+    cluster.wait_for_event(&first, "status = 'delivered'", WITHIN);
+    let worker = cluster.worker_pid().expect("the worker runs");
+    cluster
+        .connect("supabase_admin")
+        .batch_execute(
+            "ALTER EXTENSION pg_new_user_hook DROP VIEW new_user_hook.deliveries;
+             ALTER EXTENSION pg_new_user_hook DROP VIEW new_user_hook.status;
+             ALTER EXTENSION pg_new_user_hook DROP VIEW new_user_hook.metrics;
+             DROP VIEW new_user_hook.deliveries CASCADE;
+             ALTER TABLE new_user_hook.outbox ALTER COLUMN source TYPE int4 USING 7;
+             INSERT INTO new_user_hook.outbox (user_id, source, record)
+                  SELECT u, 7, json_build_object('id', u, 'email', 'retyped@example.com')
+                    FROM gen_random_uuid() AS u;
+             SELECT new_user_hook.wake_on_commit();",
+        )
+        .unwrap();
+    receiver.wait_for_requests(2, WITHIN);
+    assert_eq!(cluster.worker_pid(), Some(worker), "the worker restarted");
+    let log = cluster.log();
+    assert!(!log.contains("terminated by signal"), "{log}");
 }
 
 #[test]

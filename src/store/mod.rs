@@ -179,7 +179,7 @@ pub fn claim_sql(lifecycle: bool) -> String {
     let (in_order, columns) = if lifecycle {
         (
             format!("AND {NO_EARLIER_EVENT_PENDING}"),
-            "o.kind, o.old_record::text",
+            "o.kind::text, o.old_record::text",
         )
     } else {
         (String::new(), "'created', NULL::text")
@@ -193,7 +193,7 @@ pub fn claim_sql(lifecycle: bool) -> String {
                 {in_order}
               ORDER BY next_attempt_at
               LIMIT $1)
-         SELECT o.id::text, o.attempts + 1, o.record::text, o.source, to_json(o.created_at) #>> '{{}}', {columns}
+         SELECT o.id::text, (o.attempts + 1)::int4, o.record::text, o.source::text, to_json(o.created_at) #>> '{{}}', {columns}
            FROM new_user_hook.outbox AS o JOIN due USING (id)"
     )
 }

@@ -46,7 +46,7 @@ const PURGE_BATCH: i64 = 10_000;
 /// does events in flight.
 const RECORD_BATCH: usize = 64;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
-const RECORD_IDLE_DELAY: Duration = Duration::from_millis(50);
+const RECORD_IDLE_DELAY: Duration = Duration::from_millis(20);
 /// How long SIGTERM waits for requests in progress before abandoning them.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Delay before the postmaster restarts a worker that died.
@@ -467,10 +467,13 @@ impl Worker {
                 .filter(|at| *at > now && self.timers.due.is_some()),
         );
         if !self.unrecorded.is_empty() {
-            timeout = timeout.min(
-                self.record_delay()
-                    .saturating_sub(self.unrecorded_since.elapsed()),
-            );
+            // Not before a failed round's retry: outcomes that cannot be recorded yet
+            // must not keep the worker from sleeping.
+            let mut record_at = self.unrecorded_since + self.record_delay();
+            if let Some(retry) = self.timers.retry_round {
+                record_at = record_at.max(retry);
+            }
+            timeout = timeout.min(record_at.saturating_duration_since(now));
         }
         timeout = timeout.min(POLL.saturating_sub(self.looked_at.elapsed()));
         if self.maybe_due && can_claim {
