@@ -109,6 +109,32 @@ pub(crate) fn int8_row_now(sql: &str) -> Vec<i64> {
     }
 }
 
+/// A statement's arguments as SPI takes them: types, values, and ' ' or 'n' for NULL.
+struct SpiArgs {
+    types: Vec<pg_sys::Oid>,
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<std::ffi::c_char>,
+}
+
+impl SpiArgs {
+    fn of(args: &[DatumWithOid]) -> SpiArgs {
+        SpiArgs {
+            types: args.iter().map(|a| a.oid()).collect(),
+            values: args
+                .iter()
+                .map(|a| {
+                    a.datum()
+                        .map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())
+                })
+                .collect(),
+            nulls: args
+                .iter()
+                .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+                .collect(),
+        }
+    }
+}
+
 /// Runs a statement that may write, and returns how many rows it processed (an
 /// INSERT, UPDATE or DELETE: the rows it wrote). A transaction id is assigned only
 /// if it writes something (pgrx's `Spi::run` assigns one first): a take or a purge
@@ -118,18 +144,11 @@ pub(crate) fn write(sql: &CStr, args: &[DatumWithOid]) -> u64 {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("pg_new_user_hook: SPI_connect failed");
         }
-        let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
-        let mut values: Vec<pg_sys::Datum> = args
-            .iter()
-            .map(|a| {
-                a.datum()
-                    .map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())
-            })
-            .collect();
-        let nulls: Vec<std::ffi::c_char> = args
-            .iter()
-            .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
-            .collect();
+        let SpiArgs {
+            mut types,
+            mut values,
+            nulls,
+        } = SpiArgs::of(args);
         let rc = pg_sys::SPI_execute_with_args(
             sql.as_ptr(),
             args.len() as i32,
@@ -163,9 +182,9 @@ pub(crate) enum Planning {
 }
 
 thread_local! {
-    /// The worker's statements, parsed once: at a trickle, parsing and planning a
-    /// round's statements anew cost several times what running them does.
-    /// By statement, then by its arguments' types.
+    /// The worker's statements, parsed once (at a trickle, parsing and planning a
+    /// round's statements cost several times what running them does), by statement,
+    /// then by its arguments' types.
     #[allow(clippy::type_complexity)]
     static KEPT: std::cell::RefCell<std::collections::HashMap<Box<[u8]>, Vec<(Vec<pg_sys::Oid>, usize)>>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
@@ -216,19 +235,12 @@ unsafe fn kept_plan(sql: &CStr, types: &[pg_sys::Oid], planning: Planning) -> pg
 /// statement sees what the transaction wrote before it (a new snapshot); a query that
 /// writes nothing still assigns no transaction id.
 unsafe fn run_kept(sql: &CStr, args: &[DatumWithOid], planning: Planning, limit: i64) -> i32 {
-    let types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
+    let SpiArgs {
+        types,
+        mut values,
+        nulls,
+    } = SpiArgs::of(args);
     let plan = kept_plan(sql, &types, planning);
-    let mut values: Vec<pg_sys::Datum> = args
-        .iter()
-        .map(|a| {
-            a.datum()
-                .map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())
-        })
-        .collect();
-    let nulls: Vec<std::ffi::c_char> = args
-        .iter()
-        .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
-        .collect();
     let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, limit as _);
     if rc < 0 {
         error!(
