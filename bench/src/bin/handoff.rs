@@ -5,10 +5,13 @@
 //! (it waits in poll(), as the worker waits in WaitLatchOrSocket) — with threads that
 //! answer at once. Prints the CPU of all threads and of the main thread per job, one job
 //! at a time (a trickle: each job a full round trip) and in a burst (the drain's window).
+//! Then the request alone: ureq, as the extension configures it, posting an event-sized
+//! body to a minimal keep-alive HTTP/1.1 server in this process, back to back and one every
+//! 10 ms (a trickle), with the client thread's CPU per request.
 //!   cargo run --release --manifest-path bench/Cargo.toml --bin handoff
 //! HANDOFF_THREADS (default 32, the default concurrency), HANDOFF_JOBS (default 200,000).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,4 +187,96 @@ fn main() {
         jobs,
         1024,
     );
+    println!(
+        "the request alone: ureq to a keep-alive server in this process (client thread's CPU)"
+    );
+    requests_alone();
+}
+
+/// Answers 204 to every request on each connection, keeping it open.
+fn serve(listener: std::net::TcpListener) {
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut answer = stream.try_clone().unwrap();
+            let mut request = BufReader::new(stream);
+            let mut line = String::new();
+            loop {
+                let mut length = 0usize;
+                loop {
+                    line.clear();
+                    if request.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                if request.read_exact(&mut body).is_err()
+                    || answer
+                        .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn thread_cpu() -> Duration {
+    // SAFETY: a plain clock read into a local struct.
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+}
+
+/// ureq as the extension configures it, posting an event-sized body.
+fn requests_alone() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/users", listener.local_addr().unwrap());
+    std::thread::spawn(move || serve(listener));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let body = job(1).record;
+    let send = || {
+        let answer = agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-api-key", "key")
+            .send(body.as_bytes())
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 204);
+    };
+    for _ in 0..100 {
+        send();
+    }
+    for (what, n, gap) in [
+        ("back to back", 20_000, Duration::ZERO),
+        (
+            "one every 10 ms (a trickle)",
+            500,
+            Duration::from_millis(10),
+        ),
+    ] {
+        let before = thread_cpu();
+        let started = Instant::now();
+        for _ in 0..n {
+            send();
+            std::thread::sleep(gap);
+        }
+        println!(
+            "  {what:<44} {:>7.1} µs a request, {:>9.0} requests/s",
+            (thread_cpu() - before).as_secs_f64() * 1e6 / n as f64,
+            n as f64 / started.elapsed().as_secs_f64()
+        );
+    }
 }
