@@ -18,10 +18,11 @@ ALTER TABLE new_user_hook.outbox SET (vacuum_truncate = false);
 DROP INDEX new_user_hook.outbox_user;
 CREATE INDEX outbox_user ON new_user_hook.outbox (user_id, seq);
 -- The log: events as committing transactions write them (src/capture/), read by the
--- worker in commit order (src/store/, take_log) and never changed or deleted one by
--- one. Two segments: signups append to one (shared memory says which); once every
--- event of the other has been read, the worker empties it (TRUNCATE) and points
--- signups to it (src/store/maintenance.rs, rotate_log). A signup appends one heap row and one
+-- worker in commit order (src/store/log.rs) and sent from there, never changed or
+-- deleted one by one. Two segments: signups append to one (shared memory says
+-- which); once every event of the other has been resolved and is older than
+-- pg_new_user_hook.retention, the worker empties it (TRUNCATE) and points signups
+-- to it (src/store/maintenance.rs, rotate_log). A signup appends one heap row and one
 -- entry of the index on xid, and nothing else; no row is updated or deleted, so
 -- there is nothing to vacuum. Logged: a committed event survives a crash.
 -- xid is the writing transaction's id: the worker reads the events of the
@@ -53,17 +54,42 @@ ALTER TABLE new_user_hook.log_1 SET (vacuum_truncate = false);
 ALTER TABLE new_user_hook.log_0 REPLICA IDENTITY FULL;
 ALTER TABLE new_user_hook.log_1 REPLICA IDENTITY FULL;
 
--- Where the worker has read the log to: the snapshot its last read saw. An event is
--- unread while its transaction is not visible in that snapshot. NULL: nothing read
--- yet (a new installation, or a restored one). One row per endpoint.
+-- Where the worker is in the log: every event whose transaction the snapshot sees is
+-- resolved (delivered, or in the outbox: a retry, a dead letter, held behind an
+-- earlier event of its user). NULL: nothing resolved yet (a new installation, or a
+-- restored one). window_number counts the windows the worker has read the log in:
+-- done rows of this window and later list events delivered beyond the snapshot.
+-- One row per endpoint.
 CREATE TABLE new_user_hook.positions (
-    endpoint text        PRIMARY KEY DEFAULT 'default',
-    snapshot pg_snapshot,
-    moved_at timestamptz
+    endpoint      text        PRIMARY KEY DEFAULT 'default',
+    snapshot      pg_snapshot,
+    window_number bigint      NOT NULL DEFAULT 0,
+    moved_at      timestamptz
 );
 INSERT INTO new_user_hook.positions DEFAULT VALUES;
 COMMENT ON TABLE new_user_hook.positions IS
-    'How far the pg_new_user_hook worker has read new_user_hook.log_0 and log_1.';
+    'How far the pg_new_user_hook worker has resolved the events of new_user_hook.log_0 and log_1.';
+
+-- Events delivered from the log: one row per batch of outcomes recorded, window and
+-- segment, inserted by the worker and never updated or deleted one by one. done_0
+-- lists events of log_0 and is emptied with it, done_1 likewise: a delivered event
+-- costs its id and code in an array, not a row of its own.
+CREATE TABLE new_user_hook.done_0 (
+    window_number bigint      NOT NULL,
+    ids           uuid[]      NOT NULL,
+    codes         int[]       NOT NULL,
+    at            timestamptz NOT NULL
+);
+-- A worker that starts again skips the events its open windows delivered.
+CREATE INDEX done_0_window ON new_user_hook.done_0 (window_number);
+CREATE TABLE new_user_hook.done_1 (LIKE new_user_hook.done_0);
+CREATE INDEX done_1_window ON new_user_hook.done_1 (window_number);
+ALTER TABLE new_user_hook.done_0 SET (vacuum_truncate = false);
+ALTER TABLE new_user_hook.done_1 SET (vacuum_truncate = false);
+COMMENT ON TABLE new_user_hook.done_0 IS
+    'Events of new_user_hook.log_0 delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
+COMMENT ON TABLE new_user_hook.done_1 IS
+    'Events of new_user_hook.log_1 delivered by the pg_new_user_hook worker. Read new_user_hook.deliveries instead.';
 
 -- Events written by SQL (a restore's COPY, an INSERT) get the writing transaction's
 -- id: a restored event carries an id of this cluster, so it is read once, in order.
@@ -82,29 +108,37 @@ CREATE TRIGGER stamp_xid BEFORE INSERT ON new_user_hook.log_1 FOR EACH ROW EXECU
 ALTER TABLE new_user_hook.log_0 ENABLE ALWAYS TRIGGER stamp_xid;
 ALTER TABLE new_user_hook.log_1 ENABLE ALWAYS TRIGGER stamp_xid;
 
--- The events not read yet: their transactions committed after the position's
--- snapshot was taken (all of them if there is no position). Through the index on
--- xid: the transactions from the position's xmax on, and those running at it.
+-- The events of the log not resolved yet (pending, and not in the outbox): their
+-- transactions committed after the position's snapshot was taken (all of them if
+-- there is no position), and no done row of an open window lists them. Through the
+-- index on xid: the transactions from the position's xmax on, and those running at it.
 CREATE VIEW new_user_hook.unread AS
+WITH p AS (SELECT snapshot, window_number FROM new_user_hook.positions WHERE endpoint = 'default'),
+done AS (SELECT u.id FROM new_user_hook.done_0 AS d, unnest(d.ids) AS u(id)
+          WHERE d.window_number >= coalesce((SELECT window_number FROM p), 0)
+         UNION ALL
+         SELECT u.id FROM new_user_hook.done_1 AS d, unnest(d.ids) AS u(id)
+          WHERE d.window_number >= coalesce((SELECT window_number FROM p), 0))
 SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at
-  FROM new_user_hook.log_0 AS l
- WHERE (l.xid >= coalesce((SELECT pg_catalog.pg_snapshot_xmax(snapshot) FROM new_user_hook.positions WHERE endpoint = 'default'), '0')
-        OR l.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM new_user_hook.positions WHERE endpoint = 'default')))
-   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default')), false)
-UNION ALL
-SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at
-  FROM new_user_hook.log_1 AS l
- WHERE (l.xid >= coalesce((SELECT pg_catalog.pg_snapshot_xmax(snapshot) FROM new_user_hook.positions WHERE endpoint = 'default'), '0')
-        OR l.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM new_user_hook.positions WHERE endpoint = 'default')))
-   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default')), false);
+  FROM (SELECT * FROM new_user_hook.log_0 UNION ALL SELECT * FROM new_user_hook.log_1) AS l
+ WHERE (l.xid >= coalesce((SELECT pg_catalog.pg_snapshot_xmax(snapshot) FROM p), '0')
+        OR l.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM p)))
+   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM p)), false)
+   AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = l.id)
+   AND l.id NOT IN (SELECT id FROM done);
 
--- Unread events are data: pg_dump keeps them (and only them: the read ones are in
--- the outbox). The position is not dumped: a restored database reads its log from
--- the start.
+-- Events not resolved are data: pg_dump keeps them, and the done rows of the open
+-- windows (the resolved ones are in the outbox, or were delivered). The position is
+-- not dumped: a restored database reads its log from the start, skipping what the
+-- done rows list.
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_0',
     'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)');
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_1',
     'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)');
+SELECT pg_catalog.pg_extension_config_dump('new_user_hook.done_0',
+    'WHERE window_number >= coalesce((SELECT window_number FROM new_user_hook.positions WHERE endpoint = ''default''), 0)');
+SELECT pg_catalog.pg_extension_config_dump('new_user_hook.done_1',
+    'WHERE window_number >= coalesce((SELECT window_number FROM new_user_hook.positions WHERE endpoint = ''default''), 0)');
 
 -- The events captured and not yet taken into the outbox go into the log, stamped
 -- with this transaction's id: the worker reads them first. The capture table is
@@ -122,7 +156,7 @@ BEGIN ATOMIC
       FROM (SELECT count(*) AS pending, count(*) FILTER (WHERE attempts = 0) AS never_attempted,
                    min(created_at) AS oldest_pending
               FROM new_user_hook.outbox WHERE status = 'pending') AS q,
-           -- Not read into the outbox yet: pending, never attempted.
+           -- In the log and not resolved yet: pending, never attempted.
            (SELECT count(*) AS pending, min(created_at) AS oldest_pending FROM new_user_hook.unread) AS k,
            new_user_hook.counters AS c;
 END;
@@ -142,9 +176,21 @@ SELECT id,
        kind AS event_type
   FROM new_user_hook.outbox
 UNION ALL
--- Committed and not yet read into the outbox by the worker: pending, due now.
-SELECT id, user_id, source, 'pending', 0, created_at, NULL, NULL, NULL, created_at, NULL, kind
-  FROM new_user_hook.unread;
+-- In the log and not in the outbox: delivered if a done row lists it (one attempt),
+-- else pending, due now.
+SELECT l.id, l.user_id, l.source,
+       CASE WHEN d.id IS NULL THEN 'pending' ELSE 'delivered' END,
+       CASE WHEN d.id IS NULL THEN 0 ELSE 1 END,
+       CASE WHEN d.id IS NULL THEN l.created_at END,
+       d.code, NULL, d.at, l.created_at, d.at, l.kind
+  FROM (SELECT id, user_id, source, kind, created_at FROM new_user_hook.log_0
+        UNION ALL
+        SELECT id, user_id, source, kind, created_at FROM new_user_hook.log_1) AS l
+  LEFT JOIN (SELECT u.id, u.code, d.at FROM new_user_hook.done_0 AS d, unnest(d.ids, d.codes) AS u(id, code)
+             UNION ALL
+             SELECT u.id, u.code, d.at FROM new_user_hook.done_1 AS d, unnest(d.ids, d.codes) AS u(id, code)) AS d
+    ON d.id = l.id
+ WHERE NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = l.id);
 
 ALTER EXTENSION pg_new_user_hook DROP TABLE new_user_hook.captured;
 DROP TABLE new_user_hook.captured;
@@ -256,7 +302,9 @@ BEGIN
          WHERE u.record IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox o
                             WHERE o.user_id = u.id AND o.source = $2 AND o.kind = 'created')
-           AND NOT EXISTS (SELECT 1 FROM new_user_hook.unread k
+           AND NOT EXISTS (SELECT 1 FROM (SELECT user_id, source, kind FROM new_user_hook.log_0
+                                          UNION ALL
+                                          SELECT user_id, source, kind FROM new_user_hook.log_1) AS k
                             WHERE k.user_id = u.id AND k.source = $2 AND k.kind = 'created')
         ON CONFLICT (id) DO NOTHING$q$, rel)
       USING user_ids, event_source, rel;
@@ -273,11 +321,22 @@ CREATE OR REPLACE FUNCTION new_user_hook.redeliver(event_id uuid) RETURNS boolea
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM new_user_hook.unread WHERE id = event_id) THEN
-        RETURN false; -- pending: not read into the outbox yet
+        RETURN false; -- pending: not sent from the log yet
     END IF;
     IF NOT EXISTS (SELECT 1 FROM new_user_hook.outbox WHERE id = event_id) THEN
-        RAISE EXCEPTION 'no event with id %', event_id
-            USING HINT = 'Event ids are in new_user_hook.deliveries (column id); delivered events are deleted after pg_new_user_hook.retention.';
+        -- Delivered from the log: into the outbox, to be sent again from there.
+        INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, next_attempt_at)
+        SELECT l.id, l.user_id, l.source, l.record, l.kind, l.old_record, l.seq, l.created_at, now()
+          FROM (SELECT * FROM new_user_hook.log_0 UNION ALL SELECT * FROM new_user_hook.log_1) AS l
+         WHERE l.id = event_id
+         LIMIT 1;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'no event with id %', event_id
+                USING HINT = 'Event ids are in new_user_hook.deliveries (column id); delivered events are deleted after pg_new_user_hook.retention.';
+        END IF;
+        UPDATE new_user_hook.counters SET requeued = requeued + 1;
+        PERFORM new_user_hook.wake_on_commit();
+        RETURN true;
     END IF;
     UPDATE new_user_hook.outbox
        SET status = 'pending', attempts = 0, next_attempt_at = now(), delivered_at = NULL
@@ -394,4 +453,5 @@ SELECT w.pid                      AS worker_pid,
 
 -- Nothing new here is for PUBLIC either.
 REVOKE ALL ON FUNCTION new_user_hook.stamp_xid() FROM PUBLIC;
-REVOKE ALL ON new_user_hook.log_0, new_user_hook.log_1, new_user_hook.positions, new_user_hook.unread FROM PUBLIC;
+REVOKE ALL ON new_user_hook.log_0, new_user_hook.log_1, new_user_hook.done_0, new_user_hook.done_1,
+              new_user_hook.positions, new_user_hook.unread FROM PUBLIC;

@@ -108,6 +108,12 @@ static BACKEND_STATE: PgAtomic<AtomicI32> =
 static WRITE_SEGMENT: PgAtomic<AtomicI32> =
     unsafe { PgAtomic::new(c"pg_new_user_hook_write_segment") };
 
+/// Counts the commits that changed the outbox from SQL (redeliver(), backfill()),
+/// so the worker looks for due events there only then: a signup's commit adds to
+/// the log, not to the outbox.
+static OUTBOX_CHANGES: PgAtomic<AtomicI32> =
+    unsafe { PgAtomic::new(c"pg_new_user_hook_outbox_changes") };
+
 /// Set in the postmaster when loaded through shared_preload_libraries; inherited by every backend.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -121,6 +127,7 @@ pub fn init() {
     pg_shmem_init!(QUEUE_GAUGES);
     pg_shmem_init!(BACKEND_STATE = AtomicI32::new(0));
     pg_shmem_init!(WRITE_SEGMENT = AtomicI32::new(0));
+    pg_shmem_init!(OUTBOX_CHANGES = AtomicI32::new(0));
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -239,6 +246,15 @@ pub fn set_write_segment(segment: usize) {
     WRITE_SEGMENT
         .get()
         .store((segment & 1) as i32, Ordering::Release);
+}
+
+pub fn note_outbox_change() {
+    OUTBOX_CHANGES.get().fetch_add(1, Ordering::Release);
+}
+
+/// How many commits changed the outbox from SQL (wrapping): compare with an earlier value.
+pub fn outbox_changes() -> i32 {
+    OUTBOX_CHANGES.get().load(Ordering::Acquire)
 }
 
 pub fn set_backend_state(state: i32) {

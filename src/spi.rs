@@ -251,19 +251,6 @@ unsafe fn run_kept(sql: &CStr, args: &[DatumWithOid], planning: Planning, limit:
     rc
 }
 
-/// `write` with a kept plan: returns how many rows the statement processed.
-pub(crate) fn write_kept(sql: &CStr, args: &[DatumWithOid], planning: Planning) -> u64 {
-    unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            error!("pg_new_user_hook: SPI_connect failed");
-        }
-        run_kept(sql, args, planning, 0);
-        let processed = pg_sys::SPI_processed;
-        pg_sys::SPI_finish();
-        processed
-    }
-}
-
 /// One row of a kept query's result, read by column number (from 1).
 pub(crate) struct KeptRow {
     tuple: pg_sys::HeapTuple,

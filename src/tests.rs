@@ -262,7 +262,7 @@ mod tests {
     }
 
     #[pg_test]
-    fn logged_events_are_read_into_the_outbox_in_their_users_order() {
+    fn a_read_of_the_log_holds_a_users_events_behind_its_pending_one_in_the_outbox() {
         users_table();
         Spi::run(
             "SELECT new_user_hook.install('app.users');
@@ -292,15 +292,23 @@ mod tests {
             count("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'pending'"),
             5
         );
-        assert_eq!(crate::store::take(crate::catalog::Capture::Log), 4);
-        // The position moved past them (this test's own transaction stays "unread" to the
-        // view, which no worker ever is; a second read below skips what the outbox has).
-        assert_eq!(
-            count("SELECT count(*) FROM new_user_hook.positions WHERE snapshot IS NOT NULL"),
-            1
-        );
-        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending' AND attempts = 0"), 5);
-        // User 2's changes come after its restored event, in the order they were captured.
+        // A test's own transaction never commits: its events are stamped as committed
+        // long ago, so that a window sees them.
+        Spi::run("UPDATE new_user_hook.log_0 SET xid = '3'").unwrap();
+        let first = crate::model::window::Reading {
+            number: 0,
+            start: None,
+            end: None,
+            after: None,
+            resuming: true,
+        };
+        let chunk = crate::store::read_chunk(&first, &[]);
+        let sent: Vec<&str> = chunk.events.iter().map(|e| e.user_id.as_str()).collect();
+        assert_eq!(sent, ["11111111-1111-1111-1111-111111111111"]);
+        assert_eq!(chunk.held, 3, "user 2's events follow its pending one");
+        assert!(!chunk.full);
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending' AND attempts = 0"), 4);
+        // User 2's events come after its restored event, in the order they were captured.
         let order = Spi::get_one::<String>(
             "SELECT string_agg(kind, ',' ORDER BY seq) FROM new_user_hook.outbox
               WHERE user_id = '22222222-2222-2222-2222-222222222222'",
@@ -322,7 +330,19 @@ mod tests {
             count("SELECT count(*) FROM new_user_hook.outbox WHERE next_attempt_at <> created_at"),
             0
         );
-        assert_eq!(crate::store::take(crate::catalog::Capture::Log), 0);
+        // Read again (a restart): what the outbox has is skipped, and so is what a done
+        // row lists; after the chunk's last event, nothing.
+        let again = crate::store::read_chunk(&first, &[]);
+        assert_eq!((again.events.len(), again.held), (1, 0));
+        let id = again.events[0].event.id.clone();
+        let done = crate::store::read_chunk(&first, std::slice::from_ref(&id));
+        assert_eq!((done.events.len(), done.held), (0, 0));
+        let later = crate::model::window::Reading {
+            end: Some(chunk.end.clone()),
+            after: chunk.last.clone(),
+            ..first
+        };
+        assert!(crate::store::read_chunk(&later, &[]).last.is_none());
     }
 
     #[pg_test]

@@ -355,7 +355,7 @@ fn a_server_crash_in_the_middle_of_a_backlog_loses_nothing() {
         Duration::from_secs(60),
         || {
             let n: i64 = cluster
-                .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'")
+                .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'delivered'")
                 .get(0);
             (n as usize == USERS).then_some(())
         },
@@ -485,12 +485,12 @@ fn delivered_events_are_deleted_after_the_retention() {
     cluster.configure(&[("retention", "0")]);
     wait_for("the delivered event to be purged", WITHIN, || {
         let n: i64 = cluster
-            .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'")
+            .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'delivered'")
             .get(0);
         (n == 0).then_some(())
     });
     let failed_left: i64 = cluster
-        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'")
+        .one_row("SELECT count(*) FROM new_user_hook.deliveries WHERE status = 'failed'")
         .get(0);
     assert_eq!(failed_left, 1, "failed events are kept for redelivery");
 }
@@ -589,7 +589,9 @@ fn a_bulk_load_with_capture_off_is_not_announced_and_backfill_announces_chosen_u
     }
     admin
         .execute(
-            "DELETE FROM new_user_hook.outbox WHERE user_id = ANY($1::text[]::uuid[])",
+            "WITH o AS (DELETE FROM new_user_hook.outbox WHERE user_id = ANY($1::text[]::uuid[])),
+                  l0 AS (DELETE FROM new_user_hook.log_0 WHERE user_id = ANY($1::text[]::uuid[]))
+             DELETE FROM new_user_hook.log_1 WHERE user_id = ANY($1::text[]::uuid[])",
             &[&loaded[..10].to_vec()],
         )
         .unwrap();
@@ -728,9 +730,10 @@ fn concurrent_long_short_and_prepared_signups_are_each_read_once() {
 #[test]
 fn an_older_snapshot_keeps_seeing_an_event_the_worker_read_since() {
     let receiver = Receiver::ok();
-    let cluster = hooked(&receiver, &[]);
+    let cluster = hooked(&receiver, &[("retention", "0")]);
     let mut blocker = cluster.connect("supabase_admin");
-    // The read into the outbox waits (and fails) while this lock is held.
+    // The read of the log (which may put events into the outbox) waits, and fails,
+    // while this lock is held.
     blocker
         .batch_execute("BEGIN; LOCK new_user_hook.outbox IN SHARE MODE")
         .unwrap();
@@ -779,7 +782,8 @@ fn an_older_snapshot_keeps_seeing_an_event_the_worker_read_since() {
 fn a_prepared_transaction_elsewhere_does_not_keep_the_log_from_emptying() {
     let receiver = Receiver::ok();
     let cluster = Cluster::with_hook(&["max_prepared_transactions = 2"]);
-    cluster.configure(&[("url", receiver.url.as_str())]);
+    // Delivered events are kept for no time: the log is emptied once they are.
+    cluster.configure(&[("url", receiver.url.as_str()), ("retention", "0")]);
     let mut admin = cluster.connect("supabase_admin");
     admin
         .batch_execute(

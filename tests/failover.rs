@@ -163,8 +163,9 @@ fn restore_into_a_fresh_cluster(dump: Dump) {
     }
     drop(source);
     // The restored database has the trigger, the queue and the extension's state.
+    // The events not delivered yet are dumped (with the outbox: retries, dead
+    // letters); the ones delivered from the log are not, and none is sent again.
     assert_eq!(events(&target, "pending"), pending);
-    assert_eq!(events(&target, "delivered").len(), 20);
     target.configure(&[("url", &receiver.url)]);
     receiver.wait_for_requests(50, WITHIN);
     let after = target.signup("after-restore@example.com");

@@ -474,7 +474,7 @@ fn worker_hits_an_internal_error() {
     // Recording a delivery now fails inside the worker (an ERROR in its transaction).
     cluster
         .connect("supabase_admin")
-        .batch_execute("ALTER TABLE new_user_hook.outbox ADD CONSTRAINT injected_fault CHECK (status <> 'delivered') NOT VALID")
+        .batch_execute("ALTER TABLE new_user_hook.counters ADD CONSTRAINT injected_fault CHECK (delivered < 0) NOT VALID")
         .unwrap();
     tally.signups(&cluster, 10);
     // The round is rolled back and retried with what it had decided: no restart.
@@ -484,7 +484,7 @@ fn worker_hits_an_internal_error() {
     tally.signups(&cluster, 10);
     cluster
         .connect("supabase_admin")
-        .batch_execute("ALTER TABLE new_user_hook.outbox DROP CONSTRAINT injected_fault")
+        .batch_execute("ALTER TABLE new_user_hook.counters DROP CONSTRAINT injected_fault")
         .unwrap();
     tally.finish(|| from_receiver(&receiver));
     wait_for("every event recorded as delivered", WITHIN, || {

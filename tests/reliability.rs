@@ -120,9 +120,10 @@ fn a_take_that_keeps_failing_holds_up_nothing_else_and_is_named_with_its_remedy(
     let receiver = Receiver::ok();
     let cluster = Cluster::hooked_to(&receiver.url, &[]);
     let mut blocker = cluster.connect("supabase_admin");
-    // A transaction that holds a lock the reading of the log needs, and stays.
+    // A transaction that holds a lock the reading of the log needs (on the segment
+    // signups do not write to: log_0 is written to first), and stays.
     blocker
-        .batch_execute("BEGIN; LOCK new_user_hook.positions IN SHARE MODE")
+        .batch_execute("BEGIN; LOCK new_user_hook.log_1 IN SHARE MODE")
         .unwrap();
     let stuck = cluster.signup("stuck@example.com");
     let problem_text = wait_for_problem(&cluster, "reading committed events");
@@ -181,7 +182,7 @@ fn a_read_only_database_is_named_with_its_remedy() {
     std::thread::sleep(Duration::from_secs(4));
     let logged = cluster
         .log()
-        .matches("reading committed events into the outbox failed")
+        .matches("reading committed events from the log failed")
         .count();
     assert_eq!(logged, 1, "{}", cluster.log());
     admin
@@ -199,15 +200,16 @@ fn a_read_only_database_is_named_with_its_remedy() {
 }
 
 #[test]
-fn a_lock_held_on_the_outbox_for_long_is_named_with_its_remedy() {
+fn a_lock_held_on_the_counters_for_long_is_named_with_its_remedy() {
     let (receiver, gate) = Receiver::holding_after(0);
     let cluster = Cluster::with_hook(&[]);
     let users = cluster.bulk_signups("locked", 5, 5);
     cluster.configure(&[("url", &receiver.url)]);
     receiver.wait_for_requests(users.len(), WITHIN);
     let mut locker = cluster.connect("supabase_admin");
+    // Each recording of outcomes adds to the counters' row.
     locker
-        .batch_execute("BEGIN; SELECT 1 FROM new_user_hook.outbox FOR UPDATE")
+        .batch_execute("BEGIN; SELECT 1 FROM new_user_hook.counters FOR UPDATE")
         .unwrap();
     gate.open();
     let text = wait_for_problem(&cluster, "lock");

@@ -103,11 +103,11 @@ fn an_operator_can_grant_read_only_monitoring_to_postgres() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    for table in ["outbox", "log_0", "log_1", "unread"] {
+    for table in ["outbox", "log_0", "log_1", "done_0", "done_1", "unread"] {
         expect_denied(
             &mut postgres,
             "postgres",
-            &format!("SELECT record FROM new_user_hook.{table}"),
+            &format!("SELECT * FROM new_user_hook.{table}"),
         );
     }
     expect_denied(
@@ -162,6 +162,8 @@ fn an_operator_granted_execute_can_resend_events() {
         "outbox",
         "log_0",
         "log_1",
+        "done_0",
+        "done_1",
         "unread",
         "positions",
         "counters",
@@ -726,7 +728,7 @@ fn secrets_never_reach_the_log_last_error_or_pg_stat_activity() {
         cluster.log().contains("is not a valid URL").then_some(())
     });
     let errors: String = cluster
-        .one_row("SELECT string_agg(coalesce(last_error, ''), ' ') FROM new_user_hook.outbox")
+        .one_row("SELECT coalesce(string_agg(coalesce(last_error, ''), ' '), '') FROM new_user_hook.deliveries")
         .get(0);
     let activity: String = cluster
         .one_row("SELECT string_agg(coalesce(query, ''), ' ') FROM pg_stat_activity WHERE pid <> pg_backend_pid()")

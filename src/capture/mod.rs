@@ -308,12 +308,18 @@ unsafe fn write_events(notes: Notes) {
             }
             wrote = true;
         }
+        let into_outbox = matches!(target, Some(Target::Outbox));
         if let Some(target) = target {
             close_target(target);
         }
         pg_sys::PopActiveSnapshot();
         if wrote {
-            wake::wake_on_commit();
+            if into_outbox {
+                // An older schema: the event went into the outbox.
+                wake::wake_on_commit();
+            } else {
+                wake::wake_on_commit_for_log();
+            }
         }
     }
 }

@@ -12,3 +12,4 @@ pub mod problem;
 pub mod redact;
 pub mod request;
 pub mod sign;
+pub mod window;

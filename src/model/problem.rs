@@ -21,7 +21,7 @@ impl Step {
     pub fn describe(self) -> &'static str {
         match self {
             Step::Round => "recording outcomes and claiming due events",
-            Step::Take => "reading committed events into the outbox",
+            Step::Take => "reading committed events from the log",
             Step::Purge => "purging delivered events past the retention",
             Step::Rotate => "rotating the log (new_user_hook.log_0 and log_1)",
             Step::Count => "counting the queue for the metrics",

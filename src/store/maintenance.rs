@@ -107,6 +107,9 @@ pub enum Rotation {
     /// The segment to empty is held by another transaction, or still seen unread by
     /// an older snapshot: to be tried again later. Says which.
     Busy(&'static str),
+    /// The segment to empty is resolved, but its newest events are younger than the
+    /// retention: to be looked at again after this long.
+    Wait(std::time::Duration),
 }
 
 /// A segment found entirely read, and the transactions that held a snapshot then
@@ -114,18 +117,22 @@ pub enum Rotation {
 #[derive(Clone, Debug)]
 pub struct ReadSince {
     segment: usize,
-    rows: i64,
+    /// The newest transaction id in it then: a later one means it changed.
+    top: i64,
     older: Vec<pg_sys::VirtualTransactionId>,
 }
 
 /// One step of the log's rotation. Signups append to one segment (shared memory says
-/// which); the worker empties the other once every event in it has been read — by
+/// which); the worker empties the other, with its done rows, once every event in it
+/// has been resolved and is older than `retention` — by
 /// TRUNCATE, never row by row — and then points signups to it. So the log holds what
 /// arrives between two rotations, and only the segment signups do not write to is
 /// ever locked: no signup waits for a rotation, and a rotation runs no DDL (which
 /// would fire event triggers, such as the one that makes PostgREST reload its
 /// schema). The segment is emptied only when:
-/// - every event in it has been read (the position's snapshot sees its transaction);
+/// - every event in it has been resolved (the position's snapshot sees its
+///   transaction), and its newest (by transaction id) is older than `retention`:
+///   the log keeps delivered events between one and two retentions;
 /// - every transaction that held a snapshot when the segment was found read has
 ///   ended (`since`, kept from an earlier step; as CREATE INDEX CONCURRENTLY waits,
 ///   but without waiting): TRUNCATE is not MVCC-safe, and a snapshot from before the
@@ -134,7 +141,7 @@ pub struct ReadSince {
 ///   one) are not waited for;
 /// - nobody holds it (pg_locks, looked at first: trying the lock itself takes a
 ///   transaction id, for the standby's sake), and the conditional lock is granted.
-pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
+pub fn rotate_log(since: &mut Option<ReadSince>, retention: std::time::Duration) -> Rotation {
     const HELD: &str =
         "could not obtain lock on a segment of the log: another transaction holds it";
     const OLDER: &str =
@@ -142,33 +149,46 @@ pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
     let write_to = crate::shared::write_segment();
     let other = 1 - write_to;
     let names = [c"log_0", c"log_1"];
-    let (Some(other_oid), Some(_)) = (table_oid(names[other]), table_oid(names[write_to])) else {
+    let done = [c"done_0", c"done_1"];
+    let (Some(other_oid), Some(_), Some(done_oid)) = (
+        table_oid(names[other]),
+        table_oid(names[write_to]),
+        table_oid(done[other]),
+    ) else {
         return Rotation::Done;
     };
-    // (rows in the segment written to, rows in the other, of which not read)
-    let look = || -> (i64, i64, i64) {
+    // (whether the segment written to has rows, whether the other has, whether any of
+    // the other's is unresolved, the age in seconds of its newest, its newest xid):
+    // each through the index on xid or the first row, whatever the log holds.
+    let look = || -> (i64, i64, i64, i64, i64) {
         let sql = format!(
-            "SELECT (SELECT count(*) FROM new_user_hook.log_{write_to}),
-                    (SELECT count(*) FROM new_user_hook.log_{other}),
-                    (SELECT count(*) FROM new_user_hook.log_{other} AS l
-                      WHERE NOT coalesce(pg_visible_in_snapshot(l.xid,
-                                (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default')), false))"
+            "WITH p AS (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default'),
+                  top AS (SELECT xid, created_at FROM new_user_hook.log_{other} ORDER BY xid DESC LIMIT 1)
+             SELECT (SELECT count(*) FROM (SELECT FROM new_user_hook.log_{write_to} LIMIT 1) AS s),
+                    (SELECT count(*) FROM top),
+                    (SELECT count(*) FROM (SELECT FROM new_user_hook.log_{other} AS l
+                      WHERE (l.xid >= coalesce((SELECT pg_snapshot_xmax(snapshot) FROM p), '0')
+                             OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip(snapshot) FROM p)))
+                        AND NOT coalesce(pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM p)), false)
+                      LIMIT 1) AS s),
+                    coalesce((SELECT extract(epoch FROM now() - created_at)::int8 FROM top), 0),
+                    coalesce((SELECT xid::text::int8 FROM top), 0)"
         );
         // Each time with a new snapshot (after the lock: one that sees every commit
         // before it), where read-only SPI would reuse the transaction's first.
         match crate::spi::int8_row_now(&sql)[..] {
-            [writing, rows, unread] => (writing, rows, unread),
-            _ => (0, 0, 1),
+            [writing, rows, unread, age, top] => (writing, rows, unread, age, top),
+            _ => (0, 0, 1, 0, 0),
         }
     };
-    let (writing, other_rows, other_unread) = look();
+    let (writing, other_rows, other_unread, newest_age, top) = look();
     if other_rows == 0 {
         *since = None;
         if writing == 0 {
             return Rotation::Done;
         }
         // The other segment is empty: signups go there from now on, and the one they
-        // wrote to is emptied once read.
+        // wrote to is emptied once resolved and past the retention.
         crate::shared::set_write_segment(other);
         return Rotation::Again;
     }
@@ -176,8 +196,13 @@ pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
         *since = None;
         return Rotation::Done;
     }
+    let age = std::time::Duration::from_secs(newest_age.max(0) as u64);
+    if age < retention {
+        *since = None;
+        return Rotation::Wait(retention - age);
+    }
     match since {
-        Some(s) if s.segment == other && s.rows == other_rows => {
+        Some(s) if s.segment == other && s.top == top => {
             // SAFETY: a look-up in the lock table, without waiting.
             let running = s
                 .older
@@ -190,7 +215,7 @@ pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
         _ => {
             *since = Some(ReadSince {
                 segment: other,
-                rows: other_rows,
+                top,
                 older: snapshot_holders(),
             });
             return Rotation::Again;
@@ -198,28 +223,25 @@ pub fn rotate_log(since: &mut Option<ReadSince>) -> Rotation {
     }
     let held = read_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks
-                         WHERE locktype = 'relation' AND relation = $1
+                         WHERE locktype = 'relation' AND relation IN ($1, $2)
                            AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
                            AND pid IS DISTINCT FROM pg_backend_pid())",
-        &[other_oid.into()],
+        &[other_oid.into(), done_oid.into()],
     )
     .unwrap_or(true);
     let locked = !held
-        && unsafe {
-            pg_sys::ConditionalLockRelationOid(
-                other_oid,
-                pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
-            )
-        };
+        && [other_oid, done_oid].into_iter().all(|oid| unsafe {
+            pg_sys::ConditionalLockRelationOid(oid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)
+        });
     if !locked {
         return Rotation::Busy(HELD);
     }
-    let (_, rows_now, unread_now) = look();
-    if unread_now > 0 || rows_now != other_rows {
+    let (_, _, unread_now, _, top_now) = look();
+    if unread_now > 0 || top_now != top {
         *since = None;
         return Rotation::Again;
     }
-    let truncate = format!("TRUNCATE new_user_hook.log_{other}\0");
+    let truncate = format!("TRUNCATE new_user_hook.log_{other}, new_user_hook.done_{other}\0");
     write(
         std::ffi::CStr::from_bytes_with_nul(truncate.as_bytes()).expect("one NUL, at the end"),
         &[],

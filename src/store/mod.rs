@@ -1,18 +1,21 @@
-//! The queue's SQL, all of it the worker's: reading committed events into the outbox,
-//! claiming due events, recording outcomes, the queue's gauges, the purge. Each
+//! The queue's SQL, all of it the worker's: reading the log (`log`), claiming due
+//! events from the outbox, recording outcomes and the position, the queue's gauges, the purge. Each
 //! function runs inside a transaction the caller opened with `spi::transaction`.
 
+mod log;
 mod maintenance;
 mod vault;
 
+pub use log::{done_since, load_position, read_chunk, Chunk};
 pub use maintenance::{analyze_outbox, rotate_log, vacuum_captured, ReadSince, Rotation};
 pub use vault::vault_secret;
 
 use crate::catalog::{lifecycle_columns, Capture};
 use crate::model::classify::Decision;
 use crate::model::event::{Event, Kind};
+use crate::model::window::{LogEvent, Position};
 use crate::shared::QueueGauges;
-use crate::spi::{select_kept, write, write_kept, Planning};
+use crate::spi::{select_kept, write, Planning};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -54,71 +57,13 @@ const PLACE_AND_INSERT: &str = "placed AS (
          INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, next_attempt_at)
          SELECT id, user_id, source, record, kind, old_record, placed_seq, created_at, created_at FROM placed";
 
-/// Reads into the outbox every event committed since the last read, in one
-/// statement: all of them, so that a user's earlier event never stays behind while a
-/// later one is claimed (a transaction that committed a later event of a user
-/// committed after the earlier one). Returns how many it read.
+/// Reads a 0.7.0 schema's capture table into the outbox (a 0.8.0 schema's log is
+/// read by `read_chunk`). Returns how many it read.
 pub fn take(capture: Capture) -> i64 {
     match capture {
-        Capture::Log => take_log(),
         Capture::Captured => take_captured(),
-        Capture::Outbox => 0,
+        Capture::Log | Capture::Outbox => 0,
     }
-}
-
-/// From the log: the events of the transactions that committed after the position's
-/// snapshot was taken and before this statement's was, through the index on xid from
-/// the oldest transaction running at the position. The position moves to this
-/// statement's snapshot in the same statement, so an event is read once however late
-/// its transaction commits; it stays where it is when nothing was read (no write,
-/// no transaction id). A position row deleted by hand is written again (meanwhile
-/// everything is unread, and what the outbox has already is skipped). A committed
-/// event stamped with a transaction id this cluster has not reached (written with
-/// the stamping trigger disabled: `pg_restore --disable-triggers`) would be unread
-/// forever: it is read, and stamped with the first normal transaction id, which
-/// every position sees (read).
-///
-/// The window is found through the index on xid: the transactions from the
-/// position's xmax on, and the few that were running at the position (its xip) —
-/// not everything from its xmin, which a long transaction holds back. The position is read first, so that the planner sees its
-/// values: the range on xid is then planned as what it is, a few index pages.
-fn take_log() -> i64 {
-    let position: Option<String> = select_kept(
-        c"SELECT snapshot::text FROM new_user_hook.positions WHERE endpoint = 'default'",
-        &[],
-        Planning::Generic,
-        1,
-        |row| row.get::<String>(1),
-    )
-    .into_iter()
-    .next()
-    .flatten();
-    let sql = format!(
-        "WITH taken AS (
-             SELECT l.* FROM new_user_hook.log_0 AS l
-              WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
-                     OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
-                AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
-             UNION ALL
-             SELECT l.* FROM new_user_hook.log_1 AS l
-              WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
-                     OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
-                AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
-         ), foreign_0 AS (
-             UPDATE new_user_hook.log_0 SET xid = '3'
-              WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
-         ), foreign_1 AS (
-             UPDATE new_user_hook.log_1 SET xid = '3'
-              WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
-         ), moved AS (
-             INSERT INTO new_user_hook.positions AS p (endpoint, snapshot, moved_at)
-             SELECT 'default', pg_current_snapshot(), now() WHERE EXISTS (SELECT 1 FROM taken)
-             ON CONFLICT (endpoint) DO UPDATE SET snapshot = excluded.snapshot, moved_at = excluded.moved_at
-         ), {PLACE_AND_INSERT}
-         ON CONFLICT (id) DO NOTHING\0"
-    );
-    let sql = CStr::from_bytes_with_nul(sql.as_bytes()).expect("one NUL, at the end");
-    write_kept(sql, &[position.into()], Planning::Custom) as i64
 }
 
 /// From a 0.7.0 schema's capture table (until ALTER EXTENSION UPDATE): every row
@@ -239,14 +184,84 @@ pub struct Record {
     pub class: Option<&'static str>,
 }
 
-/// Records the outcome of many attempts in one statement, and adds them to the
-/// counters in the same transaction (so the metrics and the outbox never disagree,
-/// crash or not).
-pub fn record(outcomes: &[Record]) {
-    if outcomes.is_empty() {
-        return;
+/// An event read from the log, resolved: its outcome (None: held, put in the
+/// outbox behind an earlier event of its user that is to be retried there).
+#[derive(Clone)]
+pub struct LogRecord {
+    pub event: LogEvent,
+    pub decision: Option<Decision>,
+    pub class: Option<&'static str>,
+}
+
+/// What a round records: outcomes of events claimed from the outbox, events read
+/// from the log and resolved, and the position they moved.
+#[derive(Clone, Default)]
+pub struct Batch {
+    pub outbox: Vec<Record>,
+    pub log: Vec<LogRecord>,
+    pub position: Option<Position>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.outbox.is_empty() && self.log.is_empty() && self.position.is_none()
     }
-    let n = outcomes.len();
+
+    pub fn outcomes(&self) -> usize {
+        self.outbox.len() + self.log.len()
+    }
+
+    /// Whether recording it puts events into the outbox (retries, dead letters,
+    /// held events) or changes the state of some there.
+    pub fn touches_outbox(&self) -> bool {
+        !self.outbox.is_empty()
+            || self
+                .log
+                .iter()
+                .any(|r| !matches!(r.decision, Some(Decision::Delivered { .. })))
+    }
+
+    pub fn extend(&mut self, other: Batch) {
+        self.outbox.extend(other.outbox);
+        self.log.extend(other.log);
+        if other.position.is_some() {
+            self.position = other.position;
+        }
+    }
+}
+
+/// The parts of a decision as recorded: status, code, error, retry delay (ms).
+fn parts(decision: &Decision) -> (&'static str, Option<i32>, Option<String>, Option<i64>) {
+    match decision {
+        Decision::Delivered { status } => ("delivered", Some(*status as i32), None, None),
+        Decision::Retry {
+            status,
+            error,
+            delay,
+        } => (
+            "pending",
+            status.map(i32::from),
+            Some(error.clone()),
+            Some(delay.as_millis() as i64),
+        ),
+        Decision::Failed { status, error } => {
+            ("failed", status.map(i32::from), Some(error.clone()), None)
+        }
+    }
+}
+
+/// Records a batch in one statement, and adds its outcomes to the counters in the
+/// same transaction (so the metrics and the queue never disagree, crash or not):
+/// outcomes of outbox events update their rows; events from the log delivered are
+/// listed in one done row per window and segment (no row of theirs is written);
+/// the others go into the outbox (a retry, a dead letter, held behind their user's
+/// retry). The position moves if it is still where the worker left it; returns
+/// false if it was to move and was not (changed by someone else).
+pub fn record(batch: &Batch) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let n = batch.outbox.len();
     let mut ids = Vec::with_capacity(n);
     let mut attempts = Vec::with_capacity(n);
     let mut statuses = Vec::with_capacity(n);
@@ -254,32 +269,58 @@ pub fn record(outcomes: &[Record]) {
     let mut errors: Vec<Option<String>> = Vec::with_capacity(n);
     let mut delays: Vec<Option<i64>> = Vec::with_capacity(n);
     let mut classes: Vec<Option<String>> = Vec::with_capacity(n);
-    for r in outcomes {
+    for r in &batch.outbox {
         ids.push(r.id.clone());
         attempts.push(r.attempt as i32);
-        let (status, code, error, delay) = match &r.decision {
-            Decision::Delivered { status } => ("delivered", Some(*status as i32), None, None),
-            Decision::Retry {
-                status,
-                error,
-                delay,
-            } => (
-                "pending",
-                status.map(i32::from),
-                Some(error.clone()),
-                Some(delay.as_millis() as i64),
-            ),
-            Decision::Failed { status, error } => {
-                ("failed", status.map(i32::from), Some(error.clone()), None)
-            }
-        };
+        let (status, code, error, delay) = parts(&r.decision);
         statuses.push(status.to_string());
         codes.push(code);
         errors.push(error);
         delays.push(delay);
         classes.push(r.class.map(str::to_string));
     }
-    let args: [DatumWithOid; 7] = [
+    let n = batch.log.len();
+    let mut l_ids = Vec::with_capacity(n);
+    let mut l_segments = Vec::with_capacity(n);
+    let mut l_windows = Vec::with_capacity(n);
+    let mut l_outcomes = Vec::with_capacity(n);
+    let mut l_codes: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut l_errors: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut l_delays: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut l_classes: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut l_users: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut l_sources: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut l_kinds: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut l_records: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut l_old: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut l_seqs = Vec::with_capacity(n);
+    let mut l_created = Vec::with_capacity(n);
+    for r in &batch.log {
+        let e = &r.event;
+        let (outcome, code, error, delay) = match &r.decision {
+            Some(d) => parts(d),
+            None => ("held", None, None, None),
+        };
+        l_ids.push(e.event.id.clone());
+        l_segments.push(e.segment as i32);
+        l_windows.push(e.window);
+        l_outcomes.push(outcome.to_string());
+        l_codes.push(code);
+        l_errors.push(error);
+        l_delays.push(delay);
+        l_classes.push(r.class.map(str::to_string));
+        l_seqs.push(e.seq);
+        l_created.push(e.event.created_at.clone());
+        // The event itself only for the outbox: a delivered one is listed by id.
+        let keep = outcome != "delivered";
+        l_users.push(keep.then(|| e.user_id.clone()));
+        l_sources.push(keep.then(|| e.event.source.clone()));
+        l_kinds.push(keep.then(|| e.event.kind.name().to_string()));
+        l_records.push(keep.then(|| e.event.record.clone()));
+        l_old.push(e.event.old_record.clone().filter(|_| keep));
+    }
+    let position = batch.position.as_ref();
+    let args: [DatumWithOid; 25] = [
         ids.into(),
         statuses.into(),
         codes.into(),
@@ -287,42 +328,106 @@ pub fn record(outcomes: &[Record]) {
         delays.into(),
         attempts.into(),
         classes.into(),
+        l_ids.into(),
+        l_segments.into(),
+        l_windows.into(),
+        l_outcomes.into(),
+        l_codes.into(),
+        l_errors.into(),
+        l_delays.into(),
+        l_classes.into(),
+        l_users.into(),
+        l_sources.into(),
+        l_kinds.into(),
+        l_records.into(),
+        l_old.into(),
+        l_seqs.into(),
+        l_created.into(),
+        position.map(|p| p.snapshot.clone()).into(),
+        position.map(|p| p.number).into(),
+        position.map(|p| p.was).into(),
     ];
-    write_kept(
-        c"WITH r AS (
-             SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[], $7::text[])
-                 AS r(id, outcome, code, error, delay_ms, attempt, class)
-         ), done AS (
-             UPDATE new_user_hook.outbox AS o SET
-                 status = r.outcome,
-                 attempts = r.attempt,
-                 last_attempt_at = clock_timestamp(),
-                 last_status_code = r.code,
-                 last_error = r.error,
-                 delivered_at = CASE WHEN r.outcome = 'delivered' THEN clock_timestamp() END,
-                 next_attempt_at = CASE WHEN r.outcome = 'pending'
-                                        THEN clock_timestamp() + r.delay_ms * interval '1 millisecond' END
-             FROM r
-             WHERE o.id = r.id::uuid AND o.status = 'pending'
-             RETURNING r.outcome, r.attempt, r.class, r.error, o.last_attempt_at,
-                       extract(epoch FROM o.delivered_at - o.created_at)::float8 AS latency
-         ), t AS (
-             SELECT count(*) FILTER (WHERE attempt = 1)                           AS first_attempts,
-                    count(*) FILTER (WHERE outcome = 'delivered')                AS delivered,
-                    count(*) FILTER (WHERE outcome = 'pending')                  AS retried,
-                    count(*) FILTER (WHERE outcome = 'failed')                   AS failed,
-                    count(*) FILTER (WHERE class = '2xx')                        AS c2xx,
-                    count(*) FILTER (WHERE class = '3xx')                        AS c3xx,
-                    count(*) FILTER (WHERE class = '4xx')                        AS c4xx,
-                    count(*) FILTER (WHERE class = '5xx')                        AS c5xx,
-                    count(*) FILTER (WHERE class = 'timeout')                    AS ctimeout,
-                    count(*) FILTER (WHERE class = 'network')                    AS cnetwork,
-                    coalesce(sum(latency) FILTER (WHERE outcome = 'delivered'), 0) AS latency_sum,
-                    max(last_attempt_at) FILTER (WHERE outcome = 'delivered')    AS last_delivered_at,
-                    (array_agg(error ORDER BY last_attempt_at DESC) FILTER (WHERE error IS NOT NULL))[1] AS last_error,
-                    max(last_attempt_at) FILTER (WHERE error IS NOT NULL)        AS last_error_at
-               FROM done
-         )
+    select_kept(RECORD, &args, Planning::Custom, 1, |row| {
+        row.get::<bool>(1).unwrap_or(false)
+    })
+    .into_iter()
+    .next()
+    .unwrap_or(false)
+}
+
+const RECORD: &CStr = c"WITH r AS (
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[], $7::text[])
+             AS r(id, outcome, code, error, delay_ms, attempt, class)
+     ), updated AS (
+         UPDATE new_user_hook.outbox AS o SET
+             status = r.outcome,
+             attempts = r.attempt,
+             last_attempt_at = clock_timestamp(),
+             last_status_code = r.code,
+             last_error = r.error,
+             delivered_at = CASE WHEN r.outcome = 'delivered' THEN clock_timestamp() END,
+             next_attempt_at = CASE WHEN r.outcome = 'pending'
+                                    THEN clock_timestamp() + r.delay_ms * interval '1 millisecond' END
+         FROM r
+         WHERE o.id = r.id::uuid AND o.status = 'pending'
+         RETURNING r.outcome, r.attempt, r.class, r.error, o.last_attempt_at,
+                   extract(epoch FROM o.delivered_at - o.created_at)::float8 AS latency
+     ), l AS (
+         SELECT * FROM unnest($8::text[], $9::int[], $10::int8[], $11::text[], $12::int[], $13::text[], $14::int8[],
+                              $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::int8[],
+                              $22::text[])
+             AS l(id, segment, window_number, outcome, code, error, delay_ms, class, user_id, source, kind, record,
+                  old_record, seq, created_at)
+     ), done_0 AS (
+         INSERT INTO new_user_hook.done_0 (window_number, ids, codes, at)
+         SELECT window_number, array_agg(id::uuid), array_agg(code), clock_timestamp() FROM l
+          WHERE outcome = 'delivered' AND segment = 0 GROUP BY window_number
+     ), done_1 AS (
+         INSERT INTO new_user_hook.done_1 (window_number, ids, codes, at)
+         SELECT window_number, array_agg(id::uuid), array_agg(code), clock_timestamp() FROM l
+          WHERE outcome = 'delivered' AND segment = 1 GROUP BY window_number
+     ), exceptions AS (
+         INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, status, attempts,
+                                           next_attempt_at, last_attempt_at, last_status_code, last_error)
+         SELECT id::uuid, user_id::uuid, source, record::json, kind, old_record::json, seq, created_at::timestamptz,
+                CASE WHEN outcome = 'failed' THEN 'failed' ELSE 'pending' END,
+                CASE WHEN outcome = 'held' THEN 0 ELSE 1 END,
+                CASE outcome WHEN 'pending' THEN clock_timestamp() + delay_ms * interval '1 millisecond'
+                             WHEN 'held' THEN created_at::timestamptz END,
+                CASE WHEN outcome <> 'held' THEN clock_timestamp() END,
+                code, error
+           FROM l WHERE outcome <> 'delivered'
+         ON CONFLICT (id) DO NOTHING
+     ), moved AS (
+         INSERT INTO new_user_hook.positions AS p (endpoint, snapshot, window_number, moved_at)
+         SELECT 'default', $23::text::pg_snapshot, $24::int8, now() WHERE $23::text IS NOT NULL
+         ON CONFLICT (endpoint) DO UPDATE
+            SET snapshot = excluded.snapshot, window_number = excluded.window_number, moved_at = excluded.moved_at
+          WHERE p.window_number = $25::int8
+         RETURNING 1
+     ), done AS (
+         SELECT outcome, attempt, class, error, last_attempt_at, latency FROM updated
+         UNION ALL
+         SELECT outcome, 1, class, error, clock_timestamp(),
+                CASE WHEN outcome = 'delivered' THEN extract(epoch FROM clock_timestamp() - created_at::timestamptz)::float8 END
+           FROM l WHERE outcome <> 'held'
+     ), t AS (
+         SELECT count(*) FILTER (WHERE attempt = 1)                           AS first_attempts,
+                count(*) FILTER (WHERE outcome = 'delivered')                AS delivered,
+                count(*) FILTER (WHERE outcome = 'pending')                  AS retried,
+                count(*) FILTER (WHERE outcome = 'failed')                   AS failed,
+                count(*) FILTER (WHERE class = '2xx')                        AS c2xx,
+                count(*) FILTER (WHERE class = '3xx')                        AS c3xx,
+                count(*) FILTER (WHERE class = '4xx')                        AS c4xx,
+                count(*) FILTER (WHERE class = '5xx')                        AS c5xx,
+                count(*) FILTER (WHERE class = 'timeout')                    AS ctimeout,
+                count(*) FILTER (WHERE class = 'network')                    AS cnetwork,
+                coalesce(sum(latency) FILTER (WHERE outcome = 'delivered'), 0) AS latency_sum,
+                max(last_attempt_at) FILTER (WHERE outcome = 'delivered')    AS last_delivered_at,
+                (array_agg(error ORDER BY last_attempt_at DESC) FILTER (WHERE error IS NOT NULL))[1] AS last_error,
+                max(last_attempt_at) FILTER (WHERE error IS NOT NULL)        AS last_error_at
+           FROM done
+     ), counted AS (
          UPDATE new_user_hook.counters AS c SET
              first_attempts = c.first_attempts + t.first_attempts,
              delivered = c.delivered + t.delivered,
@@ -342,11 +447,11 @@ pub fn record(outcomes: &[Record]) {
              last_delivered_at = coalesce(t.last_delivered_at, c.last_delivered_at),
              last_error = coalesce(t.last_error, c.last_error),
              last_error_at = coalesce(t.last_error_at, c.last_error_at)
-         FROM t",
-        &args,
-        Planning::Custom,
-    );
-}
+         FROM t
+         WHERE t.first_attempts + t.delivered + t.retried + t.failed > 0
+         RETURNING 1
+     )
+     SELECT $23::text IS NULL OR EXISTS (SELECT 1 FROM moved), (SELECT count(*) FROM counted)";
 
 /// After a backend came back: events waiting out a backoff from the outage are
 /// due now, so the backlog drains at once instead of on each event's schedule —

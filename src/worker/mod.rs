@@ -19,10 +19,11 @@ use crate::model::breaker::{Allowance, Breaker, Transition};
 use crate::model::classify::{self, Decision};
 use crate::model::event::Event;
 use crate::model::problem::{Change, Failures, Step};
+use crate::model::window::{Reading, Resolution, Windows};
 use crate::settings::{self, Settings};
 use crate::shared;
 use crate::spi::{self, transaction};
-use crate::store::{self, Record, Rotation};
+use crate::store::{self, Batch, Chunk, LogRecord, Record, Rotation};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
@@ -47,6 +48,9 @@ const PURGE_BATCH: i64 = 10_000;
 const RECORD_BATCH: usize = 64;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
 const RECORD_IDLE_DELAY: Duration = Duration::from_millis(20);
+/// Events read from the log and not resolved that the worker keeps in memory at
+/// most: beyond, the next chunk waits (a chunk is store::CHUNK events).
+const READ_AHEAD: usize = 10_000;
 /// How long SIGTERM waits for requests in progress before abandoning them.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Delay before the postmaster restarts a worker that died.
@@ -77,6 +81,8 @@ const VACUUM_DELAY: Duration = Duration::from_secs(1);
 /// the other found read, then emptied once no older snapshot remains. The log holds
 /// what arrives in a few times this; an idle log is empty 15 s after the last read.
 const ROTATE_AFTER: Duration = Duration::from_secs(5);
+/// How long a rotation waiting for a segment to pass the retention sleeps at most.
+const RETENTION_LOOK: Duration = Duration::from_secs(3600);
 /// Tries in a row that found the segment to empty held (1, 2, 4 … 64 s apart:
 /// about 4 minutes) that make a problem of it.
 const MAINTENANCE_BUSY_PROBLEM: u32 = 8;
@@ -188,9 +194,9 @@ fn flush_statistics(force: bool) -> Option<Instant> {
 
 /// What one round does in its transaction.
 struct Round {
-    /// Outcomes to record.
-    record: Vec<Record>,
-    /// How many due events to claim.
+    /// Outcomes to record, and the position to store.
+    record: Batch,
+    /// How many due events to claim from the outbox.
     claim: usize,
     /// The claim is a probe of a backend that is down: one due event.
     probe: bool,
@@ -200,10 +206,29 @@ struct Round {
     busy: Vec<String>,
     /// Whether to look whether the extension (still) exists first.
     check_installed: bool,
-    /// Take the capture table's events into the outbox before claiming.
+    /// A 0.7.0 schema: take its capture table's events into the outbox before claiming.
     take: bool,
+    /// Read the next chunk of the log.
+    read: Option<Read>,
     /// Whether to refresh the outbox's statistics in this round (None: not now).
     analyze: Option<Analyze>,
+}
+
+/// A read of the log: the chunk to read, after loading the stored position first
+/// (then the chunk is the first of the window after it).
+struct Read {
+    load: bool,
+    reading: Reading,
+    /// Delivered already beyond the stored position (the first window after a load).
+    done: Vec<String>,
+}
+
+/// What a read of the log found: the position, if loaded (with the events the open
+/// windows' done rows list), the chunk read, and the chunk.
+struct Chunked {
+    loaded: Option<(Option<String>, i64, Vec<String>)>,
+    reading: Reading,
+    chunk: Chunk,
 }
 
 /// Why a round may refresh the outbox's statistics.
@@ -221,11 +246,19 @@ struct RoundResult {
     /// How many the round tried to claim.
     wanted: usize,
     claimed: Vec<Event>,
-    /// Until the next pending event not claimed is due (None: nothing pending).
-    next_due: Option<Duration>,
-    /// Events read from the log, or why the read failed (the round went on without
-    /// it); None when the round did not read. And whether the outbox was analyzed.
+    /// Until the next pending event in the outbox not claimed is due (None: nothing
+    /// pending); None when the round did not look.
+    next_due: Option<Option<Duration>>,
+    /// Events put into the outbox by the read (held, or a 0.7.0 schema's taken), or
+    /// why the read failed (the round went on without it); None when the round did
+    /// not read. And whether the outbox was analyzed.
     taken: Option<Result<i64, String>>,
+    /// The chunk of the log read.
+    chunk: Option<Chunked>,
+    /// The position the round stored, and whether it was stored (it was where the
+    /// worker left it).
+    stored: Option<crate::model::window::Position>,
+    position_moved: bool,
     analyzed: bool,
     /// Where the installed schema keeps events until they are read (looked up in the
     /// round's transaction: the catalog is not read outside one).
@@ -238,13 +271,20 @@ struct Worker {
     /// Ids of the events claimed and not yet decided (claims live in memory only).
     in_flight: HashSet<String>,
     /// Outcomes decided (the breaker has seen them) and not recorded yet, and since
-    /// when; a failed round keeps them for the next one.
-    unrecorded: Vec<Record>,
+    /// when (or since the position moved); a failed round keeps them for the next one.
+    unrecorded: Batch,
     unrecorded_since: Instant,
     /// Whether the round under way records `unrecorded`.
     recording: bool,
     /// Whether the extension exists in the worker's database (None: look again).
     installed: Option<bool>,
+    /// The worker's place in the log, and the events read from it in memory.
+    windows: Windows,
+    /// Events delivered beyond the stored position, while the first window after
+    /// loading it is read.
+    resume_done: Vec<String>,
+    /// The count of commits that changed the outbox from SQL, as last seen.
+    outbox_changes: i32,
     /// Something may be due now: woken by a commit, a timer, or a full claim.
     maybe_due: bool,
     /// Events may have been captured since the last take: woken by a commit (or the
@@ -302,12 +342,15 @@ impl Worker {
             config: Config::new(settings),
             pool,
             in_flight: HashSet::new(),
-            unrecorded: Vec::new(),
+            unrecorded: Batch::default(),
             unrecorded_since: Instant::now(),
             recording: false,
             // Known before the first report, which would otherwise warn that the
             // extension is missing at every start.
             installed: transaction(catalog::installed).ok(),
+            windows: Windows::new(),
+            resume_done: Vec::new(),
+            outbox_changes: shared::outbox_changes(),
             maybe_due: true,
             maybe_captured: true,
             taken_since_analyze: 0,
@@ -352,6 +395,7 @@ impl Worker {
                 self.timers.statistics = flush_statistics(true);
             }
             self.collect_outcomes();
+            self.send_ready();
             if let Some(round) = self.plan() {
                 let result = transaction(move || run_round(round));
                 self.apply(result);
@@ -401,8 +445,12 @@ impl Worker {
             self.config.reload(settings);
             self.hold();
             self.apply_config(true);
-            // A new retention applies now, not at the next periodic purge.
+            // A new retention applies now, not at the next periodic purge or look at
+            // the log's rotation.
             self.timers.purge = Instant::now();
+            if self.timers.log_upkeep.is_some() {
+                self.timers.log_upkeep = Some(Instant::now());
+            }
         }
     }
 
@@ -466,7 +514,7 @@ impl Worker {
                 .next_probe()
                 .filter(|at| *at > now && self.timers.due.is_some()),
         );
-        if !self.unrecorded.is_empty() {
+        if self.pending_record() {
             // Not before a failed round's retry: outcomes that cannot be recorded yet
             // must not keep the worker from sleeping.
             let mut record_at = self.unrecorded_since + self.record_delay();
@@ -476,7 +524,10 @@ impl Worker {
             timeout = timeout.min(record_at.saturating_duration_since(now));
         }
         timeout = timeout.min(POLL.saturating_sub(self.looked_at.elapsed()));
-        if self.maybe_due && can_claim {
+        let more_to_read = self.windows.reading()
+            && self.windows.len() < READ_AHEAD
+            && self.timers.retry_take.is_none();
+        if (self.maybe_due || more_to_read) && can_claim {
             timeout = Duration::ZERO;
         }
         let events = pg_sys::WL_LATCH_SET
@@ -505,8 +556,14 @@ impl Worker {
         let polled = self.looked_at.elapsed() >= POLL;
         if latch_was_set || rc & pg_sys::WL_LATCH_SET as i32 != 0 || polled {
             self.looked_at = Instant::now();
-            self.maybe_due = true;
             self.maybe_captured = true;
+            // A signup's commit adds to the log; the outbox is looked at when SQL
+            // changed it (redeliver(), backfill()), and at the poll.
+            let changes = shared::outbox_changes();
+            if polled || changes != self.outbox_changes {
+                self.outbox_changes = changes;
+                self.maybe_due = true;
+            }
             // New events (or a poll): the metrics' count of the queue is stale.
             self.count_queue_soon();
         }
@@ -525,6 +582,7 @@ impl Worker {
         }
         let mut record = std::mem::take(&mut self.unrecorded);
         record.extend(self.decide(outcomes));
+        record.position = self.windows.position_to_store().cloned();
         if let Err(e) = transaction(move || store::record(&record)) {
             warning!("pg_new_user_hook: recording the last outcomes failed, those events will be sent again: {e}");
         }

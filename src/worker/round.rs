@@ -69,10 +69,18 @@ impl Worker {
     }
 
     /// Whether the queue is empty as far as the worker knows: its last claim was not
-    /// full, nothing is in flight, and no pending event waits for a later time
-    /// (a backoff). Claimed events stay pending in the table until recorded.
+    /// full, nothing is in flight or read and waiting, and no pending event waits for
+    /// a later time (a backoff). Claimed events stay pending in the table until recorded.
     fn queue_drained(&self) -> bool {
-        !self.claim_was_full && self.in_flight.is_empty() && self.timers.due.is_none()
+        !self.claim_was_full
+            && self.in_flight.is_empty()
+            && self.windows.is_empty()
+            && self.timers.due.is_none()
+    }
+
+    /// Whether something waits to be recorded: outcomes, or a move of the position.
+    pub(super) fn pending_record(&self) -> bool {
+        !self.unrecorded.is_empty() || self.windows.position_to_store().is_some()
     }
 
     /// Decides the requests the pool has finished (the breaker sees them at once)
@@ -82,8 +90,9 @@ impl Worker {
         if arrived.is_empty() {
             return;
         }
+        let pending = self.pending_record();
         let decisions = self.decide(arrived);
-        if self.unrecorded.is_empty() {
+        if !pending {
             self.unrecorded_since = Instant::now();
         }
         self.unrecorded.extend(decisions);
@@ -101,9 +110,38 @@ impl Worker {
     /// Whether decided outcomes should be recorded now: a full batch, or the oldest
     /// has waited long enough.
     pub(super) fn record_due(&self) -> bool {
-        !self.unrecorded.is_empty()
-            && (self.unrecorded.len() >= RECORD_BATCH
+        self.pending_record()
+            && (self.unrecorded.outcomes() >= RECORD_BATCH
                 || self.unrecorded_since.elapsed() >= self.record_delay())
+    }
+
+    /// Hands events read from the log to the sending threads, as many as the window
+    /// allows (one, as a probe, while the backend is down).
+    pub(super) fn send_ready(&mut self) {
+        if self.windows.ready() == 0 {
+            return;
+        }
+        let (n, probe) = self.claimable();
+        for mut event in self.windows.take_ready(n) {
+            event.probe = probe;
+            if probe {
+                self.breaker.probe_sent(&event.id);
+                shared::set_backend_state(self.breaker.state().gauge());
+            }
+            self.in_flight.insert(event.id.clone());
+            self.pool.submit(event);
+        }
+        shared::set_in_flight(self.in_flight.len());
+    }
+
+    /// Whether the log is to be read in this round: a commit woke the worker, or a
+    /// window is being read in chunks (or the position is not loaded yet), there is
+    /// room in memory, and events could go out.
+    fn read_now(&self, now: Instant) -> bool {
+        self.claimable().0 > 0
+            && self.windows.len() < READ_AHEAD
+            && self.timers.retry_take.is_none_or(|at| at <= now)
+            && (self.maybe_captured || self.windows.reading() || !self.windows.loaded())
     }
 
     /// What this round does, or None when there is nothing worth a transaction.
@@ -113,27 +151,31 @@ impl Worker {
             return None;
         }
         let retry_take = Timers::reached(self.timers.retry_take, now);
+        // A 0.7.0 schema's capture table is taken into the outbox, then claimed from.
+        let captured = self.capture == Some(Capture::Captured);
+        let read = self.read_now(now);
+        let take = captured && read && self.maybe_captured;
         let (claim, probe) =
-            if self.maybe_due || retry_take || Timers::reached(self.timers.due, now) {
+            if self.maybe_due || retry_take || take || Timers::reached(self.timers.due, now) {
                 self.claimable()
             } else {
                 (0, false)
             };
+        let read = read && !captured;
         let check_installed = self.installed != Some(true);
         // Outcomes ride along with a round that runs anyway (a claim, and the read
         // that comes with a wake-up).
-        let runs_anyway = claim > 0 || check_installed || self.release_backoff;
-        self.recording = !self.unrecorded.is_empty() && (runs_anyway || self.record_due());
+        let runs_anyway = claim > 0 || read || take || check_installed || self.release_backoff;
+        self.recording = self.pending_record() && (runs_anyway || self.record_due());
         if !runs_anyway && !self.recording {
             return None;
         }
+        if (read && !self.windows.reading() && self.capture == Some(Capture::Log)) || take {
+            // Commits from now on set the latch again: none is missed by the read's snapshot.
+            self.maybe_captured = false;
+        }
         let mut busy: Vec<String> = self.in_flight.iter().cloned().collect();
-        busy.extend(self.unrecorded.iter().map(|r| r.id.clone()));
-        // Commits from now on set the latch again: none is missed by the take's snapshot.
-        // After a failed take, the next try waits RETRY_FAILED_ROUND.
-        let take = claim > 0
-            && self.timers.retry_take.is_none_or(|at| at <= now)
-            && std::mem::take(&mut self.maybe_captured);
+        busy.extend(self.unrecorded.outbox.iter().map(|r| r.id.clone()));
         let analyze = self
             .analyzed_at
             .is_none_or(|at| at.elapsed() >= ANALYZE_EVERY)
@@ -142,14 +184,22 @@ impl Worker {
             } else {
                 Analyze::IfTaken(self.taken_since_analyze)
             });
+        let record = if self.recording {
+            let mut batch = self.unrecorded.clone();
+            batch.position = self.windows.position_to_store().cloned();
+            batch
+        } else {
+            Batch::default()
+        };
         Some(Round {
             take,
+            read: read.then(|| Read {
+                load: !self.windows.loaded(),
+                reading: self.windows.next_read(),
+                done: self.resume_done.clone(),
+            }),
             analyze,
-            record: if self.recording {
-                self.unrecorded.clone()
-            } else {
-                Vec::new()
-            },
+            record,
             claim,
             probe,
             release_backoff: self.release_backoff,
@@ -182,15 +232,28 @@ impl Worker {
             log!("pg_new_user_hook: delivery rounds succeed again");
         }
         self.step_outcome(Step::Round, Ok(()));
+        if let Some(position) = &result.stored {
+            if result.position_moved {
+                self.windows.stored(position);
+            } else {
+                // The stored position is not where this worker left it (the extension
+                // was created again, or the row changed by hand): start over from it.
+                // Events in memory are read again; those in flight may be sent twice.
+                warning!(
+                    "pg_new_user_hook: the position in new_user_hook.positions was changed by someone else: \
+                     reading the log again from it"
+                );
+                self.windows.reset();
+                self.resume_done.clear();
+            }
+        }
         let taken = match &result.taken {
             None => 0,
             Some(Ok(taken)) => {
                 self.timers.retry_take = None;
                 self.step_outcome(Step::Take, Ok(()));
                 if self.take_error.take().is_some() {
-                    log!(
-                        "pg_new_user_hook: reading committed events into the outbox succeeds again"
-                    );
+                    log!("pg_new_user_hook: reading committed events from the log succeeds again");
                 }
                 *taken
             }
@@ -198,7 +261,7 @@ impl Worker {
                 // The round recorded and claimed without it; the events stay in the log, unread.
                 // A repeated error is logged once (the problem says it meanwhile).
                 if self.take_error.as_ref() != Some(error) {
-                    warning!("pg_new_user_hook: reading committed events into the outbox failed, retried every {} s: {error}", RETRY_FAILED_ROUND.as_secs());
+                    warning!("pg_new_user_hook: reading committed events from the log failed, retried every {} s: {error}", RETRY_FAILED_ROUND.as_secs());
                     self.take_error = Some(error.clone());
                 }
                 self.step_outcome(Step::Take, Err(error));
@@ -207,13 +270,39 @@ impl Worker {
                 0
             }
         };
+        let mut read = 0;
+        if let Some(chunked) = result.chunk {
+            let pending = self.pending_record();
+            if let Some((snapshot, number, done)) = chunked.loaded {
+                self.windows.load(snapshot, number);
+                self.resume_done = done;
+            }
+            let chunk = chunked.chunk;
+            if chunk.restamped > 0 {
+                self.maybe_captured = true;
+            }
+            read = chunk.events.len() as i64 + chunk.held;
+            self.windows.add_chunk(
+                &chunked.reading,
+                chunk.end,
+                chunk.events,
+                chunk.last,
+                chunk.full,
+            );
+            if !self.windows.next_read().resuming {
+                self.resume_done = Vec::new();
+            }
+            if !pending && self.pending_record() {
+                self.unrecorded_since = Instant::now();
+            }
+        }
         self.timers.retry_round = None;
         if result.capture.is_some() {
             self.capture = result.capture;
         }
         self.timers.statistics = flush_statistics(false);
         self.taken_since_vacuum += taken;
-        if self.timers.log_upkeep.is_none() && taken > 0 {
+        if self.timers.log_upkeep.is_none() && taken + read > 0 {
             // The log is rotated ROTATE_AFTER after the first events read since the last
             // rotation; a capture table, vacuumed once many were deleted from it.
             let log = self.capture == Some(Capture::Log);
@@ -238,13 +327,15 @@ impl Worker {
         }
         // Recorded; or, without the extension, nothing to record into.
         if self.recording || !result.installed {
-            self.unrecorded.clear();
+            self.unrecorded = Batch::default();
         }
         self.release_backoff = false;
         self.count_queue_soon();
         if !result.installed {
             self.maybe_due = false;
             self.timers.due = None;
+            self.windows.reset();
+            self.resume_done.clear();
             return;
         }
         if result.wanted > 0 {
@@ -252,7 +343,9 @@ impl Worker {
             self.maybe_due = result.claimed.len() >= result.wanted;
             self.claim_was_full = self.maybe_due;
         }
-        self.timers.due = result.next_due.map(|d| Instant::now() + d);
+        if let Some(next_due) = result.next_due {
+            self.timers.due = next_due.map(|d| Instant::now() + d);
+        }
         for event in result.claimed {
             if event.probe {
                 self.breaker.probe_sent(&event.id);
@@ -261,6 +354,7 @@ impl Worker {
             self.in_flight.insert(event.id.clone());
             self.pool.submit(event);
         }
+        self.send_ready();
         shared::set_in_flight(self.in_flight.len());
     }
 
@@ -290,16 +384,17 @@ impl Worker {
 
     /// Turns outcomes into decisions to record, and tells the circuit breaker what
     /// each attempt said about the backend. An unsent event needs none: it is still
-    /// pending and due.
-    pub(super) fn decide(&mut self, outcomes: Vec<Outcome>) -> Vec<Record> {
+    /// pending and due (one read from the log goes out again first).
+    pub(super) fn decide(&mut self, outcomes: Vec<Outcome>) -> Batch {
         let now = SystemTime::now();
-        let mut decisions = Vec::with_capacity(outcomes.len());
+        let mut decisions = Batch::default();
         let mut first_error = None;
         let mut any_delivered = false;
         for outcome in outcomes {
             self.in_flight.remove(&outcome.id);
             if !outcome.sent {
                 self.breaker.probe_lost(&outcome.id, Instant::now());
+                self.windows.unsent(&outcome.id);
                 continue;
             }
             if !outcome.current {
@@ -324,18 +419,43 @@ impl Worker {
                     self.backend_transition(t);
                 }
             }
-            match &decision {
-                Decision::Delivered { .. } => any_delivered = true,
-                Decision::Retry { error, .. } | Decision::Failed { error, .. } => {
-                    first_error.get_or_insert_with(|| error.clone());
+            let resolution = match &decision {
+                Decision::Delivered { .. } => {
+                    any_delivered = true;
+                    Resolution::Delivered
                 }
+                Decision::Retry { error, .. } => {
+                    first_error.get_or_insert_with(|| error.clone());
+                    Resolution::Retried
+                }
+                Decision::Failed { error, .. } => {
+                    first_error.get_or_insert_with(|| error.clone());
+                    Resolution::Failed
+                }
+            };
+            let class = classify::class(&outcome.result);
+            match self.windows.resolve(&outcome.id, resolution) {
+                Some((event, held)) => {
+                    decisions.log.push(LogRecord {
+                        event,
+                        decision: Some(decision),
+                        class,
+                    });
+                    decisions
+                        .log
+                        .extend(held.into_iter().map(|event| LogRecord {
+                            event,
+                            decision: None,
+                            class: None,
+                        }));
+                }
+                None => decisions.outbox.push(Record {
+                    class,
+                    id: outcome.id,
+                    attempt: outcome.attempt,
+                    decision,
+                }),
             }
-            decisions.push(Record {
-                class: classify::class(&outcome.result),
-                id: outcome.id,
-                attempt: outcome.attempt,
-                decision,
-            });
         }
         match first_error {
             Some(error) if !self.backend_failing => {
@@ -368,10 +488,11 @@ impl Worker {
     /// (the log grows meanwhile), named until the rotation goes on.
     pub(super) fn maintain_log(&mut self) {
         let mut since = self.log_read_since.take();
+        let retention = self.config.settings().retention;
         let outcome = match self.capture.unwrap_or(Capture::Outbox) {
             Capture::Log => {
                 let (outcome, kept) = transaction(move || {
-                    let outcome = store::rotate_log(&mut since);
+                    let outcome = store::rotate_log(&mut since, retention);
                     (outcome, since)
                 })
                 .map_or_else(|e| (Err(e), None), |(o, s)| (Ok(o), s));
@@ -407,6 +528,11 @@ impl Worker {
         self.maintenance_busy = 0;
         self.timers.log_upkeep = match outcome {
             Ok(Rotation::Again) => Some(Instant::now() + ROTATE_AFTER),
+            // Looked at again then, or sooner if events are read (a new retention
+            // applies at the next look).
+            Ok(Rotation::Wait(wait)) => {
+                Some(Instant::now() + wait.min(RETENTION_LOOK) + ROTATE_AFTER)
+            }
             Ok(_) => None,
             Err(ref e) => {
                 warning!(
@@ -448,7 +574,8 @@ impl Worker {
     }
 }
 
-/// One round's transaction: record outcomes, claim due events, find the next due.
+/// One round's transaction: record outcomes, read the log, claim due events, find
+/// the next due.
 pub(super) fn run_round(round: Round) -> RoundResult {
     if round.check_installed && !catalog::installed() {
         return RoundResult {
@@ -457,21 +584,60 @@ pub(super) fn run_round(round: Round) -> RoundResult {
             claimed: Vec::new(),
             next_due: None,
             taken: None,
+            chunk: None,
+            stored: None,
+            position_moved: false,
             analyzed: false,
             capture: None,
         };
     }
     let found = catalog::capture();
     let capture = Some(found);
-    store::record(&round.record);
+    let position_moved = store::record(&round.record);
     if round.release_backoff {
         store::release_backoff();
     }
-    // In a subtransaction of its own: a take that fails (a publication, a lock) must
-    // not stop the outcomes from being recorded or the outbox's events from going out.
-    let taken = round
-        .take
-        .then(|| spi::subtransaction(move || store::take(found)));
+    // In a subtransaction of its own: a read that fails (a lock) must not stop the
+    // outcomes from being recorded or the outbox's events from going out.
+    let mut chunk = None;
+    let taken = match (found, round.read, round.take) {
+        (Capture::Log, Some(read), _) => Some(
+            spi::subtransaction(move || {
+                let loaded = read.load.then(|| {
+                    let (snapshot, number) = store::load_position();
+                    (snapshot, number, store::done_since(number))
+                });
+                let reading = match &loaded {
+                    Some((snapshot, number, _)) => Reading {
+                        number: *number,
+                        start: snapshot.clone(),
+                        end: None,
+                        after: None,
+                        resuming: true,
+                    },
+                    None => read.reading,
+                };
+                let done = match &loaded {
+                    Some((_, _, done)) => done.as_slice(),
+                    None if reading.resuming => read.done.as_slice(),
+                    None => &[],
+                };
+                let chunk = store::read_chunk(&reading, done);
+                Chunked {
+                    loaded,
+                    reading,
+                    chunk,
+                }
+            })
+            .map(|chunked| {
+                let held = chunked.chunk.held;
+                chunk = Some(chunked);
+                held
+            }),
+        ),
+        (Capture::Captured, _, true) => Some(spi::subtransaction(move || store::take(found))),
+        _ => None,
+    };
     let taken_now = taken
         .as_ref()
         .and_then(|t| t.as_ref().ok())
@@ -489,11 +655,19 @@ pub(super) fn run_round(round: Round) -> RoundResult {
     } else {
         Vec::new()
     };
-    let next_due = if claimed.len() < round.claim || round.claim == 0 {
+    // The outbox is looked at again only when this round may have changed what is due
+    // there: a claim, outcomes or events put into it, the backoff released.
+    let look =
+        round.claim > 0 || round.record.touches_outbox() || round.release_backoff || taken_now > 0;
+    let next_due = if !look {
+        None
+    } else if round.claim > 0 && claimed.len() >= round.claim {
+        Some(Some(Duration::ZERO))
+    } else {
         // The events recorded above are due again by what was recorded (a retry's
         // backoff): only those still on their way are left out.
         let recorded: std::collections::HashSet<&str> =
-            round.record.iter().map(|r| r.id.as_str()).collect();
+            round.record.outbox.iter().map(|r| r.id.as_str()).collect();
         let mut busy: Vec<String> = round
             .busy
             .iter()
@@ -501,9 +675,7 @@ pub(super) fn run_round(round: Round) -> RoundResult {
             .cloned()
             .collect();
         busy.extend(claimed.iter().map(|c| c.id.clone()));
-        store::next_due(&busy)
-    } else {
-        Some(Duration::ZERO)
+        Some(store::next_due(&busy))
     };
     RoundResult {
         installed: true,
@@ -511,6 +683,9 @@ pub(super) fn run_round(round: Round) -> RoundResult {
         claimed,
         next_due,
         taken,
+        chunk,
+        stored: round.record.position.clone(),
+        position_moved,
         analyzed,
         capture,
     }

@@ -1,0 +1,197 @@
+//! Reading the log: the stored position, and the next chunk of a window
+//! (`model::window` keeps the place in memory).
+
+use crate::model::event::{Event, Kind};
+use crate::model::window::{LogEvent, Reading};
+use crate::spi::{select_kept, Planning};
+use pgrx::datum::DatumWithOid;
+
+/// Events read in one statement at most: a window holding more (a backlog) is read
+/// in chunks of this many, in commit order, as the ones before go out.
+pub const CHUNK: i64 = 10_000;
+
+/// The stored position: the snapshot every event visible in which is resolved
+/// (None: nothing resolved yet — a new installation, or a restored one), and the
+/// number the next window counts as. None when the row is missing (written again
+/// with the next position).
+pub fn load_position() -> (Option<String>, i64) {
+    select_kept(
+        c"SELECT snapshot::text, window_number FROM new_user_hook.positions WHERE endpoint = 'default'",
+        &[],
+        Planning::Generic,
+        1,
+        |row| (row.get::<String>(1), row.get::<i64>(2).unwrap_or(0)),
+    )
+    .into_iter()
+    .next()
+    .unwrap_or((None, 0))
+}
+
+/// The events the done rows of window `number` and later list: delivered already,
+/// though beyond the stored position (a restart while their windows were open).
+pub fn done_since(number: i64) -> Vec<String> {
+    let args: [DatumWithOid; 1] = [number.into()];
+    select_kept(
+        c"SELECT u::text FROM (SELECT ids FROM new_user_hook.done_0 WHERE window_number >= $1
+                              UNION ALL
+                              SELECT ids FROM new_user_hook.done_1 WHERE window_number >= $1) AS d,
+                             unnest(d.ids) AS u",
+        &args,
+        Planning::Custom,
+        0,
+        |row| row.get::<String>(1).unwrap_or_default(),
+    )
+}
+
+/// What a chunk read found.
+pub struct Chunk {
+    /// The window's end: the snapshot the first chunk was read with.
+    pub end: String,
+    /// The chunk's last event among all it scanned (also those skipped or put in the
+    /// outbox), and whether it scanned as many as it could (more may follow).
+    pub last: Option<(i64, String)>,
+    pub full: bool,
+    /// Events put in the outbox, behind a pending event of their user there.
+    pub held: i64,
+    /// Events stamped again (restored without their transaction id): a later
+    /// window reads them.
+    pub restamped: i64,
+    pub events: Vec<LogEvent>,
+}
+
+/// Reads the next chunk of a window: the events of the transactions that committed
+/// after `reading.start` and are visible in the window's end (this statement's
+/// snapshot for a new window), after `reading.after` in commit order. Events the
+/// outbox has already (an exception, a redelivery) are skipped, and so are those in
+/// `done` (delivered beyond the stored position). An event whose user has a pending
+/// event in the outbox goes into the outbox behind it (held), in the same
+/// statement; the others come back to be sent from memory.
+///
+/// A committed event stamped with a transaction id this cluster has not reached
+/// (written with the stamping trigger disabled: `pg_restore --disable-triggers`) is
+/// visible in no snapshot: it is stamped with this statement's transaction id, and
+/// read by a later window.
+pub fn read_chunk(reading: &Reading, done: &[String]) -> Chunk {
+    let (after_seq, after_id) = match &reading.after {
+        Some((seq, id)) => (Some(*seq), Some(id.clone())),
+        None => (None, None),
+    };
+    let args: [DatumWithOid; 6] = [
+        reading.start.clone().into(),
+        reading.end.clone().into(),
+        after_seq.into(),
+        after_id.into(),
+        CHUNK.into(),
+        done.to_vec().into(),
+    ];
+    let mut chunk = Chunk {
+        end: String::new(),
+        last: None,
+        full: false,
+        held: 0,
+        restamped: 0,
+        events: Vec::new(),
+    };
+    let rows = select_kept(READ_CHUNK, &args, Planning::Custom, 0, |row| {
+        let head = (
+            row.get::<String>(1).unwrap_or_default(),
+            row.get::<i64>(2).unwrap_or(0),
+            row.get::<i64>(3).zip(row.get::<String>(4)),
+            row.get::<i64>(5).unwrap_or(0),
+            row.get::<i64>(6).unwrap_or(0),
+        );
+        let event = row.get::<String>(8).map(|id| LogEvent {
+            segment: row.get::<i32>(7).unwrap_or(0) as u8,
+            user_id: row.get::<String>(9).unwrap_or_default(),
+            seq: row.get::<i64>(10).unwrap_or(0),
+            window: reading.number,
+            event: Event {
+                id,
+                attempt: 1,
+                record: row.get::<String>(11).unwrap_or_default(),
+                source: row.get::<String>(12).unwrap_or_default(),
+                created_at: row.get::<String>(13).unwrap_or_default(),
+                kind: row
+                    .get::<String>(14)
+                    .and_then(|k| Kind::from_name(&k))
+                    .unwrap_or(Kind::Created),
+                old_record: row.get::<String>(15),
+                probe: false,
+            },
+        });
+        (head, event)
+    });
+    for ((end, scanned, last, held, restamped), event) in rows {
+        chunk.end = end;
+        chunk.full = scanned >= CHUNK;
+        chunk.last = last;
+        chunk.held = held;
+        chunk.restamped = restamped;
+        chunk.events.extend(event);
+    }
+    chunk
+}
+
+/// $1 the window's start, $2 its end (NULL: a new window, ending at this
+/// statement's snapshot), $3/$4 the (seq, id) the last chunk ended at, $5 the chunk
+/// size, $6 ids delivered already. The window is found through the index on xid:
+/// the transactions from the start's xmax on, and the few that were running at it.
+/// A user's pending events in the outbox are probed through index outbox_user, from
+/// the latest back (see store::NO_EARLIER_EVENT_PENDING).
+const READ_CHUNK: &std::ffi::CStr = c"WITH chunk AS MATERIALIZED (
+         SELECT l.* FROM (
+             SELECT 0 AS segment, l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at, l.xid
+               FROM new_user_hook.log_0 AS l
+              WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
+                     OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
+                AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
+             UNION ALL
+             SELECT 1, l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at, l.xid
+               FROM new_user_hook.log_1 AS l
+              WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
+                     OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
+                AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)) AS l
+          WHERE pg_visible_in_snapshot(l.xid, coalesce($2::pg_snapshot, pg_current_snapshot()))
+            AND ($3::int8 IS NULL OR (l.seq, l.id) > ($3::int8, $4::text::uuid))
+          ORDER BY l.seq, l.id
+          LIMIT $5::int8
+     ), fresh AS (
+         SELECT c.* FROM chunk AS c
+          WHERE NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = c.id)
+            AND c.id <> ALL ($6::text[]::uuid[])
+     ), flagged AS (
+         SELECT f.*, (SELECT true FROM new_user_hook.outbox AS p
+                       WHERE p.user_id = f.user_id AND p.status NOT IN ('delivered', 'failed')
+                       ORDER BY p.seq DESC LIMIT 1) IS NOT NULL AS held
+           FROM fresh AS f
+     ), held AS (
+         INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, next_attempt_at)
+         SELECT t.id, t.user_id, t.source, t.record, t.kind, t.old_record,
+                t.seq + GREATEST(0, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox AS p
+                                      WHERE p.user_id = t.user_id AND p.status NOT IN ('delivered', 'failed'))
+                                    - min(t.seq) OVER (PARTITION BY t.user_id)),
+                t.created_at, t.created_at
+           FROM flagged AS t WHERE t.held
+         ON CONFLICT (id) DO NOTHING
+         RETURNING 1
+     ), restamp_0 AS (
+         UPDATE new_user_hook.log_0 SET xid = pg_current_xact_id()
+          WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
+         RETURNING 1
+     ), restamp_1 AS (
+         UPDATE new_user_hook.log_1 SET xid = pg_current_xact_id()
+          WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
+         RETURNING 1
+     ), last AS (
+         SELECT seq, id FROM chunk ORDER BY seq DESC, id DESC LIMIT 1
+     )
+     SELECT coalesce($2::pg_snapshot, pg_current_snapshot())::text,
+            (SELECT count(*) FROM chunk),
+            (SELECT seq FROM last), (SELECT id::text FROM last),
+            (SELECT count(*) FROM held),
+            (SELECT count(*) FROM restamp_0) + (SELECT count(*) FROM restamp_1),
+            f.segment, f.id::text, f.user_id::text, f.seq, f.record::text, f.source::text,
+            to_json(f.created_at) #>> '{}', f.kind::text, f.old_record::text
+       FROM (SELECT 1) AS one
+       LEFT JOIN (SELECT * FROM flagged WHERE NOT held) AS f ON true
+      ORDER BY f.seq, f.id";
