@@ -246,7 +246,7 @@ fn bulk_users(cluster: &Cluster, n: usize) -> Vec<String> {
 
 fn delivered(cluster: &Cluster) -> i64 {
     cluster
-        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'delivered'")
+        .one_row("SELECT delivered FROM new_user_hook.status")
         .get(0)
 }
 
@@ -294,7 +294,7 @@ fn pending(cluster: &Cluster) -> i64 {
 
 fn failed(cluster: &Cluster) -> i64 {
     cluster
-        .one_row("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'")
+        .one_row("SELECT failed FROM new_user_hook.status")
         .get(0)
 }
 
@@ -353,14 +353,14 @@ fn statement_times(admin: &mut postgres::Client) -> Vec<(String, f64, i64)> {
         .query(
             "SELECT CASE WHEN query LIKE 'WITH due AS%' THEN 'claim'
                          WHEN query LIKE 'WITH r AS%' THEN 'record'
-                         WHEN query LIKE 'WITH taken AS%' THEN 'read from the log'
+                         WHEN query LIKE 'WITH chunk AS%' THEN 'read from the log'
                          WHEN query LIKE 'SELECT (SELECT extract%' THEN 'next due'
                          WHEN query LIKE '%queue_gauges%' THEN 'queue counts'
                          ELSE 'other (analyze, rotation, settings)' END AS what,
                     sum(total_exec_time + total_plan_time)::float8 AS ms, sum(calls)::int8
                FROM pg_stat_statements
               WHERE userid = (SELECT usesysid FROM pg_user WHERE usename = current_user)
-                AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%new_user_hook.outbox WHERE status%'
+                AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%FROM new_user_hook.status%'
               GROUP BY 1 ORDER BY 2 DESC",
             &[],
         )
