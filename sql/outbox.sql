@@ -155,20 +155,15 @@ SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.creat
         OR l.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM p)))
    AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM p)), false)
    AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = l.id)
-   AND l.id NOT IN (SELECT id FROM done);
+   AND NOT EXISTS (SELECT 1 FROM done WHERE done.id = l.id);
 
--- Events not resolved are data: pg_dump keeps them, and the done rows of the open
--- windows (the resolved ones are in the outbox, or were delivered). The position is
--- not dumped: a restored database reads its log from the start, skipping what the
--- done rows list.
+-- Events not resolved are data: pg_dump keeps them, and only them (the resolved ones
+-- are in the outbox, or were delivered). The position and the done rows are not
+-- dumped: a restored database reads what its log holds from the start.
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_0',
-    'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)');
+    'WHERE id IN (SELECT id FROM new_user_hook.unread)');
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_1',
-    'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)');
-SELECT pg_catalog.pg_extension_config_dump('new_user_hook.done_0',
-    'WHERE window_number >= coalesce((SELECT window_number FROM new_user_hook.positions WHERE endpoint = ''default''), 0)');
-SELECT pg_catalog.pg_extension_config_dump('new_user_hook.done_1',
-    'WHERE window_number >= coalesce((SELECT window_number FROM new_user_hook.positions WHERE endpoint = ''default''), 0)');
+    'WHERE id IN (SELECT id FROM new_user_hook.unread)');
 
 -- Cumulative counts for the metrics, one row. The worker adds to them in the
 -- transaction that records the outcomes they count, so they survive restarts and
@@ -521,6 +516,10 @@ SELECT w.pid                      AS worker_pid,
 CREATE FUNCTION new_user_hook.redeliver(event_id uuid) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF event_id IS NULL THEN
+        RAISE EXCEPTION 'redeliver() takes the id of an event, not NULL'
+            USING HINT = 'Event ids are in new_user_hook.deliveries (column id); new_user_hook.redeliver_failed() sends every dead-lettered event again.';
+    END IF;
     IF EXISTS (SELECT 1 FROM new_user_hook.unread WHERE id = event_id) THEN
         RETURN false; -- pending: not sent from the log yet
     END IF;

@@ -248,11 +248,16 @@ impl Windows {
         let mut held = Vec::new();
         let queue = self.users.get_mut(&event.user_id);
         if let Some(queue) = queue {
-            queue.retain(|q| q != id);
+            // The user's first event, but for one sent again after a restart.
+            if queue.front().is_some_and(|q| q == id) {
+                queue.pop_front();
+            } else {
+                queue.retain(|q| q != id);
+            }
             match how {
                 Resolution::Retried => {
+                    // The later ones are parked (not ready): only the first of a user is.
                     for later in queue.drain(..) {
-                        self.ready.retain(|r| *r != later);
                         if let Some(e) = self.events.remove(&later) {
                             held.push(e);
                         }

@@ -27,22 +27,6 @@ pub fn load_position() -> (Option<String>, i64) {
     .unwrap_or((None, 0))
 }
 
-/// The events the done rows of window `number` and later list: delivered already,
-/// though beyond the stored position (a restart while their windows were open).
-pub fn done_since(number: i64) -> Vec<String> {
-    let args: [DatumWithOid; 1] = [number.into()];
-    select_kept(
-        c"SELECT u::text FROM (SELECT ids FROM new_user_hook.done_0 WHERE window_number >= $1
-                              UNION ALL
-                              SELECT ids FROM new_user_hook.done_1 WHERE window_number >= $1) AS d,
-                             unnest(d.ids) AS u",
-        &args,
-        Planning::Custom,
-        0,
-        |row| row.get::<String>(1).unwrap_or_default(),
-    )
-}
-
 /// What a chunk read found.
 pub struct Chunk {
     /// The window's end: the snapshot the first chunk was read with.
@@ -62,16 +46,17 @@ pub struct Chunk {
 /// Reads the next chunk of a window: the events of the transactions that committed
 /// after `reading.start` and are visible in the window's end (this statement's
 /// snapshot for a new window), after `reading.after` in commit order. Events the
-/// outbox has already (an exception, a redelivery) are skipped, and so are those in
-/// `done` (delivered beyond the stored position). An event whose user has a pending
+/// outbox has already (an exception, a redelivery) are skipped, and so are those the
+/// done rows of the stored position's window and later list, while resuming (delivered
+/// beyond the stored position before a restart). An event whose user has a pending
 /// event in the outbox goes into the outbox behind it (held), in the same
 /// statement; the others come back to be sent from memory.
 ///
 /// A committed event stamped with a transaction id this cluster has not reached
 /// (written with the stamping trigger disabled: `pg_restore --disable-triggers`) is
-/// visible in no snapshot: it is stamped with this statement's transaction id, and
-/// read by a later window.
-pub fn read_chunk(reading: &Reading, done: &[String]) -> Chunk {
+/// visible in no snapshot: it is stamped with this statement's transaction id, which
+/// the window's end counts as running, and read by a later window.
+pub fn read_chunk(reading: &Reading) -> Chunk {
     let (after_seq, after_id) = match &reading.after {
         Some((seq, id)) => (Some(*seq), Some(id.clone())),
         None => (None, None),
@@ -82,7 +67,7 @@ pub fn read_chunk(reading: &Reading, done: &[String]) -> Chunk {
         after_seq.into(),
         after_id.into(),
         CHUNK.into(),
-        done.to_vec().into(),
+        reading.resuming.then_some(reading.number).into(),
     ];
     let mut chunk = Chunk {
         end: String::new(),
@@ -134,11 +119,24 @@ pub fn read_chunk(reading: &Reading, done: &[String]) -> Chunk {
 
 /// $1 the window's start, $2 its end (NULL: a new window, ending at this
 /// statement's snapshot), $3/$4 the (seq, id) the last chunk ended at, $5 the chunk
-/// size, $6 ids delivered already. The window is found through the index on xid:
+/// size, $6 the window number from which done rows list events delivered already
+/// (NULL: none, not resuming). The window is found through the index on xid:
 /// the transactions from the start's xmax on, and the few that were running at it.
 /// A user's pending events in the outbox are probed through index outbox_user, from
 /// the latest back (see store::NO_EARLIER_EVENT_PENDING).
-const READ_CHUNK: &std::ffi::CStr = c"WITH chunk AS MATERIALIZED (
+const READ_CHUNK: &std::ffi::CStr = c"WITH e AS MATERIALIZED (
+         -- A new window ends at this statement's snapshot, which leaves out the worker's
+         -- own transaction id: one assigned before it (by the round's record) would count
+         -- as committed, and the events stamped with it below would fall behind the
+         -- window's end unread. It counts as running instead: a later window reads them.
+         SELECT CASE WHEN $2::pg_snapshot IS NOT NULL THEN $2::pg_snapshot
+                     WHEN c.x < pg_snapshot_xmax(c.s) THEN
+                          format('%s:%s:%s', LEAST(pg_snapshot_xmin(c.s), c.x), pg_snapshot_xmax(c.s),
+                                 (SELECT string_agg(v::text, ',' ORDER BY v)
+                                    FROM (SELECT pg_snapshot_xip(c.s) UNION SELECT c.x) AS xs(v)))::pg_snapshot
+                     ELSE c.s END AS s
+           FROM (SELECT pg_current_snapshot() AS s, pg_current_xact_id_if_assigned() AS x) AS c
+     ), chunk AS MATERIALIZED (
          SELECT l.* FROM (
              SELECT 0 AS segment, l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at, l.xid
                FROM new_user_hook.log_0 AS l
@@ -151,14 +149,18 @@ const READ_CHUNK: &std::ffi::CStr = c"WITH chunk AS MATERIALIZED (
               WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
                      OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
                 AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)) AS l
-          WHERE pg_visible_in_snapshot(l.xid, coalesce($2::pg_snapshot, pg_current_snapshot()))
+          WHERE pg_visible_in_snapshot(l.xid, (SELECT s FROM e))
             AND ($3::int8 IS NULL OR (l.seq, l.id) > ($3::int8, $4::text::uuid))
           ORDER BY l.seq, l.id
           LIMIT $5::int8
+     ), resumed AS (
+         SELECT u.id FROM new_user_hook.done_0 AS d, unnest(d.ids) AS u(id) WHERE d.window_number >= $6::int8
+         UNION ALL
+         SELECT u.id FROM new_user_hook.done_1 AS d, unnest(d.ids) AS u(id) WHERE d.window_number >= $6::int8
      ), fresh AS (
          SELECT c.* FROM chunk AS c
           WHERE NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = c.id)
-            AND c.id <> ALL ($6::text[]::uuid[])
+            AND NOT EXISTS (SELECT 1 FROM resumed AS r WHERE r.id = c.id)
      ), flagged AS (
          SELECT f.*, (SELECT true FROM new_user_hook.outbox AS p
                        WHERE p.user_id = f.user_id AND p.status NOT IN ('delivered', 'failed')
@@ -185,7 +187,7 @@ const READ_CHUNK: &std::ffi::CStr = c"WITH chunk AS MATERIALIZED (
      ), last AS (
          SELECT seq, id FROM chunk ORDER BY seq DESC, id DESC LIMIT 1
      )
-     SELECT coalesce($2::pg_snapshot, pg_current_snapshot())::text,
+     SELECT (SELECT s FROM e)::text,
             (SELECT count(*) FROM chunk),
             (SELECT seq FROM last), (SELECT id::text FROM last),
             (SELECT count(*) FROM held),

@@ -6,7 +6,7 @@ mod log;
 mod maintenance;
 mod vault;
 
-pub use log::{done_since, load_position, read_chunk, Chunk};
+pub use log::{load_position, read_chunk, Chunk};
 pub use maintenance::{analyze_outbox, rotate_log, vacuum_captured, ReadSince, Rotation};
 pub use vault::vault_secret;
 
@@ -36,9 +36,11 @@ use std::time::Duration;
 /// `public.to_json(timestamptz)` (an exact match beats the polymorphic built-in) or a
 /// schema named after the superuser cannot run code as it.
 pub fn configure_session() {
+    // No statement_timeout of the database's or role's: a read of a large backlog's window
+    // cut short would be retried, and cut short, forever.
     write(
         c"SET search_path = pg_catalog, pg_temp; SET synchronous_commit = off; SET lock_timeout = '1s'; \
-          SET jit = off; SET application_name = 'pg_new_user_hook'",
+          SET statement_timeout = 0; SET jit = off; SET application_name = 'pg_new_user_hook'",
         &[],
     );
 }
@@ -489,14 +491,32 @@ pub fn queue_gauges() -> QueueGauges {
 
 /// Deletes up to `limit` delivered events older than the retention, oldest first
 /// (through index outbox_delivered); returns how many.
-pub fn purge_delivered(retention: Duration, limit: i64) -> i64 {
+pub fn purge_delivered(retention: Duration, limit: i64, log: bool) -> i64 {
     let args: [DatumWithOid; 2] = [(retention.as_secs() as i64).into(), limit.into()];
-    write(
-        c"DELETE FROM new_user_hook.outbox WHERE id IN (
-              SELECT id FROM new_user_hook.outbox
-               WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
-               ORDER BY delivered_at
-               LIMIT $2)",
-        &args,
-    ) as i64
+    let sql = if log { PURGE_BEHIND_POSITION } else { PURGE };
+    write(sql, &args) as i64
 }
+
+const PURGE: &CStr = c"DELETE FROM new_user_hook.outbox WHERE id IN (
+         SELECT id FROM new_user_hook.outbox
+          WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 second'
+          ORDER BY delivered_at
+          LIMIT $2)";
+
+/// An event that went from the log into the outbox (a retry, a held one) and was
+/// delivered from there is kept while its log row is beyond the position: a worker
+/// starting again reads that row again, and skips it only because the outbox has it.
+const PURGE_BEHIND_POSITION: &CStr = c"WITH p AS (
+         SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default'
+     ), beyond AS (
+         SELECT l.id FROM (SELECT id, xid FROM new_user_hook.log_0 UNION ALL SELECT id, xid FROM new_user_hook.log_1) AS l
+          WHERE (l.xid >= coalesce((SELECT pg_snapshot_xmax(snapshot) FROM p), '0')
+                 OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip(snapshot) FROM p)))
+            AND NOT coalesce(pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM p)), false)
+     )
+     DELETE FROM new_user_hook.outbox WHERE id IN (
+         SELECT o.id FROM new_user_hook.outbox AS o
+          WHERE o.status = 'delivered' AND o.delivered_at < now() - $1 * interval '1 second'
+            AND NOT EXISTS (SELECT 1 FROM beyond AS b WHERE b.id = o.id)
+          ORDER BY o.delivered_at
+          LIMIT $2)";

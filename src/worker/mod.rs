@@ -78,8 +78,9 @@ const VACUUM_CAPTURED_AFTER: i64 = 10_000;
 const VACUUM_DELAY: Duration = Duration::from_secs(1);
 /// The log's rotation goes a step further this long after the first events read
 /// since it last rested, then after each step: signups pointed to the empty segment,
-/// the other found read, then emptied once no older snapshot remains. The log holds
-/// what arrives in a few times this; an idle log is empty 15 s after the last read.
+/// the other found resolved and older than the retention, then emptied once no older
+/// snapshot remains. The log holds one to two retentions' events (with retention 0,
+/// what arrives in a few times this).
 const ROTATE_AFTER: Duration = Duration::from_secs(5);
 /// How long a rotation waiting for a segment to pass the retention sleeps at most.
 const RETENTION_LOOK: Duration = Duration::from_secs(3600);
@@ -219,14 +220,11 @@ struct Round {
 struct Read {
     load: bool,
     reading: Reading,
-    /// Delivered already beyond the stored position (the first window after a load).
-    done: Vec<String>,
 }
 
-/// What a read of the log found: the position, if loaded (with the events the open
-/// windows' done rows list), the chunk read, and the chunk.
+/// What a read of the log found: the position, if loaded, the chunk read, and the chunk.
 struct Chunked {
-    loaded: Option<(Option<String>, i64, Vec<String>)>,
+    loaded: Option<(Option<String>, i64)>,
     reading: Reading,
     chunk: Chunk,
 }
@@ -280,9 +278,6 @@ struct Worker {
     installed: Option<bool>,
     /// The worker's place in the log, and the events read from it in memory.
     windows: Windows,
-    /// Events delivered beyond the stored position, while the first window after
-    /// loading it is read.
-    resume_done: Vec<String>,
     /// The count of commits that changed the outbox from SQL, as last seen.
     outbox_changes: i32,
     /// Something may be due now: woken by a commit, a timer, or a full claim.
@@ -349,7 +344,6 @@ impl Worker {
             // extension is missing at every start.
             installed: transaction(catalog::installed).ok(),
             windows: Windows::new(),
-            resume_done: Vec::new(),
             outbox_changes: shared::outbox_changes(),
             maybe_due: true,
             maybe_captured: true,
@@ -527,7 +521,9 @@ impl Worker {
         let more_to_read = self.windows.reading()
             && self.windows.len() < READ_AHEAD
             && self.timers.retry_take.is_none();
-        if (self.maybe_due || more_to_read) && can_claim {
+        // Not while a failed round waits for its retry: no round would run.
+        let round_allowed = self.timers.retry_round.is_none_or(|at| at <= now);
+        if (self.maybe_due || more_to_read) && can_claim && round_allowed {
             timeout = Duration::ZERO;
         }
         let events = pg_sys::WL_LATCH_SET

@@ -196,7 +196,6 @@ impl Worker {
             read: read.then(|| Read {
                 load: !self.windows.loaded(),
                 reading: self.windows.next_read(),
-                done: self.resume_done.clone(),
             }),
             analyze,
             record,
@@ -232,6 +231,7 @@ impl Worker {
             log!("pg_new_user_hook: delivery rounds succeed again");
         }
         self.step_outcome(Step::Round, Ok(()));
+        let mut chunk = result.chunk;
         if let Some(position) = &result.stored {
             if result.position_moved {
                 self.windows.stored(position);
@@ -244,7 +244,8 @@ impl Worker {
                      reading the log again from it"
                 );
                 self.windows.reset();
-                self.resume_done.clear();
+                // What this round read continued the stale place: read again from the new one.
+                chunk = None;
             }
         }
         let taken = match &result.taken {
@@ -271,11 +272,10 @@ impl Worker {
             }
         };
         let mut read = 0;
-        if let Some(chunked) = result.chunk {
+        if let Some(chunked) = chunk {
             let pending = self.pending_record();
-            if let Some((snapshot, number, done)) = chunked.loaded {
+            if let Some((snapshot, number)) = chunked.loaded {
                 self.windows.load(snapshot, number);
-                self.resume_done = done;
             }
             let chunk = chunked.chunk;
             if chunk.restamped > 0 {
@@ -289,9 +289,6 @@ impl Worker {
                 chunk.last,
                 chunk.full,
             );
-            if !self.windows.next_read().resuming {
-                self.resume_done = Vec::new();
-            }
             if !pending && self.pending_record() {
                 self.unrecorded_since = Instant::now();
             }
@@ -335,7 +332,6 @@ impl Worker {
             self.maybe_due = false;
             self.timers.due = None;
             self.windows.reset();
-            self.resume_done.clear();
             return;
         }
         if result.wanted > 0 {
@@ -363,7 +359,8 @@ impl Worker {
     /// drain without holding up deliveries.
     pub(super) fn purge(&mut self) {
         let retention = self.config.settings().retention;
-        match transaction(move || store::purge_delivered(retention, PURGE_BATCH)) {
+        let log = self.capture == Some(Capture::Log);
+        match transaction(move || store::purge_delivered(retention, PURGE_BATCH, log)) {
             Ok(purged) => {
                 self.step_outcome(Step::Purge, Ok(()));
                 self.timers.statistics = flush_statistics(false);
@@ -603,12 +600,9 @@ pub(super) fn run_round(round: Round) -> RoundResult {
     let taken = match (found, round.read, round.take) {
         (Capture::Log, Some(read), _) => Some(
             spi::subtransaction(move || {
-                let loaded = read.load.then(|| {
-                    let (snapshot, number) = store::load_position();
-                    (snapshot, number, store::done_since(number))
-                });
+                let loaded = read.load.then(store::load_position);
                 let reading = match &loaded {
-                    Some((snapshot, number, _)) => Reading {
+                    Some((snapshot, number)) => Reading {
                         number: *number,
                         start: snapshot.clone(),
                         end: None,
@@ -617,12 +611,7 @@ pub(super) fn run_round(round: Round) -> RoundResult {
                     },
                     None => read.reading,
                 };
-                let done = match &loaded {
-                    Some((_, _, done)) => done.as_slice(),
-                    None if reading.resuming => read.done.as_slice(),
-                    None => &[],
-                };
-                let chunk = store::read_chunk(&reading, done);
+                let chunk = store::read_chunk(&reading);
                 Chunked {
                     loaded,
                     reading,
