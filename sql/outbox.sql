@@ -158,12 +158,27 @@ SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.creat
    AND NOT EXISTS (SELECT 1 FROM done WHERE done.id = l.id);
 
 -- Events not resolved are data: pg_dump keeps them, and only them (the resolved ones
--- are in the outbox, or were delivered). The position and the done rows are not
--- dumped: a restored database reads what its log holds from the start.
+-- are in the outbox, or were delivered): the rows of unread, spelled out over tables
+-- (pg_dump reads no view: restrict_nonsystem_relation_kind). The position and the
+-- done rows are not dumped: a restored database reads what its log holds from the start.
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_0',
-    'WHERE id IN (SELECT id FROM new_user_hook.unread)');
+    'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)
+       AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = log_0.id)
+       AND NOT EXISTS (SELECT 1 FROM (SELECT pg_catalog.unnest(ids) FROM new_user_hook.done_0
+                                       WHERE window_number >= coalesce((SELECT window_number FROM new_user_hook.positions WHERE endpoint = ''default''), 0)
+                                      UNION ALL
+                                      SELECT pg_catalog.unnest(ids) FROM new_user_hook.done_1
+                                       WHERE window_number >= coalesce((SELECT window_number FROM new_user_hook.positions WHERE endpoint = ''default''), 0)) AS d(id)
+                        WHERE d.id = log_0.id)');
 SELECT pg_catalog.pg_extension_config_dump('new_user_hook.log_1',
-    'WHERE id IN (SELECT id FROM new_user_hook.unread)');
+    'WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(xid, (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = ''default'')), false)
+       AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = log_1.id)
+       AND NOT EXISTS (SELECT 1 FROM (SELECT pg_catalog.unnest(ids) FROM new_user_hook.done_0
+                                       WHERE window_number >= coalesce((SELECT window_number FROM new_user_hook.positions WHERE endpoint = ''default''), 0)
+                                      UNION ALL
+                                      SELECT pg_catalog.unnest(ids) FROM new_user_hook.done_1
+                                       WHERE window_number >= coalesce((SELECT window_number FROM new_user_hook.positions WHERE endpoint = ''default''), 0)) AS d(id)
+                        WHERE d.id = log_1.id)');
 
 -- Cumulative counts for the metrics, one row. The worker adds to them in the
 -- transaction that records the outcomes they count, so they survive restarts and
