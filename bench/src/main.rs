@@ -353,7 +353,7 @@ fn statement_times(admin: &mut postgres::Client) -> Vec<(String, f64, i64)> {
         .query(
             "SELECT CASE WHEN query LIKE 'WITH due AS%' THEN 'claim'
                          WHEN query LIKE 'WITH r AS%' THEN 'record'
-                         WHEN query LIKE 'WITH chunk AS%' THEN 'read from the log'
+                         WHEN query LIKE 'WITH e AS%' THEN 'read from the log'
                          WHEN query LIKE 'SELECT (SELECT extract%' THEN 'next due'
                          WHEN query LIKE '%queue_gauges%' THEN 'queue counts'
                          ELSE 'other (analyze, rotation, settings)' END AS what,
