@@ -111,19 +111,27 @@ ALTER TABLE new_user_hook.log_1 ENABLE ALWAYS TRIGGER stamp_xid;
 -- The events of the log not resolved yet (pending, and not in the outbox): their
 -- transactions committed after the position's snapshot was taken (all of them if
 -- there is no position), and no done row of an open window lists them. Through the
--- index on xid: the transactions from the position's xmax on, and those running at it.
+-- index on xid, in ranges the planner keeps on the index however large the log: the
+-- transactions from the position's xmax to the current one's, those running at the
+-- position, and events stamped beyond the current xmax (restored without their
+-- transaction id: the worker stamps them again); disjoint whatever the position holds.
+-- One range with an OR would be read by a scan of the whole log.
 CREATE VIEW new_user_hook.unread AS
 WITH p AS (SELECT snapshot, window_number FROM new_user_hook.positions WHERE endpoint = 'default'),
 done AS (SELECT u.id FROM new_user_hook.done_0 AS d, unnest(d.ids) AS u(id)
           WHERE d.window_number >= coalesce((SELECT window_number FROM p), 0)
          UNION ALL
          SELECT u.id FROM new_user_hook.done_1 AS d, unnest(d.ids) AS u(id)
-          WHERE d.window_number >= coalesce((SELECT window_number FROM p), 0))
+          WHERE d.window_number >= coalesce((SELECT window_number FROM p), 0)),
+b AS (SELECT coalesce((SELECT pg_catalog.pg_snapshot_xmax(snapshot) FROM p), '0') AS lo)
 SELECT l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at
-  FROM (SELECT * FROM new_user_hook.log_0 UNION ALL SELECT * FROM new_user_hook.log_1) AS l
- WHERE (l.xid >= coalesce((SELECT pg_catalog.pg_snapshot_xmax(snapshot) FROM p), '0')
-        OR l.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM p)))
-   AND NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM p)), false)
+  FROM (SELECT * FROM new_user_hook.log_0 WHERE xid >= (SELECT lo FROM b) AND xid < pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())
+        UNION ALL SELECT * FROM new_user_hook.log_0 WHERE xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM p)) AND xid < pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())
+        UNION ALL SELECT * FROM new_user_hook.log_0 WHERE xid >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())
+        UNION ALL SELECT * FROM new_user_hook.log_1 WHERE xid >= (SELECT lo FROM b) AND xid < pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())
+        UNION ALL SELECT * FROM new_user_hook.log_1 WHERE xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(snapshot) FROM p)) AND xid < pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())
+        UNION ALL SELECT * FROM new_user_hook.log_1 WHERE xid >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())) AS l
+ WHERE NOT coalesce(pg_catalog.pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM p)), false)
    AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = l.id)
    AND NOT EXISTS (SELECT 1 FROM done WHERE done.id = l.id);
 

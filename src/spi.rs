@@ -179,6 +179,10 @@ pub(crate) enum Planning {
     /// Once, until a table it reads is changed or analyzed: for a statement whose
     /// best plan is the same whatever is queued (a lookup by key).
     Generic,
+    /// Once, as Generic, and never by a sequential scan where an index serves: a
+    /// plan made while a table was small (a log segment just emptied) is kept while
+    /// it grows, and a scan of it whole at each run would cost more each time.
+    GenericIndexed,
 }
 
 thread_local! {
@@ -205,7 +209,7 @@ unsafe fn kept_plan(sql: &CStr, types: &[pg_sys::Oid], planning: Planning) -> pg
     }
     let options = match planning {
         Planning::Custom => pg_sys::CURSOR_OPT_CUSTOM_PLAN,
-        Planning::Generic => pg_sys::CURSOR_OPT_GENERIC_PLAN,
+        Planning::Generic | Planning::GenericIndexed => pg_sys::CURSOR_OPT_GENERIC_PLAN,
     };
     let mut types = types.to_vec();
     let plan = pg_sys::SPI_prepare_cursor(
@@ -241,7 +245,22 @@ unsafe fn run_kept(sql: &CStr, args: &[DatumWithOid], planning: Planning, limit:
         nulls,
     } = SpiArgs::of(args);
     let plan = kept_plan(sql, &types, planning);
+    // Plans are made (again) when the statement runs: the setting is in force then.
+    // Local to the transaction, so that an error cannot leave it set.
+    let was = (planning == Planning::GenericIndexed).then(|| {
+        let was = CStr::from_ptr(pg_sys::GetConfigOption(
+            c"enable_seqscan".as_ptr(),
+            false,
+            false,
+        ))
+        .to_owned();
+        set_local(c"enable_seqscan", c"off");
+        was
+    });
     let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, limit as _);
+    if let Some(was) = was {
+        set_local(c"enable_seqscan", &was);
+    }
     if rc < 0 {
         error!(
             "pg_new_user_hook: SPI error {rc} in: {}",
@@ -249,6 +268,20 @@ unsafe fn run_kept(sql: &CStr, args: &[DatumWithOid], planning: Planning, limit:
         );
     }
     rc
+}
+
+/// Sets a planner setting for the rest of the (sub)transaction, as SET LOCAL does.
+unsafe fn set_local(name: &CStr, value: &CStr) {
+    pg_sys::set_config_option(
+        name.as_ptr(),
+        value.as_ptr(),
+        pg_sys::GucContext::PGC_USERSET,
+        pg_sys::GucSource::PGC_S_SESSION,
+        pg_sys::GucAction::GUC_ACTION_LOCAL,
+        true,
+        PgLogLevel::ERROR as i32,
+        false,
+    );
 }
 
 /// One row of a kept query's result, read by column number (from 1).

@@ -352,7 +352,7 @@ fn statement_times(admin: &mut postgres::Client) -> Vec<(String, f64, i64)> {
     admin
         .query(
             "SELECT CASE WHEN query LIKE 'WITH due AS%' THEN 'claim'
-                         WHEN query LIKE 'WITH r AS%' THEN 'record'
+                         WHEN query LIKE 'WITH r AS%' OR query LIKE 'WITH l AS%' THEN 'record'
                          WHEN query LIKE 'WITH e AS%' THEN 'read from the log'
                          WHEN query LIKE 'SELECT (SELECT extract%' THEN 'next due'
                          WHEN query LIKE '%queue_gauges%' THEN 'queue counts'

@@ -5,6 +5,7 @@ use crate::model::event::{Event, Kind};
 use crate::model::window::{LogEvent, Reading};
 use crate::spi::{select_kept, Planning};
 use pgrx::datum::DatumWithOid;
+use std::ffi::CStr;
 
 /// Events read in one statement at most: a window holding more (a backlog) is read
 /// in chunks of this many, in commit order, as the ones before go out.
@@ -77,7 +78,12 @@ pub fn read_chunk(reading: &Reading) -> Chunk {
         restamped: 0,
         events: Vec::new(),
     };
-    let rows = select_kept(READ_CHUNK, &args, Planning::Custom, 0, |row| {
+    let (sql, args, planning) = if reading.resuming {
+        (READ_RESUMING, &args[..], Planning::Custom)
+    } else {
+        (READ, &args[..5], Planning::GenericIndexed)
+    };
+    let rows = select_kept(sql, args, planning, 0, |row| {
         let head = (
             row.get::<String>(1).unwrap_or_default(),
             row.get::<i64>(2).unwrap_or(0),
@@ -117,14 +123,15 @@ pub fn read_chunk(reading: &Reading) -> Chunk {
     chunk
 }
 
-/// $1 the window's start, $2 its end (NULL: a new window, ending at this
-/// statement's snapshot), $3/$4 the (seq, id) the last chunk ended at, $5 the chunk
-/// size, $6 the window number from which done rows list events delivered already
-/// (NULL: none, not resuming). The window is found through the index on xid:
-/// the transactions from the start's xmax on, and the few that were running at it.
-/// A user's pending events in the outbox are probed through index outbox_user, from
-/// the latest back (see store::NO_EARLIER_EVENT_PENDING).
-const READ_CHUNK: &std::ffi::CStr = c"WITH e AS MATERIALIZED (
+/// The statements below, from their parts: $1 the window's start, $2 its end (NULL:
+/// a new window, ending at this statement's snapshot), $3/$4 the (seq, id) the last
+/// chunk ended at, $5 the chunk size; READ_RESUMING's $6 the window number from
+/// which done rows list events delivered already. A user's pending events in the
+/// outbox are probed through index outbox_user, from the latest back (see
+/// store::NO_EARLIER_EVENT_PENDING).
+macro_rules! read_end {
+    () => {
+        "WITH e AS MATERIALIZED (
          -- A new window ends at this statement's snapshot, which leaves out the worker's
          -- own transaction id: one assigned before it (by the round's record) would count
          -- as committed, and the events stamped with it below would fall behind the
@@ -136,32 +143,72 @@ const READ_CHUNK: &std::ffi::CStr = c"WITH e AS MATERIALIZED (
                                     FROM (SELECT pg_snapshot_xip(c.s) UNION SELECT c.x) AS xs(v)))::pg_snapshot
                      ELSE c.s END AS s
            FROM (SELECT pg_current_snapshot() AS s, pg_current_xact_id_if_assigned() AS x) AS c
-     ), chunk AS MATERIALIZED (
+     "
+    };
+}
+
+/// The window through the index on xid, as two ranges: the transactions from the
+/// start's xmax to the end's, and the few that were running at the start (neither
+/// holds an event visible in the start: no test of it per row). Both
+/// bounds of the first are unknown to a generic plan, which takes them for a narrow
+/// range (0.5 % of the log) whatever the log holds, and keeps the index.
+macro_rules! chunk_by_ranges {
+    () => {
+        "), chunk AS MATERIALIZED (
          SELECT l.* FROM (
              SELECT 0 AS segment, l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at, l.xid
                FROM new_user_hook.log_0 AS l
-              WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
-                     OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
-                AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)
+              WHERE l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0') AND l.xid < pg_snapshot_xmax((SELECT s FROM e))
              UNION ALL
-             SELECT 1, l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at, l.xid
+             SELECT 0 AS segment, l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at, l.xid
+               FROM new_user_hook.log_0 AS l
+              WHERE l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))
+             UNION ALL
+             SELECT 1 AS segment, l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at, l.xid
                FROM new_user_hook.log_1 AS l
-              WHERE (l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0')
-                     OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))))
-                AND NOT coalesce(pg_visible_in_snapshot(l.xid, $1::pg_snapshot), false)) AS l
+              WHERE l.xid >= coalesce(pg_snapshot_xmax($1::pg_snapshot), '0') AND l.xid < pg_snapshot_xmax((SELECT s FROM e))
+             UNION ALL
+             SELECT 1 AS segment, l.id, l.user_id, l.source, l.kind, l.record, l.old_record, l.seq, l.created_at, l.xid
+               FROM new_user_hook.log_1 AS l
+              WHERE l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))
+             ) AS l
           WHERE pg_visible_in_snapshot(l.xid, (SELECT s FROM e))
             AND ($3::int8 IS NULL OR (l.seq, l.id) > ($3::int8, $4::text::uuid))
           ORDER BY l.seq, l.id
           LIMIT $5::int8
-     ), resumed AS (
+     "
+    };
+}
+
+/// Skips what the outbox has, and what done rows of the windows being resumed list.
+macro_rules! not_resumed {
+    () => {
+        "), resumed AS (
          SELECT u.id FROM new_user_hook.done_0 AS d, unnest(d.ids) AS u(id) WHERE d.window_number >= $6::int8
          UNION ALL
          SELECT u.id FROM new_user_hook.done_1 AS d, unnest(d.ids) AS u(id) WHERE d.window_number >= $6::int8
      ), fresh AS (
          SELECT c.* FROM chunk AS c
-          WHERE NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = c.id)
+          WHERE (SELECT true FROM new_user_hook.outbox AS o WHERE o.id = c.id) IS NULL
             AND NOT EXISTS (SELECT 1 FROM resumed AS r WHERE r.id = c.id)
-     ), flagged AS (
+     "
+    };
+}
+
+/// Skips what the outbox has: one probe of its primary key an event (a correlated
+/// subquery, which no plan turns into a scan of the whole outbox).
+macro_rules! not_in_outbox {
+    () => {
+        "), fresh AS (
+         SELECT c.* FROM chunk AS c
+          WHERE (SELECT true FROM new_user_hook.outbox AS o WHERE o.id = c.id) IS NULL
+     "
+    };
+}
+
+macro_rules! read_tail {
+    () => {
+        "), flagged AS (
          SELECT f.*, (SELECT true FROM new_user_hook.outbox AS p
                        WHERE p.user_id = f.user_id AND p.status NOT IN ('delivered', 'failed')
                        ORDER BY p.seq DESC LIMIT 1) IS NOT NULL AS held
@@ -196,4 +243,40 @@ const READ_CHUNK: &std::ffi::CStr = c"WITH e AS MATERIALIZED (
             to_json(f.created_at) #>> '{}', f.kind::text, f.old_record::text
        FROM (SELECT 1) AS one
        LEFT JOIN (SELECT * FROM flagged WHERE NOT held) AS f ON true
-      ORDER BY f.seq, f.id";
+      ORDER BY f.seq, f.id"
+    };
+}
+
+/// A chunk of a window, kept with a generic plan made without sequential scans:
+/// planning it at every read was most of what a trickle cost, and its best plan is
+/// through the indexes whatever the backlog (a plan made while a segment was nearly
+/// empty would otherwise scan it whole at each read as it fills).
+const READ: &CStr = match CStr::from_bytes_with_nul(
+    concat!(
+        read_end!(),
+        chunk_by_ranges!(),
+        not_in_outbox!(),
+        read_tail!(),
+        "\0"
+    )
+    .as_bytes(),
+) {
+    Ok(sql) => sql,
+    Err(_) => panic!("no NUL in the read"),
+};
+
+/// The reads of the window open at a start (until it has events), which also skip
+/// what the done rows of the windows being resumed list: planned each time.
+const READ_RESUMING: &CStr = match CStr::from_bytes_with_nul(
+    concat!(
+        read_end!(),
+        chunk_by_ranges!(),
+        not_resumed!(),
+        read_tail!(),
+        "\0"
+    )
+    .as_bytes(),
+) {
+    Ok(sql) => sql,
+    Err(_) => panic!("no NUL in the read"),
+};

@@ -349,7 +349,13 @@ pub fn record(batch: &Batch) -> bool {
         position.map(|p| p.number).into(),
         position.map(|p| p.was).into(),
     ];
-    select_kept(RECORD, &args, Planning::Custom, 1, |row| {
+    // Deliveries from the log only (no outbox row to change or add): the plan kept.
+    let (sql, planning) = if batch.touches_outbox() {
+        (RECORD, Planning::Custom)
+    } else {
+        (RECORD_DELIVERIES, Planning::Generic)
+    };
+    select_kept(sql, &args, planning, 1, |row| {
         row.get::<bool>(1).unwrap_or(false)
     })
     .into_iter()
@@ -357,7 +363,10 @@ pub fn record(batch: &Batch) -> bool {
     .unwrap_or(false)
 }
 
-const RECORD: &CStr = c"WITH r AS (
+/// RECORD's parts. $1–$7: outcomes of events sent from the outbox.
+macro_rules! record_outbox {
+    () => {
+        "WITH r AS (
          SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int8[], $6::int[], $7::text[])
              AS r(id, outcome, code, error, delay_ms, attempt, class)
      ), updated AS (
@@ -374,7 +383,14 @@ const RECORD: &CStr = c"WITH r AS (
          WHERE o.id = r.id::uuid AND o.status = 'pending'
          RETURNING r.outcome, r.attempt, r.class, r.error, o.last_attempt_at,
                    extract(epoch FROM o.delivered_at - o.created_at)::float8 AS latency
-     ), l AS (
+     "
+    };
+}
+
+/// $8–$22: outcomes of events read from the log; a delivered one goes into a done row.
+macro_rules! record_log {
+    () => {
+        "l AS (
          SELECT * FROM unnest($8::text[], $9::int[], $10::int8[], $11::text[], $12::int[], $13::text[], $14::int8[],
                               $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::int8[],
                               $22::text[])
@@ -388,7 +404,14 @@ const RECORD: &CStr = c"WITH r AS (
          INSERT INTO new_user_hook.done_1 (window_number, ids, codes, at)
          SELECT window_number, array_agg(id::uuid), array_agg(code), clock_timestamp() FROM l
           WHERE outcome = 'delivered' AND segment = 1 GROUP BY window_number
-     ), exceptions AS (
+     "
+    };
+}
+
+/// Events read from the log that go into the outbox (retries, dead letters, held).
+macro_rules! record_exceptions {
+    () => {
+        "), exceptions AS (
          INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, status, attempts,
                                            next_attempt_at, last_attempt_at, last_status_code, last_error)
          SELECT id::uuid, user_id::uuid, source, record::json, kind, old_record::json, seq, created_at::timestamptz,
@@ -400,20 +423,52 @@ const RECORD: &CStr = c"WITH r AS (
                 code, error
            FROM l WHERE outcome <> 'delivered'
          ON CONFLICT (id) DO NOTHING
-     ), moved AS (
+     "
+    };
+}
+
+/// $23–$25: the position, moved past the windows resolved.
+macro_rules! record_position {
+    () => {
+        "), moved AS (
          INSERT INTO new_user_hook.positions AS p (endpoint, snapshot, window_number, moved_at)
          SELECT 'default', $23::text::pg_snapshot, $24::int8, now() WHERE $23::text IS NOT NULL
          ON CONFLICT (endpoint) DO UPDATE
             SET snapshot = excluded.snapshot, window_number = excluded.window_number, moved_at = excluded.moved_at
           WHERE p.window_number = $25::int8
          RETURNING 1
-     ), done AS (
+     "
+    };
+}
+
+/// The attempts recorded, for the counters.
+macro_rules! record_done_all {
+    () => {
+        "), done AS (
          SELECT outcome, attempt, class, error, last_attempt_at, latency FROM updated
          UNION ALL
          SELECT outcome, 1, class, error, clock_timestamp(),
                 CASE WHEN outcome = 'delivered' THEN extract(epoch FROM clock_timestamp() - created_at::timestamptz)::float8 END
            FROM l WHERE outcome <> 'held'
-     ), t AS (
+     "
+    };
+}
+
+/// The attempts recorded when all were deliveries from the log.
+macro_rules! record_done_log {
+    () => {
+        "), done AS (
+         SELECT outcome, 1 AS attempt, class, error, clock_timestamp() AS last_attempt_at,
+                extract(epoch FROM clock_timestamp() - created_at::timestamptz)::float8 AS latency
+           FROM l
+     "
+    };
+}
+
+/// The counters, once per batch.
+macro_rules! record_counters {
+    () => {
+        "), t AS (
          SELECT count(*) FILTER (WHERE attempt = 1)                           AS first_attempts,
                 count(*) FILTER (WHERE outcome = 'delivered')                AS delivered,
                 count(*) FILTER (WHERE outcome = 'pending')                  AS retried,
@@ -453,7 +508,44 @@ const RECORD: &CStr = c"WITH r AS (
          WHERE t.first_attempts + t.delivered + t.retried + t.failed > 0
          RETURNING 1
      )
-     SELECT $23::text IS NULL OR EXISTS (SELECT 1 FROM moved), (SELECT count(*) FROM counted)";
+     SELECT $23::text IS NULL OR EXISTS (SELECT 1 FROM moved), (SELECT count(*) FROM counted)"
+    };
+}
+
+const RECORD: &CStr = match CStr::from_bytes_with_nul(
+    concat!(
+        record_outbox!(),
+        "), ",
+        record_log!(),
+        record_exceptions!(),
+        record_position!(),
+        record_done_all!(),
+        record_counters!(),
+        "\0"
+    )
+    .as_bytes(),
+) {
+    Ok(sql) => sql,
+    Err(_) => panic!("no NUL in the record"),
+};
+
+/// A batch of deliveries of events read from the log (and the position): what a
+/// trickle and a drain record. Its plan is the same whatever is queued, so it is
+/// kept generic; the same arguments as RECORD, whose $1–$7 it leaves unread.
+const RECORD_DELIVERIES: &CStr = match CStr::from_bytes_with_nul(
+    concat!(
+        "WITH ",
+        record_log!(),
+        record_position!(),
+        record_done_log!(),
+        record_counters!(),
+        "\0"
+    )
+    .as_bytes(),
+) {
+    Ok(sql) => sql,
+    Err(_) => panic!("no NUL in the record"),
+};
 
 /// After a backend came back: events waiting out a backoff from the outage are
 /// due now, so the backlog drains at once instead of on each event's schedule —
