@@ -8,6 +8,18 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::ffi::CStr;
 
+/// A statement assembled from parts (macros that expand to string literals), as the
+/// C string SPI takes.
+macro_rules! statement {
+    ($($part:expr),+ $(,)?) => {
+        match ::std::ffi::CStr::from_bytes_with_nul(concat!($($part),+, "\0").as_bytes()) {
+            Ok(sql) => sql,
+            Err(_) => panic!("a NUL in a statement"),
+        }
+    };
+}
+pub(crate) use statement;
+
 /// Runs `work` in a transaction of its own, shown in pg_stat_activity while it runs.
 /// A database error (or a panic) rolls the transaction back and comes back as the
 /// error's message: the worker goes on with what it knows instead of restarting.

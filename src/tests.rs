@@ -305,8 +305,27 @@ mod tests {
         let chunk = crate::store::read_chunk(&first);
         let sent: Vec<&str> = chunk.events.iter().map(|e| e.user_id.as_str()).collect();
         assert_eq!(sent, ["11111111-1111-1111-1111-111111111111"]);
-        assert_eq!(chunk.held, 3, "user 2's events follow its pending one");
+        assert_eq!(
+            chunk.held.len(),
+            3,
+            "user 2's events follow its pending one"
+        );
         assert!(!chunk.full);
+        // The read writes nothing: the next record puts the held events into the outbox.
+        assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending' AND attempts = 0"), 1);
+        let held = crate::store::Batch {
+            log: chunk
+                .held
+                .iter()
+                .map(|event| crate::store::LogRecord {
+                    event: event.clone(),
+                    decision: None,
+                    class: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(crate::store::record(&held));
         assert_eq!(count("SELECT count(*) FROM new_user_hook.outbox WHERE status = 'pending' AND attempts = 0"), 4);
         // User 2's events come after its restored event, in the order they were captured.
         let order = Spi::get_one::<String>(
@@ -333,14 +352,14 @@ mod tests {
         // Read again (a restart): what the outbox has is skipped, and so is what a done
         // row lists; after the chunk's last event, nothing.
         let again = crate::store::read_chunk(&first);
-        assert_eq!((again.events.len(), again.held), (1, 0));
+        assert_eq!((again.events.len(), again.held.len()), (1, 0));
         let id = again.events[0].event.id.clone();
         Spi::run(&format!(
             "INSERT INTO new_user_hook.done_0 (window_number, ids, codes, at) VALUES (0, ARRAY['{id}']::uuid[], ARRAY[200], now())"
         ))
         .unwrap();
         let done = crate::store::read_chunk(&first);
-        assert_eq!((done.events.len(), done.held), (0, 0));
+        assert_eq!((done.events.len(), done.held.len()), (0, 0));
         let later = crate::model::window::Reading {
             end: Some(chunk.end.clone()),
             after: chunk.last.clone(),

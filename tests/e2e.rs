@@ -732,10 +732,10 @@ fn an_older_snapshot_keeps_seeing_an_event_the_worker_read_since() {
     let receiver = Receiver::ok();
     let cluster = hooked(&receiver, &[("retention", "0")]);
     let mut blocker = cluster.connect("supabase_admin");
-    // The read of the log (which may put events into the outbox) waits, and fails,
-    // while this lock is held.
+    // The read of the log (which probes the outbox) waits, and fails, while this
+    // lock is held; signups do not touch the outbox.
     blocker
-        .batch_execute("BEGIN; LOCK new_user_hook.outbox IN SHARE MODE")
+        .batch_execute("BEGIN; LOCK new_user_hook.outbox IN ACCESS EXCLUSIVE MODE")
         .unwrap();
     let id = cluster.signup("older-snapshot@example.com");
     // Its snapshot taken now, while the event is unread; it touches the log only
@@ -806,4 +806,46 @@ fn a_prepared_transaction_elsewhere_does_not_keep_the_log_from_emptying() {
     admin
         .batch_execute("ROLLBACK PREPARED 'elsewhere'")
         .unwrap();
+}
+
+/// An event restored with its old cluster's transaction id (`pg_restore
+/// --disable-triggers` skips the stamping trigger), which this cluster has not
+/// reached: no snapshot would ever show it. The worker stamps it again, and it goes
+/// out, once.
+#[test]
+fn an_event_stamped_beyond_this_clusters_transaction_ids_is_delivered_once() {
+    let receiver = Receiver::ok();
+    let cluster = hooked(&receiver, &[]);
+    let id = "6f1c1a52-6f38-4a3e-9d43-2b8f1f0c2a11";
+    let mut admin = cluster.connect("supabase_admin");
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE new_user_hook.log_1 DISABLE TRIGGER stamp_xid;
+             INSERT INTO new_user_hook.log_1 (id, user_id, source, kind, record, seq, created_at, xid)
+             VALUES ('{id}', '{id}', 'auth.users', 'created',
+                     '{{\"id\": \"{id}\", \"email\": \"restored@example.com\"}}', 1, now(), '4000000000');
+             ALTER TABLE new_user_hook.log_1 ENABLE ALWAYS TRIGGER stamp_xid;
+             SELECT new_user_hook.wake_on_commit();"
+        ))
+        .unwrap();
+    cluster.wait_for_event(id, "status = 'delivered'", WITHIN);
+    let stamped: String = cluster
+        .one_row(&format!(
+            "SELECT xid::text FROM new_user_hook.log_1 WHERE id = '{id}'"
+        ))
+        .get(0);
+    assert!(
+        stamped.parse::<u64>().unwrap() < 4_000_000_000,
+        "stamped {stamped}"
+    );
+    // Later events still go out, and the restored one is not sent again.
+    let later = cluster.signup("after-restored@example.com");
+    cluster.wait_for_event(&later, "status = 'delivered'", WITHIN);
+    std::thread::sleep(Duration::from_secs(6));
+    let sent = receiver
+        .requests()
+        .iter()
+        .filter(|r| r.json()["id"] == id)
+        .count();
+    assert_eq!(sent, 1, "the restored event sent {sent} times");
 }

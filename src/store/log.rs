@@ -1,9 +1,8 @@
 //! Reading the log: the stored position, and the next chunk of a window
 //! (`model::window` keeps the place in memory).
 
-use crate::model::event::{Event, Kind};
 use crate::model::window::{LogEvent, Reading};
-use crate::spi::{select_kept, Planning};
+use crate::spi::{select_kept, statement, Planning};
 use pgrx::datum::DatumWithOid;
 use std::ffi::CStr;
 
@@ -32,15 +31,13 @@ pub fn load_position() -> (Option<String>, i64) {
 pub struct Chunk {
     /// The window's end: the snapshot the first chunk was read with.
     pub end: String,
-    /// The chunk's last event among all it scanned (also those skipped or put in the
-    /// outbox), and whether it scanned as many as it could (more may follow).
+    /// The chunk's last event among all it scanned (also those skipped or held),
+    /// and whether it scanned as many as it could (more may follow).
     pub last: Option<(i64, String)>,
     pub full: bool,
-    /// Events put in the outbox, behind a pending event of their user there.
-    pub held: i64,
-    /// Events stamped again (restored without their transaction id): a later
-    /// window reads them.
-    pub restamped: i64,
+    /// Events to put into the outbox behind a pending event of their user there,
+    /// with the seq they take in it.
+    pub held: Vec<LogEvent>,
     pub events: Vec<LogEvent>,
 }
 
@@ -50,13 +47,8 @@ pub struct Chunk {
 /// outbox has already (an exception, a redelivery) are skipped, and so are those the
 /// done rows of the stored position's window and later list, while resuming (delivered
 /// beyond the stored position before a restart). An event whose user has a pending
-/// event in the outbox goes into the outbox behind it (held), in the same
-/// statement; the others come back to be sent from memory.
-///
-/// A committed event stamped with a transaction id this cluster has not reached
-/// (written with the stamping trigger disabled: `pg_restore --disable-triggers`) is
-/// visible in no snapshot: it is stamped with this statement's transaction id, which
-/// the window's end counts as running, and read by a later window.
+/// event in the outbox comes back held (the caller records it into the outbox before
+/// it reads again); the others, to be sent from memory. Writes nothing.
 pub fn read_chunk(reading: &Reading) -> Chunk {
     let (after_seq, after_id) = match &reading.after {
         Some((seq, id)) => (Some(*seq), Some(id.clone())),
@@ -74,8 +66,7 @@ pub fn read_chunk(reading: &Reading) -> Chunk {
         end: String::new(),
         last: None,
         full: false,
-        held: 0,
-        restamped: 0,
+        held: Vec::new(),
         events: Vec::new(),
     };
     let (sql, args, planning) = if reading.resuming {
@@ -88,40 +79,59 @@ pub fn read_chunk(reading: &Reading) -> Chunk {
             row.get::<String>(1).unwrap_or_default(),
             row.get::<i64>(2).unwrap_or(0),
             row.get::<i64>(3).zip(row.get::<String>(4)),
-            row.get::<i64>(5).unwrap_or(0),
-            row.get::<i64>(6).unwrap_or(0),
         );
-        let event = row.get::<String>(8).map(|id| LogEvent {
-            segment: row.get::<i32>(7).unwrap_or(0) as u8,
-            user_id: row.get::<String>(9).unwrap_or_default(),
-            seq: row.get::<i64>(10).unwrap_or(0),
-            window: reading.number,
-            event: Event {
-                id,
-                attempt: 1,
-                record: row.get::<String>(11).unwrap_or_default(),
-                source: row.get::<String>(12).unwrap_or_default(),
-                created_at: row.get::<String>(13).unwrap_or_default(),
-                kind: row
-                    .get::<String>(14)
-                    .and_then(|k| Kind::from_name(&k))
-                    .unwrap_or(Kind::Created),
-                old_record: row.get::<String>(15),
-                probe: false,
-            },
+        let event = row.get::<String>(6).map(|id| {
+            let event = LogEvent {
+                segment: row.get::<i32>(5).unwrap_or(0) as u8,
+                user_id: row.get::<String>(7).unwrap_or_default(),
+                seq: row.get::<i64>(8).unwrap_or(0),
+                window: reading.number,
+                event: super::event_of(row, id, 1, 9, false),
+            };
+            (event, row.get::<i64>(14))
         });
         (head, event)
     });
-    for ((end, scanned, last, held, restamped), event) in rows {
+    for ((end, scanned, last), event) in rows {
         chunk.end = end;
         chunk.full = scanned >= CHUNK;
         chunk.last = last;
-        chunk.held = held;
-        chunk.restamped = restamped;
-        chunk.events.extend(event);
+        match event {
+            Some((event, Some(held_seq))) => chunk.held.push(LogEvent {
+                seq: held_seq,
+                ..event
+            }),
+            Some((event, None)) => chunk.events.push(event),
+            None => {}
+        }
     }
     chunk
 }
+
+/// Stamps the committed events whose transaction id this cluster has not reached
+/// (written with the stamping trigger disabled: `pg_restore --disable-triggers`),
+/// which no snapshot would ever show, with this transaction's id: a later window
+/// reads them (the window's end counts the worker's own id as running). Returns how
+/// many.
+pub fn restamp() -> i64 {
+    select_kept(RESTAMP, &[], Planning::GenericIndexed, 1, |row| {
+        row.get::<i64>(1).unwrap_or(0)
+    })
+    .into_iter()
+    .next()
+    .unwrap_or(0)
+}
+
+const RESTAMP: &CStr = c"WITH s0 AS (
+         UPDATE new_user_hook.log_0 SET xid = pg_current_xact_id()
+          WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
+         RETURNING 1
+     ), s1 AS (
+         UPDATE new_user_hook.log_1 SET xid = pg_current_xact_id()
+          WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
+         RETURNING 1
+     )
+     SELECT (SELECT count(*) FROM s0) + (SELECT count(*) FROM s1)";
 
 /// The statements below, from their parts: $1 the window's start, $2 its end (NULL:
 /// a new window, ending at this statement's snapshot), $3/$4 the (seq, id) the last
@@ -133,9 +143,10 @@ macro_rules! read_end {
     () => {
         "WITH e AS MATERIALIZED (
          -- A new window ends at this statement's snapshot, which leaves out the worker's
-         -- own transaction id: one assigned before it (by the round's record) would count
-         -- as committed, and the events stamped with it below would fall behind the
-         -- window's end unread. It counts as running instead: a later window reads them.
+         -- own transaction id: one assigned before it (by the round's record, or
+         -- restamp()) would count as committed, and the events stamped with it would fall
+         -- behind the window's end unread. It counts as running instead: a later window
+         -- reads them.
          SELECT CASE WHEN $2::pg_snapshot IS NOT NULL THEN $2::pg_snapshot
                      WHEN c.x < pg_snapshot_xmax(c.s) THEN
                           format('%s:%s:%s', LEAST(pg_snapshot_xmin(c.s), c.x), pg_snapshot_xmax(c.s),
@@ -206,43 +217,28 @@ macro_rules! not_in_outbox {
     };
 }
 
+/// A user with a pending event in the outbox has its events held behind it: they
+/// come back with the seq they take there (after the user's latest pending one, in
+/// their order), to be put into the outbox by the next record, before any later read.
 macro_rules! read_tail {
     () => {
         "), flagged AS (
-         SELECT f.*, (SELECT true FROM new_user_hook.outbox AS p
+         SELECT f.*, (SELECT p.seq FROM new_user_hook.outbox AS p
                        WHERE p.user_id = f.user_id AND p.status NOT IN ('delivered', 'failed')
-                       ORDER BY p.seq DESC LIMIT 1) IS NOT NULL AS held
+                       ORDER BY p.seq DESC LIMIT 1) AS pending_seq
            FROM fresh AS f
-     ), held AS (
-         INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, old_record, seq, created_at, next_attempt_at)
-         SELECT t.id, t.user_id, t.source, t.record, t.kind, t.old_record,
-                t.seq + GREATEST(0, (SELECT max(p.seq) + 1 FROM new_user_hook.outbox AS p
-                                      WHERE p.user_id = t.user_id AND p.status NOT IN ('delivered', 'failed'))
-                                    - min(t.seq) OVER (PARTITION BY t.user_id)),
-                t.created_at, t.created_at
-           FROM flagged AS t WHERE t.held
-         ON CONFLICT (id) DO NOTHING
-         RETURNING 1
-     ), restamp_0 AS (
-         UPDATE new_user_hook.log_0 SET xid = pg_current_xact_id()
-          WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
-         RETURNING 1
-     ), restamp_1 AS (
-         UPDATE new_user_hook.log_1 SET xid = pg_current_xact_id()
-          WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
-         RETURNING 1
      ), last AS (
          SELECT seq, id FROM chunk ORDER BY seq DESC, id DESC LIMIT 1
      )
      SELECT (SELECT s FROM e)::text,
             (SELECT count(*) FROM chunk),
             (SELECT seq FROM last), (SELECT id::text FROM last),
-            (SELECT count(*) FROM held),
-            (SELECT count(*) FROM restamp_0) + (SELECT count(*) FROM restamp_1),
             f.segment, f.id::text, f.user_id::text, f.seq, f.record::text, f.source::text,
-            to_json(f.created_at) #>> '{}', f.kind::text, f.old_record::text
+            to_json(f.created_at) #>> '{}', f.kind::text, f.old_record::text,
+            CASE WHEN f.pending_seq IS NOT NULL
+                 THEN f.seq + GREATEST(0, f.pending_seq + 1 - min(f.seq) OVER (PARTITION BY f.user_id)) END
        FROM (SELECT 1) AS one
-       LEFT JOIN (SELECT * FROM flagged WHERE NOT held) AS f ON true
+       LEFT JOIN flagged AS f ON true
       ORDER BY f.seq, f.id"
     };
 }
@@ -251,32 +247,18 @@ macro_rules! read_tail {
 /// planning it at every read was most of what a trickle cost, and its best plan is
 /// through the indexes whatever the backlog (a plan made while a segment was nearly
 /// empty would otherwise scan it whole at each read as it fills).
-const READ: &CStr = match CStr::from_bytes_with_nul(
-    concat!(
-        read_end!(),
-        chunk_by_ranges!(),
-        not_in_outbox!(),
-        read_tail!(),
-        "\0"
-    )
-    .as_bytes(),
-) {
-    Ok(sql) => sql,
-    Err(_) => panic!("no NUL in the read"),
-};
+const READ: &CStr = statement!(
+    read_end!(),
+    chunk_by_ranges!(),
+    not_in_outbox!(),
+    read_tail!()
+);
 
 /// The reads of the window open at a start (until it has events), which also skip
 /// what the done rows of the windows being resumed list: planned each time.
-const READ_RESUMING: &CStr = match CStr::from_bytes_with_nul(
-    concat!(
-        read_end!(),
-        chunk_by_ranges!(),
-        not_resumed!(),
-        read_tail!(),
-        "\0"
-    )
-    .as_bytes(),
-) {
-    Ok(sql) => sql,
-    Err(_) => panic!("no NUL in the read"),
-};
+const READ_RESUMING: &CStr = statement!(
+    read_end!(),
+    chunk_by_ranges!(),
+    not_resumed!(),
+    read_tail!()
+);

@@ -6,7 +6,7 @@ mod log;
 mod maintenance;
 mod vault;
 
-pub use log::{load_position, read_chunk, Chunk};
+pub use log::{load_position, read_chunk, restamp, Chunk};
 pub use maintenance::{analyze_outbox, rotate_log, vacuum_captured, ReadSince, Rotation};
 pub use vault::vault_secret;
 
@@ -15,7 +15,7 @@ use crate::model::classify::Decision;
 use crate::model::event::{Event, Kind};
 use crate::model::window::{LogEvent, Position};
 use crate::shared::QueueGauges;
-use crate::spi::{select_kept, write, Planning};
+use crate::spi::{select_kept, statement, write, KeptRow, Planning};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -105,19 +105,29 @@ const NO_EARLIER_EVENT_PENDING: &str = "(SELECT true FROM new_user_hook.outbox A
 pub fn claim(limit: usize, in_flight: &[String], probe: bool) -> Vec<Event> {
     let args: [DatumWithOid; 2] = [(limit as i64).into(), in_flight.to_vec().into()];
     let sql = std::ffi::CString::new(claim_sql(lifecycle_columns())).expect("no NUL");
-    select_kept(&sql, &args, Planning::Custom, 0, |row| Event {
-        id: row.get::<String>(1).unwrap_or_default(),
-        attempt: row.get::<i32>(2).unwrap_or(1) as u32,
-        record: row.get::<String>(3).unwrap_or_default(),
-        source: row.get::<String>(4).unwrap_or_default(),
-        created_at: row.get::<String>(5).unwrap_or_default(),
+    select_kept(&sql, &args, Planning::Custom, 0, |row| {
+        let id = row.get::<String>(1).unwrap_or_default();
+        let attempt = row.get::<i32>(2).unwrap_or(1) as u32;
+        event_of(row, id, attempt, 3, probe)
+    })
+}
+
+/// An event from a row whose columns from `first` on are its record, source,
+/// created_at, kind and old_record (as the claim and the read of the log return them).
+pub(crate) fn event_of(row: &KeptRow, id: String, attempt: u32, first: i32, probe: bool) -> Event {
+    Event {
+        id,
+        attempt,
+        record: row.get::<String>(first).unwrap_or_default(),
+        source: row.get::<String>(first + 1).unwrap_or_default(),
+        created_at: row.get::<String>(first + 2).unwrap_or_default(),
         kind: row
-            .get::<String>(6)
+            .get::<String>(first + 3)
             .and_then(|k| Kind::from_name(&k))
             .unwrap_or(Kind::Created),
-        old_record: row.get::<String>(7),
+        old_record: row.get::<String>(first + 4),
         probe,
-    })
+    }
 }
 
 /// The claim: $1 the batch size, $2 the ids in flight. Without the lifecycle columns
@@ -512,40 +522,26 @@ macro_rules! record_counters {
     };
 }
 
-const RECORD: &CStr = match CStr::from_bytes_with_nul(
-    concat!(
-        record_outbox!(),
-        "), ",
-        record_log!(),
-        record_exceptions!(),
-        record_position!(),
-        record_done_all!(),
-        record_counters!(),
-        "\0"
-    )
-    .as_bytes(),
-) {
-    Ok(sql) => sql,
-    Err(_) => panic!("no NUL in the record"),
-};
+const RECORD: &CStr = statement!(
+    record_outbox!(),
+    "), ",
+    record_log!(),
+    record_exceptions!(),
+    record_position!(),
+    record_done_all!(),
+    record_counters!()
+);
 
 /// A batch of deliveries of events read from the log (and the position): what a
 /// trickle and a drain record. Its plan is the same whatever is queued, so it is
 /// kept generic; the same arguments as RECORD, whose $1–$7 it leaves unread.
-const RECORD_DELIVERIES: &CStr = match CStr::from_bytes_with_nul(
-    concat!(
-        "WITH ",
-        record_log!(),
-        record_position!(),
-        record_done_log!(),
-        record_counters!(),
-        "\0"
-    )
-    .as_bytes(),
-) {
-    Ok(sql) => sql,
-    Err(_) => panic!("no NUL in the record"),
-};
+const RECORD_DELIVERIES: &CStr = statement!(
+    "WITH ",
+    record_log!(),
+    record_position!(),
+    record_done_log!(),
+    record_counters!()
+);
 
 /// After a backend came back: events waiting out a backoff from the outage are
 /// due now, so the backlog drains at once instead of on each event's schedule —

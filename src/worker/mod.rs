@@ -40,17 +40,20 @@ const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Delivered events deleted per purge transaction; full batches follow each other
 /// between rounds until the expired events are gone.
 const PURGE_BATCH: i64 = 10_000;
-/// Outcomes are recorded in batches of this many, or after RECORD_DELAY while other
-/// requests are on the wire. Once nothing is, they wait up to RECORD_IDLE_DELAY for
-/// the next round that has to run anyway (the next signup's read): at a trickle, one
-/// transaction an event instead of two. A crash meanwhile sends them again, as it
-/// does events in flight.
+/// Outcomes are recorded in batches of this many, or once the oldest has waited
+/// RECORD_DELAY: at a trickle, one write a few events instead of one an event (the
+/// reads in between write nothing). A crash meanwhile sends them again, as it does
+/// events in flight. An outcome that puts events into the outbox (a retry, the
+/// events held behind it) is recorded before the next read instead, which must find
+/// them there to hold the user's later events behind them.
 const RECORD_BATCH: usize = 64;
-const RECORD_DELAY: Duration = Duration::from_millis(5);
-const RECORD_IDLE_DELAY: Duration = Duration::from_millis(20);
+const RECORD_DELAY: Duration = Duration::from_millis(100);
 /// Events read from the log and not resolved that the worker keeps in memory at
 /// most: beyond, the next chunk waits (a chunk is store::CHUNK events).
 const READ_AHEAD: usize = 10_000;
+/// How often the reads look for events restored without their transaction id
+/// (pg_restore --disable-triggers), which no window would show until stamped again.
+const RESTAMP_EVERY: Duration = Duration::from_secs(5);
 /// How long SIGTERM waits for requests in progress before abandoning them.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Delay before the postmaster restarts a worker that died.
@@ -220,6 +223,8 @@ struct Round {
 struct Read {
     load: bool,
     reading: Reading,
+    /// Stamp events restored without their transaction id first (store::restamp).
+    restamp: bool,
 }
 
 /// What a read of the log found: the position, if loaded, the chunk read, and the chunk.
@@ -227,6 +232,8 @@ struct Chunked {
     loaded: Option<(Option<String>, i64)>,
     reading: Reading,
     chunk: Chunk,
+    /// Events stamped again before the read: a later window reads them.
+    restamped: i64,
 }
 
 /// Why a round may refresh the outbox's statistics.
@@ -303,6 +310,8 @@ struct Worker {
     maintenance_busy: u32,
     /// When a commit or the fallback poll last made the worker look for events.
     looked_at: Instant,
+    /// When the reads last looked for events restored without their transaction id.
+    restamped_at: Option<Instant>,
     /// The log segment found entirely read, waiting for older snapshots to end.
     log_read_since: Option<store::ReadSince>,
     timers: Timers,
@@ -355,6 +364,7 @@ impl Worker {
             capture: None,
             maintenance_busy: 0,
             looked_at: Instant::now(),
+            restamped_at: None,
             log_read_since: None,
             timers: Timers::new(),
             problem: None,
@@ -511,7 +521,7 @@ impl Worker {
         if self.pending_record() {
             // Not before a failed round's retry: outcomes that cannot be recorded yet
             // must not keep the worker from sleeping.
-            let mut record_at = self.unrecorded_since + self.record_delay();
+            let mut record_at = self.unrecorded_since + RECORD_DELAY;
             if let Some(retry) = self.timers.retry_round {
                 record_at = record_at.max(retry);
             }

@@ -98,21 +98,12 @@ impl Worker {
         self.unrecorded.extend(decisions);
     }
 
-    /// How long the oldest buffered outcome may wait for its batch.
-    pub(super) fn record_delay(&self) -> Duration {
-        if self.pool.in_flight() == 0 {
-            RECORD_IDLE_DELAY
-        } else {
-            RECORD_DELAY
-        }
-    }
-
     /// Whether decided outcomes should be recorded now: a full batch, or the oldest
     /// has waited long enough.
     pub(super) fn record_due(&self) -> bool {
         self.pending_record()
             && (self.unrecorded.outcomes() >= RECORD_BATCH
-                || self.unrecorded_since.elapsed() >= self.record_delay())
+                || self.unrecorded_since.elapsed() >= RECORD_DELAY)
     }
 
     /// Hands events read from the log to the sending threads, as many as the window
@@ -144,6 +135,18 @@ impl Worker {
             && (self.maybe_captured || self.windows.reading() || !self.windows.loaded())
     }
 
+    /// Whether this round's read looks for events restored without their
+    /// transaction id first: at the first read, then every RESTAMP_EVERY.
+    fn restamp_now(&mut self) -> bool {
+        let due = self
+            .restamped_at
+            .is_none_or(|at| at.elapsed() >= RESTAMP_EVERY);
+        if due {
+            self.restamped_at = Some(Instant::now());
+        }
+        due
+    }
+
     /// What this round does, or None when there is nothing worth a transaction.
     pub(super) fn plan(&mut self) -> Option<Round> {
         let now = Instant::now();
@@ -163,10 +166,12 @@ impl Worker {
             };
         let read = read && !captured;
         let check_installed = self.installed != Some(true);
-        // Outcomes ride along with a round that runs anyway (a claim, and the read
-        // that comes with a wake-up).
+        // Outcomes ride along with a round that writes anyway (a claim), and precede a
+        // read when they put events into the outbox; deliveries wait for their batch.
         let runs_anyway = claim > 0 || read || take || check_installed || self.release_backoff;
-        self.recording = self.pending_record() && (runs_anyway || self.record_due());
+        let writes_anyway = claim > 0 || take || self.release_backoff;
+        self.recording = self.pending_record()
+            && (writes_anyway || (read && self.unrecorded.touches_outbox()) || self.record_due());
         if !runs_anyway && !self.recording {
             return None;
         }
@@ -196,6 +201,7 @@ impl Worker {
             read: read.then(|| Read {
                 load: !self.windows.loaded(),
                 reading: self.windows.next_read(),
+                restamp: self.restamp_now(),
             }),
             analyze,
             record,
@@ -272,16 +278,18 @@ impl Worker {
             }
         };
         let mut read = 0;
+        let mut held = Vec::new();
         if let Some(chunked) = chunk {
             let pending = self.pending_record();
             if let Some((snapshot, number)) = chunked.loaded {
                 self.windows.load(snapshot, number);
             }
             let chunk = chunked.chunk;
-            if chunk.restamped > 0 {
+            if chunked.restamped > 0 {
                 self.maybe_captured = true;
             }
-            read = chunk.events.len() as i64 + chunk.held;
+            read = (chunk.events.len() + chunk.held.len()) as i64;
+            held = chunk.held;
             self.windows.add_chunk(
                 &chunked.reading,
                 chunk.end,
@@ -325,6 +333,19 @@ impl Worker {
         // Recorded; or, without the extension, nothing to record into.
         if self.recording || !result.installed {
             self.unrecorded = Batch::default();
+        }
+        if !held.is_empty() && result.installed {
+            // Into the outbox behind their user's pending event, before the next read.
+            if !self.pending_record() {
+                self.unrecorded_since = Instant::now();
+            }
+            self.unrecorded
+                .log
+                .extend(held.into_iter().map(|event| LogRecord {
+                    event,
+                    decision: None,
+                    class: None,
+                }));
         }
         self.release_backoff = false;
         self.count_queue_soon();
@@ -600,6 +621,7 @@ pub(super) fn run_round(round: Round) -> RoundResult {
     let taken = match (found, round.read, round.take) {
         (Capture::Log, Some(read), _) => Some(
             spi::subtransaction(move || {
+                let restamped = if read.restamp { store::restamp() } else { 0 };
                 let loaded = read.load.then(store::load_position);
                 let reading = match &loaded {
                     Some((snapshot, number)) => Reading {
@@ -616,10 +638,11 @@ pub(super) fn run_round(round: Round) -> RoundResult {
                     loaded,
                     reading,
                     chunk,
+                    restamped,
                 }
             })
             .map(|chunked| {
-                let held = chunked.chunk.held;
+                let held = chunked.chunk.held.len() as i64;
                 chunk = Some(chunked);
                 held
             }),
