@@ -114,6 +114,14 @@ pub fn read_chunk(reading: &Reading) -> Chunk {
 /// reads them (the window's end counts the worker's own id as running). Returns how
 /// many.
 pub fn restamp() -> i64 {
+    // Looked for first without writing: the UPDATE's lock on the segments would wait
+    // for whoever holds one that conflicts (CREATE INDEX, LOCK ... IN SHARE MODE).
+    let any = select_kept(RESTAMP_NEEDED, &[], Planning::GenericIndexed, 1, |row| {
+        row.get::<bool>(1).unwrap_or(false)
+    });
+    if !any.into_iter().next().unwrap_or(false) {
+        return 0;
+    }
     select_kept(RESTAMP, &[], Planning::GenericIndexed, 1, |row| {
         row.get::<i64>(1).unwrap_or(0)
     })
@@ -121,6 +129,11 @@ pub fn restamp() -> i64 {
     .next()
     .unwrap_or(0)
 }
+
+const RESTAMP_NEEDED: &CStr = c"SELECT EXISTS (SELECT 1 FROM new_user_hook.log_0
+                        WHERE xid >= pg_snapshot_xmax(pg_current_snapshot()))
+           OR EXISTS (SELECT 1 FROM new_user_hook.log_1
+                       WHERE xid >= pg_snapshot_xmax(pg_current_snapshot()))";
 
 const RESTAMP: &CStr = c"WITH s0 AS (
          UPDATE new_user_hook.log_0 SET xid = pg_current_xact_id()

@@ -43,11 +43,13 @@ const PURGE_BATCH: i64 = 10_000;
 /// Outcomes are recorded in batches of this many, or once the oldest has waited
 /// RECORD_DELAY: at a trickle, one write a few events instead of one an event (the
 /// reads in between write nothing). A crash meanwhile sends them again, as it does
-/// events in flight. An outcome that puts events into the outbox (a retry, the
-/// events held behind it) is recorded before the next read instead, which must find
-/// them there to hold the user's later events behind them.
+/// events in flight. A batch that changes the outbox waits RECORD_OUTBOX_DELAY at
+/// most: a user's next event there is due only once the one before is recorded. And
+/// it is recorded before the next read, which must find a retry (and the events held
+/// behind it) there to hold the user's later events behind them.
 const RECORD_BATCH: usize = 64;
 const RECORD_DELAY: Duration = Duration::from_millis(100);
+const RECORD_OUTBOX_DELAY: Duration = Duration::from_millis(5);
 /// Events read from the log and not resolved that the worker keeps in memory at
 /// most: beyond, the next chunk waits (a chunk is store::CHUNK events).
 const READ_AHEAD: usize = 10_000;
@@ -521,7 +523,7 @@ impl Worker {
         if self.pending_record() {
             // Not before a failed round's retry: outcomes that cannot be recorded yet
             // must not keep the worker from sleeping.
-            let mut record_at = self.unrecorded_since + RECORD_DELAY;
+            let mut record_at = self.unrecorded_since + self.record_delay();
             if let Some(retry) = self.timers.retry_round {
                 record_at = record_at.max(retry);
             }

@@ -98,12 +98,21 @@ impl Worker {
         self.unrecorded.extend(decisions);
     }
 
+    /// How long the oldest buffered outcome may wait for its batch.
+    pub(super) fn record_delay(&self) -> Duration {
+        if self.unrecorded.touches_outbox() {
+            RECORD_OUTBOX_DELAY
+        } else {
+            RECORD_DELAY
+        }
+    }
+
     /// Whether decided outcomes should be recorded now: a full batch, or the oldest
     /// has waited long enough.
     pub(super) fn record_due(&self) -> bool {
         self.pending_record()
             && (self.unrecorded.outcomes() >= RECORD_BATCH
-                || self.unrecorded_since.elapsed() >= RECORD_DELAY)
+                || self.unrecorded_since.elapsed() >= self.record_delay())
     }
 
     /// Hands events read from the log to the sending threads, as many as the window
