@@ -169,8 +169,10 @@ CREATE OR REPLACE FUNCTION new_user_hook.queue_gauges(
     OUT pending bigint, OUT failed bigint, OUT oldest_pending timestamptz, OUT captured bigint)
 STABLE SECURITY DEFINER LANGUAGE sql SET search_path = pg_catalog, pg_temp
 -- Planned on the indexes: PostgreSQL 18 keeps a SQL function's plan for the session,
--- and one made while the log was small would read all of it once it has grown.
-SET enable_seqscan = off
+-- and one made while the log was small would read all of it once it has grown. No
+-- JIT: up to PostgreSQL 17 the counters' scan (no index) then adds 10^10 to the cost,
+-- and the count would be compiled at every call (a second).
+SET enable_seqscan = off SET jit = off
 BEGIN ATOMIC
     SELECT q.pending + k.pending, (SELECT count(*) FROM new_user_hook.outbox WHERE status = 'failed'),
            LEAST(q.oldest_pending, k.oldest_pending), c.first_attempts - c.requeued + q.never_attempted + k.pending

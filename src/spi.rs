@@ -257,21 +257,21 @@ unsafe fn run_kept(sql: &CStr, args: &[DatumWithOid], planning: Planning, limit:
         nulls,
     } = SpiArgs::of(args);
     let plan = kept_plan(sql, &types, planning);
-    // Plans are made (again) when the statement runs: the setting is in force then.
-    // Local to the transaction, so that an error cannot leave it set.
-    let was = (planning == Planning::GenericIndexed).then(|| {
-        let was = CStr::from_ptr(pg_sys::GetConfigOption(
-            c"enable_seqscan".as_ptr(),
-            false,
-            false,
-        ))
-        .to_owned();
-        set_local(c"enable_seqscan", c"off");
-        was
+    // Plans are made (again) when the statement runs: the settings are in force then.
+    // Local to the transaction, so that an error cannot leave them set. JIT off too:
+    // up to PostgreSQL 17 a scan that cannot avoid being sequential (a table without
+    // an index) adds 10^10 to the plan's cost, which would compile it at every run.
+    let saved = (planning == Planning::GenericIndexed).then(|| {
+        [(c"enable_seqscan", c"off"), (c"jit", c"off")].map(|(name, value)| {
+            let was =
+                CStr::from_ptr(pg_sys::GetConfigOption(name.as_ptr(), false, false)).to_owned();
+            set_local(name, value);
+            (name, was)
+        })
     });
     let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, limit as _);
-    if let Some(was) = was {
-        set_local(c"enable_seqscan", &was);
+    for (name, was) in saved.into_iter().flatten() {
+        set_local(name, &was);
     }
     if rc < 0 {
         error!(
