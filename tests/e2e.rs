@@ -495,6 +495,32 @@ fn delivered_events_are_deleted_after_the_retention() {
     assert_eq!(failed_left, 1, "failed events are kept for redelivery");
 }
 
+/// The log's rotation looks at a segment ROTATE_AFTER (5 s) after events are read:
+/// one that finds them still in flight gives up until the next look. Here nothing is
+/// signed up after them, so only their delivery, moving the position, can bring it.
+#[test]
+fn a_segment_found_in_flight_is_emptied_once_delivered_without_further_signups() {
+    let (receiver, gate) = Receiver::holding_after(0);
+    let cluster = hooked(&receiver, &[("retention", "0"), ("timeout_ms", "60000")]);
+    let id = cluster.signup("slow-backend@example.com");
+    receiver.wait_for_requests(1, WITHIN);
+    // Past both looks at the log (pointing signups to the other segment, then finding
+    // this one's event unresolved).
+    std::thread::sleep(Duration::from_secs(12));
+    gate.open();
+    cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
+    wait_for(
+        "the delivered event's segment to be emptied",
+        WITHIN,
+        || {
+            let n: i64 = cluster
+                .one_row("SELECT count(*) FROM new_user_hook.deliveries")
+                .get(0);
+            (n == 0).then_some(())
+        },
+    );
+}
+
 #[test]
 fn the_worker_sleeps_when_there_is_nothing_to_do() {
     let receiver = Receiver::ok();

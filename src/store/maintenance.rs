@@ -99,7 +99,7 @@ pub fn vacuum_captured() -> Result<bool, String> {
 /// What a rotation of the log did.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Rotation {
-    /// Nothing to do (until events are read again).
+    /// Nothing to do (until events are read again, or the position moves).
     Done,
     /// A step was taken (signups pointed to the other segment, or a segment found
     /// read and waiting for older snapshots to end): the next in ROTATE_AFTER.

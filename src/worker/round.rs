@@ -316,9 +316,14 @@ impl Worker {
         }
         self.timers.statistics = flush_statistics(false);
         self.taken_since_vacuum += taken;
-        if self.timers.log_upkeep.is_none() && taken + read > 0 {
-            // The log is rotated ROTATE_AFTER after the first events read since the last
-            // rotation; a capture table, vacuumed once many were deleted from it.
+        // A look at the log that found events of the other segment unresolved ended
+        // it; the position moving past them (a record, with nothing new read) is what
+        // lets the next one empty it.
+        let moved = result.position_moved && result.stored.is_some();
+        if self.timers.log_upkeep.is_none() && (taken + read > 0 || moved) {
+            // The log is rotated ROTATE_AFTER after the first events read, or the
+            // position moved, since the last look; a capture table, vacuumed once many
+            // were deleted from it.
             let log = self.capture == Some(Capture::Log);
             if log || self.taken_since_vacuum >= VACUUM_CAPTURED_AFTER {
                 let delay = if log { ROTATE_AFTER } else { VACUUM_DELAY };
