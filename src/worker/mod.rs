@@ -8,9 +8,11 @@
 mod round;
 mod target;
 mod timers;
+mod wait_set;
 
 use round::run_round;
 use timers::Timers;
+use wait_set::WaitSet;
 
 use crate::catalog::{self, Capture};
 use crate::delivery::{Outcome, Pool};
@@ -332,6 +334,7 @@ struct Worker {
     count_took: Duration,
     /// The backend came back: release the backlog's backoff in the next round.
     release_backoff: bool,
+    wait_set: WaitSet,
 }
 
 impl Worker {
@@ -344,6 +347,7 @@ impl Worker {
         }
         let settings = Settings::read();
         let pool = Pool::new(settings.concurrency).expect("starting delivery threads");
+        let wait_set = WaitSet::new(pool.wake_fd());
         let mut worker = Worker {
             config: Config::new(settings),
             pool,
@@ -378,6 +382,7 @@ impl Worker {
             counted_at: Instant::now(),
             count_took: Duration::ZERO,
             release_backoff: false,
+            wait_set,
         };
         worker.hold();
         shared::set_backend_state(worker.breaker.state().gauge());
@@ -538,31 +543,14 @@ impl Worker {
         if (self.maybe_due || more_to_read) && can_claim && round_allowed {
             timeout = Duration::ZERO;
         }
-        let events = pg_sys::WL_LATCH_SET
-            | pg_sys::WL_SOCKET_READABLE
-            | pg_sys::WL_TIMEOUT
-            | pg_sys::WL_EXIT_ON_PM_DEATH;
-        let (rc, latch_was_set) = unsafe {
-            let rc = pg_sys::WaitLatchOrSocket(
-                pg_sys::MyLatch,
-                events as i32,
-                self.pool.wake_fd(),
-                timeout.as_millis().min(i64::MAX as u128) as _,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            // A commit may set the latch after WaitLatchOrSocket returned for another
-            // reason: read it before clearing it, or that wake-up is lost.
-            let latch_was_set = (*pg_sys::MyLatch).is_set != 0;
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-            (rc, latch_was_set)
-        };
+        let latch_was_set = self.wait_set.wait(timeout);
         // Woken by a commit, or the fallback poll ran out: look for due events. The
         // poll catches events whose commit woke nobody (COMMIT PREPARED, a wake-up
         // lost to a race); other timers only serve what they were set for.
         // The poll is due POLL after the last look, whatever other timers (a
         // rotation's steps, a secret's refresh) woke the worker meanwhile.
         let polled = self.looked_at.elapsed() >= POLL;
-        if latch_was_set || rc & pg_sys::WL_LATCH_SET as i32 != 0 || polled {
+        if latch_was_set || polled {
             self.looked_at = Instant::now();
             self.maybe_captured = true;
             // A signup's commit adds to the log; the outbox is looked at when SQL
