@@ -369,6 +369,43 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_delivered_outbox_event_is_purged_once_the_position_is_past_its_log_row() {
+        // Three events of the log delivered from the outbox a day ago: by a transaction
+        // behind the position, one running at it, one after its xmax.
+        Spi::run(
+            "INSERT INTO new_user_hook.log_0 (id, user_id, source, kind, record, seq, created_at)
+             SELECT ('00000000-0000-0000-0000-00000000000' || g)::uuid, gen_random_uuid(),
+                    'app.users', 'created', '{}', g, now()
+               FROM generate_series(1, 3) g;
+             UPDATE new_user_hook.log_0 SET xid = (ARRAY['5', '8', '20'])[seq]::xid8;
+             INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, status, delivered_at, seq)
+             SELECT id, user_id, source, record, kind, 'delivered', now() - interval '1 day', seq
+               FROM new_user_hook.log_0;",
+        )
+        .unwrap();
+        let purge = || crate::store::purge_delivered(std::time::Duration::from_secs(60), 100, true);
+        // No position yet: every event of the log is beyond it.
+        assert_eq!(purge(), 0);
+        Spi::run("UPDATE new_user_hook.positions SET snapshot = '7:10:8'").unwrap();
+        assert_eq!(purge(), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM new_user_hook.outbox WHERE id::text LIKE '%1'"),
+            0
+        );
+        Spi::run("UPDATE new_user_hook.positions SET snapshot = '21:21:'").unwrap();
+        assert_eq!(purge(), 2);
+        // An outbox event with no row in the log goes at once.
+        Spi::run(
+            "INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, status, delivered_at, seq)
+             VALUES (gen_random_uuid(), gen_random_uuid(), 'app.users', '{}', 'created', 'delivered',
+                     now() - interval '1 day', 4)",
+        )
+        .unwrap();
+        Spi::run("UPDATE new_user_hook.positions SET snapshot = NULL").unwrap();
+        assert_eq!(purge(), 1);
+    }
+
+    #[pg_test]
     fn the_claim_probes_each_users_earlier_events_through_the_index() {
         // A backlog of 20,000 users, a few of them with a later event waiting, and
         // statistics taken when the backlog was small (as autovacuum leaves them while

@@ -161,16 +161,18 @@ pub fn rotate_log(since: &mut Option<ReadSince>, retention: std::time::Duration)
     // the other's is unresolved, the age in seconds of its newest, its newest xid):
     // each through the index on xid or the first row, whatever the log holds.
     let look = || -> (i64, i64, i64, i64, i64) {
+        // The position's bounds as values: the plan reads the few events beyond them
+        // through the index, where bounds it could not see made it read the segment.
+        let (xmax, xip) = super::position_bounds();
+        let xip = xip.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
         let sql = format!(
-            "WITH p AS (SELECT snapshot FROM new_user_hook.positions WHERE endpoint = 'default'),
-                  top AS (SELECT xid, created_at FROM new_user_hook.log_{other} ORDER BY xid DESC LIMIT 1)
+            "WITH top AS (SELECT xid, created_at FROM new_user_hook.log_{other} ORDER BY xid DESC LIMIT 1)
              SELECT (SELECT count(*) FROM (SELECT FROM new_user_hook.log_{write_to} LIMIT 1) AS s),
                     (SELECT count(*) FROM top),
-                    (SELECT count(*) FROM (SELECT FROM new_user_hook.log_{other} AS l
-                      WHERE (l.xid >= coalesce((SELECT pg_snapshot_xmax(snapshot) FROM p), '0')
-                             OR l.xid = ANY (ARRAY(SELECT pg_snapshot_xip(snapshot) FROM p)))
-                        AND NOT coalesce(pg_visible_in_snapshot(l.xid, (SELECT snapshot FROM p)), false)
-                      LIMIT 1) AS s),
+                    (SELECT count(*) FROM (SELECT FROM new_user_hook.log_{other} WHERE xid >= '{xmax}'
+                                           UNION ALL
+                                           SELECT FROM new_user_hook.log_{other} WHERE xid = ANY ('{{{xip}}}'::xid8[])
+                                           LIMIT 1) AS s),
                     coalesce((SELECT extract(epoch FROM now() - created_at)::int8 FROM top), 0),
                     coalesce((SELECT xid::text::int8 FROM top), 0)"
         );
