@@ -370,39 +370,49 @@ mod tests {
 
     #[pg_test]
     fn a_delivered_outbox_event_is_purged_once_the_position_is_past_its_log_row() {
-        // Three events of the log delivered from the outbox a day ago: by a transaction
-        // behind the position, one running at it, one after its xmax.
+        // Four events of the log delivered from the outbox a day ago, by transactions 5,
+        // 8, 10 and 20.
         Spi::run(
             "INSERT INTO new_user_hook.log_0 (id, user_id, source, kind, record, seq, created_at)
-             SELECT ('00000000-0000-0000-0000-00000000000' || g)::uuid, gen_random_uuid(),
+             SELECT ('00000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, gen_random_uuid(),
                     'app.users', 'created', '{}', g, now()
-               FROM generate_series(1, 3) g;
-             UPDATE new_user_hook.log_0 SET xid = (ARRAY['5', '8', '20'])[seq]::xid8;
+               FROM unnest(ARRAY[5, 8, 10, 20]) g;
+             UPDATE new_user_hook.log_0 SET xid = seq::text::xid8;
              INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, status, delivered_at, seq)
              SELECT id, user_id, source, record, kind, 'delivered', now() - interval '1 day', seq
                FROM new_user_hook.log_0;",
         )
         .unwrap();
         let purge = || crate::store::purge_delivered(std::time::Duration::from_secs(60), 100, true);
+        let kept = || {
+            Spi::get_one::<Vec<i64>>("SELECT array_agg(seq ORDER BY seq) FROM new_user_hook.outbox")
+                .unwrap()
+                .unwrap_or_default()
+        };
         // No position yet: every event of the log is beyond it.
         assert_eq!(purge(), 0);
+        // Behind: 5. Running at the position: 8; at its xmax or after: 10 and 20.
         Spi::run("UPDATE new_user_hook.positions SET snapshot = '7:10:8'").unwrap();
         assert_eq!(purge(), 1);
-        assert_eq!(
-            count("SELECT count(*) FROM new_user_hook.outbox WHERE id::text LIKE '%1'"),
-            0
-        );
+        assert_eq!(kept(), [8, 10, 20]);
+        Spi::run("UPDATE new_user_hook.positions SET snapshot = '7:21:8,10'").unwrap();
+        assert_eq!(purge(), 1);
+        assert_eq!(kept(), [8, 10]);
         Spi::run("UPDATE new_user_hook.positions SET snapshot = '21:21:'").unwrap();
         assert_eq!(purge(), 2);
-        // An outbox event with no row in the log goes at once.
+        // Without a position row, an event with no row in the log goes at once, and one
+        // with a row is kept.
         Spi::run(
-            "INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, status, delivered_at, seq)
+            "DELETE FROM new_user_hook.positions;
+             INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, status, delivered_at, seq)
              VALUES (gen_random_uuid(), gen_random_uuid(), 'app.users', '{}', 'created', 'delivered',
-                     now() - interval '1 day', 4)",
+                     now() - interval '1 day', 1),
+                    ('00000000-0000-0000-0000-000000000020', gen_random_uuid(), 'app.users', '{}', 'created',
+                     'delivered', now() - interval '1 day', 20)",
         )
         .unwrap();
-        Spi::run("UPDATE new_user_hook.positions SET snapshot = NULL").unwrap();
         assert_eq!(purge(), 1);
+        assert_eq!(kept(), [20]);
     }
 
     #[pg_test]

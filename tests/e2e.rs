@@ -504,9 +504,9 @@ fn a_segment_found_in_flight_is_emptied_once_delivered_without_further_signups()
     let cluster = hooked(&receiver, &[("retention", "0"), ("timeout_ms", "60000")]);
     let id = cluster.signup("slow-backend@example.com");
     receiver.wait_for_requests(1, WITHIN);
-    // Past both looks at the log (pointing signups to the other segment, then finding
-    // this one's event unresolved).
-    std::thread::sleep(Duration::from_secs(12));
+    // Well past both looks at the log, 5 s apart (pointing signups to the other
+    // segment, then finding this one's event unresolved).
+    std::thread::sleep(Duration::from_secs(16));
     gate.open();
     cluster.wait_for_event(&id, "status = 'delivered'", WITHIN);
     wait_for(

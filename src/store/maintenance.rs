@@ -164,7 +164,14 @@ pub fn rotate_log(since: &mut Option<ReadSince>, retention: std::time::Duration)
         // The position's bounds as values: the plan reads the few events beyond them
         // through the index, where bounds it could not see made it read the segment.
         let (xmax, xip) = super::position_bounds();
-        let xip = xip.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        // Transaction ids as PostgreSQL printed them: digits only, nothing to quote.
+        assert!(
+            std::iter::once(&xmax)
+                .chain(&xip)
+                .all(|x| x.bytes().all(|b| b.is_ascii_digit())),
+            "a transaction id of the position is not a number"
+        );
+        let xip = xip.join(",");
         let sql = format!(
             "WITH top AS (SELECT xid, created_at FROM new_user_hook.log_{other} ORDER BY xid DESC LIMIT 1)
              SELECT (SELECT count(*) FROM (SELECT FROM new_user_hook.log_{write_to} LIMIT 1) AS s),

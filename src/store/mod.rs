@@ -595,22 +595,23 @@ pub fn purge_delivered(retention: Duration, limit: i64, log: bool) -> i64 {
 /// The stored position's xmax (0 without one: every event is beyond it) and the
 /// transactions running at it, read with a new snapshot. An event is beyond the
 /// position when its xid is at least the xmax or one of those.
-pub(crate) fn position_bounds() -> (i64, Vec<i64>) {
+/// As text: an xid8 may exceed a bigint.
+pub(crate) fn position_bounds() -> (String, Vec<String>) {
     let bounds = select_kept(POSITION_BOUNDS, &[], Planning::Generic, 1, |row| {
-        row.get::<Vec<i64>>(1)
+        row.get::<Vec<String>>(1)
     })
     .into_iter()
     .next()
     .flatten()
     .unwrap_or_default();
     match bounds.split_first() {
-        Some((xmax, xip)) => (*xmax, xip.to_vec()),
-        None => (0, Vec::new()),
+        Some((xmax, xip)) => (xmax.clone(), xip.to_vec()),
+        None => ("0".to_string(), Vec::new()),
     }
 }
 
-const POSITION_BOUNDS: &CStr = c"SELECT ARRAY[coalesce(pg_snapshot_xmax(snapshot)::text::int8, 0)]
-             || ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(snapshot) AS x)
+const POSITION_BOUNDS: &CStr = c"SELECT ARRAY[coalesce(pg_snapshot_xmax(snapshot)::text, '0')]
+             || ARRAY(SELECT x::text FROM pg_snapshot_xip(snapshot) AS x)
        FROM new_user_hook.positions WHERE endpoint = 'default'";
 
 const PURGE: &CStr = c"DELETE FROM new_user_hook.outbox WHERE id IN (
@@ -624,13 +625,13 @@ const PURGE: &CStr = c"DELETE FROM new_user_hook.outbox WHERE id IN (
 /// xmax, 0 for none; $4 the transactions running then): a worker starting again
 /// reads that row again, and skips it only because the outbox has it.
 const PURGE_BEHIND_POSITION: &CStr = c"WITH beyond AS (
-         SELECT l.id FROM new_user_hook.log_0 AS l WHERE l.xid >= $3::text::xid8
+         SELECT l.id FROM new_user_hook.log_0 AS l WHERE l.xid >= $3::xid8
          UNION ALL
-         SELECT l.id FROM new_user_hook.log_0 AS l WHERE l.xid = ANY ($4::text::xid8[])
+         SELECT l.id FROM new_user_hook.log_0 AS l WHERE l.xid = ANY ($4::xid8[])
          UNION ALL
-         SELECT l.id FROM new_user_hook.log_1 AS l WHERE l.xid >= $3::text::xid8
+         SELECT l.id FROM new_user_hook.log_1 AS l WHERE l.xid >= $3::xid8
          UNION ALL
-         SELECT l.id FROM new_user_hook.log_1 AS l WHERE l.xid = ANY ($4::text::xid8[])
+         SELECT l.id FROM new_user_hook.log_1 AS l WHERE l.xid = ANY ($4::xid8[])
      )
      DELETE FROM new_user_hook.outbox WHERE id IN (
          SELECT o.id FROM new_user_hook.outbox AS o

@@ -46,9 +46,9 @@ impl WaitSet {
     }
 
     /// Sleeps until the latch is set, the pipe is readable or `timeout` has passed,
-    /// then resets the latch; returns whether it was set. A commit may set the latch
-    /// after the wait returned for another reason: it is read before it is cleared,
-    /// or that wake-up is lost.
+    /// then resets the latch if it was set; returns whether it was. A commit may set
+    /// the latch after the wait returned for another reason: it is read before it is
+    /// cleared, and never cleared unread, or that wake-up is lost.
     pub fn wait(&mut self, timeout: Duration) -> bool {
         let mut occurred = [pg_sys::WaitEvent::default(); 3];
         // SAFETY: the set was built on this thread and is never freed.
@@ -64,7 +64,11 @@ impl WaitSet {
                 .iter()
                 .any(|e| e.events & pg_sys::WL_LATCH_SET != 0);
             let latch_was_set = by_latch || (*pg_sys::MyLatch).is_set != 0;
-            pg_sys::ResetLatch(pg_sys::MyLatch);
+            // Reset only a latch seen set: one set after the look stays set, and ends
+            // the next wait at once.
+            if latch_was_set {
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
             latch_was_set
         }
     }
