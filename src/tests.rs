@@ -415,6 +415,74 @@ mod tests {
         assert_eq!(kept(), [20]);
     }
 
+    /// `unread` reads the log through index ranges; it must list exactly what the
+    /// plain definition does: beyond the position, not in the outbox, not in a done
+    /// row of the position's window or later.
+    #[pg_test]
+    fn unread_lists_what_its_definition_says_whatever_the_position() {
+        Spi::run(
+            "INSERT INTO new_user_hook.log_0 (id, user_id, source, kind, record, seq, created_at)
+             SELECT ('00000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, gen_random_uuid(),
+                    'app.users', 'created', '{}', g, now()
+               FROM unnest(ARRAY[5, 8, 9, 10, 11, 20]) g;
+             INSERT INTO new_user_hook.log_1 (id, user_id, source, kind, record, seq, created_at)
+             SELECT ('00000000-0000-0000-0001-' || lpad(g::text, 12, '0'))::uuid, gen_random_uuid(),
+                    'app.users', 'created', '{}', g, now()
+               FROM unnest(ARRAY[6, 12, 30]) g;
+             UPDATE new_user_hook.log_0 SET xid = seq::text::xid8;
+             UPDATE new_user_hook.log_1 SET xid = seq::text::xid8;
+             -- An event restored without its transaction id, beyond this cluster's.
+             UPDATE new_user_hook.log_1 SET xid = (pg_snapshot_xmax(pg_current_snapshot())::text::int8 + 1000)::text::xid8
+              WHERE seq = 30;
+             -- Resolved otherwise: 9 is in the outbox, 11 delivered in window 3.
+             INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, seq)
+             SELECT id, user_id, source, record, kind, seq FROM new_user_hook.log_0 WHERE seq = 9;
+             INSERT INTO new_user_hook.done_0 (window_number, ids, codes, at)
+             SELECT 3, ARRAY[id], ARRAY[200], now() FROM new_user_hook.log_0 WHERE seq = 11;",
+        )
+        .unwrap();
+        let unread = || {
+            Spi::get_one::<Vec<i64>>("SELECT array_agg(seq ORDER BY seq) FROM new_user_hook.unread")
+                .unwrap()
+                .unwrap_or_default()
+        };
+        let by_definition = || {
+            Spi::get_one::<Vec<i64>>(
+                "SELECT array_agg(l.seq ORDER BY l.seq)
+                   FROM (SELECT * FROM new_user_hook.log_0 UNION ALL SELECT * FROM new_user_hook.log_1) AS l,
+                        new_user_hook.positions AS p
+                  WHERE NOT coalesce(pg_visible_in_snapshot(l.xid, p.snapshot), false)
+                    AND NOT EXISTS (SELECT 1 FROM new_user_hook.outbox AS o WHERE o.id = l.id)
+                    AND NOT EXISTS (SELECT 1 FROM new_user_hook.done_0 AS d
+                                     WHERE d.window_number >= p.window_number AND l.id = ANY (d.ids))",
+            )
+            .unwrap()
+            .unwrap_or_default()
+        };
+        // A position ahead of this cluster (a restored one), past the restored event.
+        let ahead = "(pg_snapshot_xmax(pg_current_snapshot())::text::int8 + 2000)";
+        let ahead = format!("({ahead} || ':' || {ahead} || ':')");
+        for (position, window, expected) in [
+            ("NULL", 0, vec![5, 6, 8, 10, 12, 20, 30]),
+            ("'7:10:8'", 0, vec![8, 10, 12, 20, 30]),
+            ("'7:10:8'", 4, vec![8, 10, 11, 12, 20, 30]),
+            ("'7:21:8,10'", 0, vec![8, 10, 30]),
+            ("'21:21:'", 0, vec![30]),
+            (ahead.as_str(), 0, vec![]),
+        ] {
+            Spi::run(&format!(
+                "UPDATE new_user_hook.positions SET snapshot = {position}::pg_snapshot, window_number = {window}"
+            ))
+            .unwrap();
+            assert_eq!(
+                by_definition(),
+                expected,
+                "the definition, at {position} {window}"
+            );
+            assert_eq!(unread(), expected, "unread, at {position} {window}");
+        }
+    }
+
     #[pg_test]
     fn the_claim_probes_each_users_earlier_events_through_the_index() {
         // A backlog of 20,000 users, a few of them with a later event waiting, and
