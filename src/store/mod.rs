@@ -593,9 +593,9 @@ pub fn purge_delivered(retention: Duration, limit: i64, log: bool) -> i64 {
 }
 
 /// The stored position's xmax (0 without one: every event is beyond it) and the
-/// transactions running at it, read with a new snapshot. An event is beyond the
-/// position when its xid is at least the xmax or one of those.
-/// As text: an xid8 may exceed a bigint.
+/// transactions running at it, read with a new snapshot, as text (an xid8 may
+/// exceed a bigint). An event is beyond the position when its xid is at least the
+/// xmax or one of those.
 pub(crate) fn position_bounds() -> (String, Vec<String>) {
     let bounds = select_kept(POSITION_BOUNDS, &[], Planning::Generic, 1, |row| {
         row.get::<Vec<String>>(1)
