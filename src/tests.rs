@@ -35,6 +35,29 @@ mod tests {
         Spi::get_one::<i64>(sql).unwrap().unwrap()
     }
 
+    /// A query's one bigint[] value; empty for NULL.
+    fn int8s(sql: &str) -> Vec<i64> {
+        Spi::get_one::<Vec<i64>>(sql).unwrap().unwrap_or_default()
+    }
+
+    /// Events in log segment `segment` written by transactions `xids`, each with its
+    /// xid as its seq, and id 00000000-0000-0000-000<segment>-<xid, 12 digits>.
+    fn log_events(segment: u8, xids: &[i64]) {
+        let xids = xids
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        Spi::run(&format!(
+            "INSERT INTO new_user_hook.log_{segment} (id, user_id, source, kind, record, seq, created_at)
+             SELECT ('00000000-0000-0000-000{segment}-' || lpad(g::text, 12, '0'))::uuid, gen_random_uuid(),
+                    'app.users', 'created', '{{}}', g, now()
+               FROM unnest(ARRAY[{xids}]) g;
+             UPDATE new_user_hook.log_{segment} SET xid = seq::text::xid8;"
+        ))
+        .unwrap();
+    }
+
     #[pg_test]
     fn install_captures_the_row_as_committed() {
         users_table();
@@ -372,23 +395,15 @@ mod tests {
     fn a_delivered_outbox_event_is_purged_once_the_position_is_past_its_log_row() {
         // Four events of the log delivered from the outbox a day ago, by transactions 5,
         // 8, 10 and 20.
+        log_events(0, &[5, 8, 10, 20]);
         Spi::run(
-            "INSERT INTO new_user_hook.log_0 (id, user_id, source, kind, record, seq, created_at)
-             SELECT ('00000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, gen_random_uuid(),
-                    'app.users', 'created', '{}', g, now()
-               FROM unnest(ARRAY[5, 8, 10, 20]) g;
-             UPDATE new_user_hook.log_0 SET xid = seq::text::xid8;
-             INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, status, delivered_at, seq)
+            "INSERT INTO new_user_hook.outbox (id, user_id, source, record, kind, status, delivered_at, seq)
              SELECT id, user_id, source, record, kind, 'delivered', now() - interval '1 day', seq
                FROM new_user_hook.log_0;",
         )
         .unwrap();
         let purge = || crate::store::purge_delivered(std::time::Duration::from_secs(60), 100, true);
-        let kept = || {
-            Spi::get_one::<Vec<i64>>("SELECT array_agg(seq ORDER BY seq) FROM new_user_hook.outbox")
-                .unwrap()
-                .unwrap_or_default()
-        };
+        let kept = || int8s("SELECT array_agg(seq ORDER BY seq) FROM new_user_hook.outbox");
         // No position yet: every event of the log is beyond it.
         assert_eq!(purge(), 0);
         // Behind: 5. Running at the position: 8; at its xmax or after: 10 and 20.
@@ -420,18 +435,10 @@ mod tests {
     /// row of the position's window or later.
     #[pg_test]
     fn unread_lists_what_its_definition_says_whatever_the_position() {
+        log_events(0, &[5, 8, 9, 10, 11, 20]);
+        log_events(1, &[6, 12, 30]);
         Spi::run(
-            "INSERT INTO new_user_hook.log_0 (id, user_id, source, kind, record, seq, created_at)
-             SELECT ('00000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, gen_random_uuid(),
-                    'app.users', 'created', '{}', g, now()
-               FROM unnest(ARRAY[5, 8, 9, 10, 11, 20]) g;
-             INSERT INTO new_user_hook.log_1 (id, user_id, source, kind, record, seq, created_at)
-             SELECT ('00000000-0000-0000-0001-' || lpad(g::text, 12, '0'))::uuid, gen_random_uuid(),
-                    'app.users', 'created', '{}', g, now()
-               FROM unnest(ARRAY[6, 12, 30]) g;
-             UPDATE new_user_hook.log_0 SET xid = seq::text::xid8;
-             UPDATE new_user_hook.log_1 SET xid = seq::text::xid8;
-             -- An event restored without its transaction id, beyond this cluster's.
+            "-- An event restored without its transaction id, beyond this cluster's.
              UPDATE new_user_hook.log_1 SET xid = (pg_snapshot_xmax(pg_current_snapshot())::text::int8 + 1000)::text::xid8
               WHERE seq = 30;
              -- Resolved otherwise: 9 is in the outbox, 11 delivered in window 3.
@@ -441,13 +448,9 @@ mod tests {
              SELECT 3, ARRAY[id], ARRAY[200], now() FROM new_user_hook.log_0 WHERE seq = 11;",
         )
         .unwrap();
-        let unread = || {
-            Spi::get_one::<Vec<i64>>("SELECT array_agg(seq ORDER BY seq) FROM new_user_hook.unread")
-                .unwrap()
-                .unwrap_or_default()
-        };
+        let unread = || int8s("SELECT array_agg(seq ORDER BY seq) FROM new_user_hook.unread");
         let by_definition = || {
-            Spi::get_one::<Vec<i64>>(
+            int8s(
                 "SELECT array_agg(l.seq ORDER BY l.seq)
                    FROM (SELECT * FROM new_user_hook.log_0 UNION ALL SELECT * FROM new_user_hook.log_1) AS l,
                         new_user_hook.positions AS p
@@ -456,8 +459,6 @@ mod tests {
                     AND NOT EXISTS (SELECT 1 FROM new_user_hook.done_0 AS d
                                      WHERE d.window_number >= p.window_number AND l.id = ANY (d.ids))",
             )
-            .unwrap()
-            .unwrap_or_default()
         };
         // A position ahead of this cluster (a restored one), past the restored event.
         let ahead = "(pg_snapshot_xmax(pg_current_snapshot())::text::int8 + 2000)";
